@@ -1,0 +1,42 @@
+# The README's two commands: `make bench` (the main job) and `make test`. Both install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# Torch's CUDA guess from PATH can be wrong: point it at the toolkit that owns nvcc (empty when there is none).
+NVCC := $(shell command -v nvcc 2>/dev/null)
+export CUDA_HOME ?= $(if $(NVCC),$(patsubst %/bin/nvcc,%,$(realpath $(NVCC))),)
+export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
+
+.PHONY: install build test bench bench-pytest gpu-check clean
+
+$(VENV)/.stamp-deps: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install $(TORCH_PINS) ninja pybind11 pytest pytest-benchmark hypothesis numpy expecttest tqdm
+	touch $@
+
+# The extension is rebuilt whenever a source changes (in place, for the editable install).
+$(VENV)/.stamp-build: $(VENV)/.stamp-deps $(SOURCES)
+	$(PIP) install --no-build-isolation --no-deps -v -e . > build.log 2>&1 || (tail -n 200 build.log; exit 1)
+	grep -E "^fusedres build|warning" build.log || true
+	$(PY) -c "import fusedres._C"
+	touch $@
+
+install: $(VENV)/.stamp-build
+
+build: install
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m fusedres bench
+
+bench-pytest: install
+	$(PY) -m pytest benchmarks --benchmark-only
+
+clean:
+	rm -rf build *.egg-info fusedres/*.so $(VENV)/.stamp-build

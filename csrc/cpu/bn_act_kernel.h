@@ -1,0 +1,75 @@
+// CPU kernels of BatchNorm + residual + activation: the interface between the op glue (bn_act.cpp) and
+// the vectorised kernels, which are compiled once per CPU capability (bn_act_kernel_{default,avx2,avx512}.cpp,
+// all from bn_act_kernel_impl.h) and chosen at run time like ATen's own DispatchStub does.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+namespace fusedres {
+namespace cpu {
+
+// Dense (N, C, S) tensors; see BnActGeom in bn_act.h for the two layouts. Per-channel arrays are acc_t
+// (double for double input, float otherwise), contiguous, C elements.
+struct BnActForwardArgs {
+  c10::ScalarType dtype;
+  int64_t N, C, S;
+  bool channels_last;
+  bool training;
+  int act;
+  double negative_slope;
+  double eps;
+  const void* x;
+  const void* residual;  // may be null
+  void* y;
+  uint8_t* mask;         // zero-filled, math::mask_bytes(numel) bytes; null for identity
+  const void* weight;    // acc_t[C]
+  const void* bias;      // acc_t[C]
+  void* mean;            // acc_t[C]: written in training, read in eval
+  void* invstd;          // acc_t[C]: written in training, read in eval
+  void* var;             // acc_t[C]: biased batch variance, written in training
+};
+
+struct BnActBackwardArgs {
+  c10::ScalarType dtype;
+  int64_t N, C, S;
+  bool channels_last;
+  bool training;
+  int act;
+  double negative_slope;
+  const void* dy;
+  const void* x;
+  const uint8_t* mask;   // null for identity
+  const void* mean;      // acc_t[C]
+  const void* invstd;    // acc_t[C]
+  const void* weight;    // acc_t[C]
+  void* dx;              // null when not wanted
+  void* dresidual;       // null when not wanted
+  void* sum_dz;          // acc_t[C], null when the reduction is not needed
+  void* sum_dz_xhat;     // acc_t[C], null when the reduction is not needed
+};
+
+using BnActForwardFn = void (*)(const BnActForwardArgs&);
+using BnActBackwardFn = void (*)(const BnActBackwardArgs&);
+
+#define FUSEDRES_DECLARE_CPU_KERNELS(CAP)                     \
+  namespace CAP {                                             \
+  void bn_act_forward_kernel(const BnActForwardArgs& args);   \
+  void bn_act_backward_kernel(const BnActBackwardArgs& args); \
+  const char* capability_name();                              \
+  }
+FUSEDRES_DECLARE_CPU_KERNELS(DEFAULT)
+#if defined(__x86_64__)
+FUSEDRES_DECLARE_CPU_KERNELS(AVX2)
+FUSEDRES_DECLARE_CPU_KERNELS(AVX512)
+#endif
+#undef FUSEDRES_DECLARE_CPU_KERNELS
+
+// The best kernel set for this CPU, honouring ATEN_CPU_CAPABILITY like ATen.
+BnActForwardFn bn_act_forward_dispatch();
+BnActBackwardFn bn_act_backward_dispatch();
+const char* bn_act_cpu_capability();
+
+}  // namespace cpu
+}  // namespace fusedres

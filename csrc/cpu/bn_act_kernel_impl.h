@@ -1,0 +1,740 @@
+// Vectorised, multithreaded CPU kernels of BatchNorm + residual + activation. Included by exactly one
+// translation unit per CPU capability, each defining CPU_CAPABILITY (DEFAULT, AVX2, AVX512) first, so that
+// at::vec::Vectorized and everything here lives in a capability-specific namespace.
+//
+// Layouts (see BnActGeom): NCHW-like tensors are N*C planes of S contiguous values; a channel's planes are
+// processed by one thread from statistics to output while they are hot in L2. channels_last tensors are
+// N*S rows of C contiguous values; statistics are per-thread partials over row blocks merged at the end.
+#pragma once
+
+#ifndef CPU_CAPABILITY
+#error "define CPU_CAPABILITY before including bn_act_kernel_impl.h"
+#endif
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+#include "common/bn_act_math.h"
+#include "cpu/bn_act_kernel.h"
+
+namespace fusedres {
+namespace cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+using math::kIdentity;
+using math::kLeakyReLU;
+using math::kReLU;
+
+// Values per reduction block: short enough that float partial sums stay accurate to ~1e-7 relative,
+// long enough that folding them into double costs nothing.
+constexpr int64_t kReduceBlock = 2048;
+// Bytes of a channels_last row block reduced in one go (two passes over it stay in L2).
+constexpr int64_t kRowBlockBytes = 256 * 1024;
+
+template <typename T>
+using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// ---------------------------------------------------------------------------------------------------
+// Loads and stores of one vector of acc_t (float or double) from T (float, double, BFloat16, Half).
+template <typename T>
+struct VecIO {
+  using acc_t = acc_type_t<T>;
+  using V = Vectorized<acc_t>;
+  static constexpr int W = V::size();
+  static V load(const T* p) {
+    if constexpr (std::is_same_v<T, acc_t>) {
+      return V::loadu(p);
+    } else {
+      V out;
+      at::vec::load_to_float<T>(p, out);
+      return out;
+    }
+  }
+  static void store(T* p, const V& v) {
+    if constexpr (std::is_same_v<T, acc_t>) {
+      v.store(p);
+    } else {
+      at::vec::convert_from_float<T>(v, v).store(p, W);
+    }
+  }
+};
+
+// Lane i of the result is bit i: z > 0 (ordered compare, NaN gives 0).
+inline uint32_t gt_zero_bits(const Vectorized<float>& z) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return static_cast<uint32_t>(_mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GT_OQ));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ)));
+#else
+  float tmp[Vectorized<float>::size()];
+  z.store(tmp);
+  uint32_t bits = 0;
+  for (int i = 0; i < Vectorized<float>::size(); ++i) bits |= static_cast<uint32_t>(tmp[i] > 0.f) << i;
+  return bits;
+#endif
+}
+
+inline uint32_t gt_zero_bits(const Vectorized<double>& z) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return static_cast<uint32_t>(_mm512_cmp_pd_mask(z, _mm512_setzero_pd(), _CMP_GT_OQ));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return static_cast<uint32_t>(_mm256_movemask_pd(_mm256_cmp_pd(z, _mm256_setzero_pd(), _CMP_GT_OQ)));
+#else
+  double tmp[Vectorized<double>::size()];
+  z.store(tmp);
+  uint32_t bits = 0;
+  for (int i = 0; i < Vectorized<double>::size(); ++i) bits |= static_cast<uint32_t>(tmp[i] > 0.0) << i;
+  return bits;
+#endif
+}
+
+// Lane i: bit i of `bits` set ? a : b.
+inline Vectorized<float> select_bits(uint32_t bits, const Vectorized<float>& a, const Vectorized<float>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_mask_blend_ps(static_cast<__mmask16>(bits), b, a);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), lane), lane);
+  return _mm256_blendv_ps(b, a, _mm256_castsi256_ps(m));
+#else
+  float ta[Vectorized<float>::size()], tb[Vectorized<float>::size()];
+  a.store(ta);
+  b.store(tb);
+  for (int i = 0; i < Vectorized<float>::size(); ++i) ta[i] = ((bits >> i) & 1u) ? ta[i] : tb[i];
+  return Vectorized<float>::loadu(ta);
+#endif
+}
+
+inline Vectorized<double> select_bits(uint32_t bits, const Vectorized<double>& a, const Vectorized<double>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_mask_blend_pd(static_cast<__mmask8>(bits), b, a);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i lane = _mm256_setr_epi64x(1, 2, 4, 8);
+  const __m256i m =
+      _mm256_cmpeq_epi64(_mm256_and_si256(_mm256_set1_epi64x(static_cast<long long>(bits)), lane), lane);
+  return _mm256_blendv_pd(b, a, _mm256_castsi256_pd(m));
+#else
+  double ta[Vectorized<double>::size()], tb[Vectorized<double>::size()];
+  a.store(ta);
+  b.store(tb);
+  for (int i = 0; i < Vectorized<double>::size(); ++i) ta[i] = ((bits >> i) & 1u) ? ta[i] : tb[i];
+  return Vectorized<double>::loadu(ta);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Packed mask: bit i of the little-endian byte stream is element i in memory order. A writer owns the bit
+// range [start, end); words wholly inside it are stored plainly, the (at most two) words it shares with a
+// neighbouring range are OR-ed atomically, so the mask buffer must start zeroed.
+class BitWriter {
+ public:
+  BitWriter(uint8_t* base, int64_t start, int64_t end)
+      : words_(reinterpret_cast<uint32_t*>(base)), start_(start), end_(end), word_(start >> 5),
+        nbuf_(static_cast<int>(start & 31)) {}
+  BitWriter(const BitWriter&) = delete;
+  BitWriter& operator=(const BitWriter&) = delete;
+  ~BitWriter() { finish(); }
+
+  // Appends the low n bits of `bits` (n <= 32, higher bits zero).
+  void append(uint32_t bits, int n) {
+    buf_ |= static_cast<uint64_t>(bits) << nbuf_;
+    nbuf_ += n;
+    if (nbuf_ >= 32) {
+      flush(static_cast<uint32_t>(buf_));
+      buf_ >>= 32;
+      nbuf_ -= 32;
+      ++word_;
+    }
+  }
+
+  void finish() {
+    if (words_ != nullptr && nbuf_ > static_cast<int>(word_ == (start_ >> 5) ? (start_ & 31) : 0)) {
+      flush(static_cast<uint32_t>(buf_));
+    }
+    words_ = nullptr;
+  }
+
+ private:
+  void flush(uint32_t v) {
+    const int64_t first = word_ << 5;
+    if (first >= start_ && first + 32 <= end_) {
+      words_[word_] = v;
+    } else {
+      __atomic_fetch_or(&words_[word_], v, __ATOMIC_RELAXED);
+    }
+  }
+
+  uint32_t* words_;
+  int64_t start_, end_;
+  int64_t word_;
+  uint64_t buf_ = 0;
+  int nbuf_;
+};
+
+class BitReader {
+ public:
+  BitReader(const uint8_t* base, int64_t start) : base_(base), pos_(start) {}
+  // The next n bits (n <= 24). Reads 4 bytes at the current byte: the mask has a spare trailing word.
+  uint32_t take(int n) {
+    uint32_t w;
+    std::memcpy(&w, base_ + (pos_ >> 3), sizeof(w));
+    w >>= (pos_ & 7);
+    pos_ += n;
+    return w & ((1u << n) - 1u);
+  }
+
+ private:
+  const uint8_t* base_;
+  int64_t pos_;
+};
+
+template <typename V>
+inline typename V::value_type hsum(const V& v) {
+  return at::vec::vec_reduce_all<typename V::value_type>([](V& a, V& b) { return a + b; }, v);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Statistics of one contiguous run, blockwise in acc_t and folded into double: sum(x) and
+// sum((x - center)^2). The second pass is the numerically stable half of two-pass variance.
+template <typename T, bool SQ_DEV>
+double run_reduce(const T* x, int64_t len, typename VecIO<T>::acc_t center) {
+  using IO = VecIO<T>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  constexpr int W = IO::W;
+  const V vc(center);
+  double total = 0;
+  int64_t i = 0;
+  while (i < len) {
+    const int64_t stop = std::min(len, i + kReduceBlock);
+    V a0(0), a1(0);
+    for (; i + 2 * W <= stop; i += 2 * W) {
+      V v0 = IO::load(x + i), v1 = IO::load(x + i + W);
+      if constexpr (SQ_DEV) {
+        v0 = v0 - vc;
+        v1 = v1 - vc;
+        a0 = at::vec::fmadd(v0, v0, a0);
+        a1 = at::vec::fmadd(v1, v1, a1);
+      } else {
+        a0 = a0 + v0;
+        a1 = a1 + v1;
+      }
+    }
+    acc_t s = hsum(a0 + a1);
+    for (; i < stop; ++i) {
+      const acc_t v = static_cast<acc_t>(x[i]);
+      s += SQ_DEV ? (v - center) * (v - center) : v;
+    }
+    total += static_cast<double>(s);
+  }
+  return total;
+}
+
+// Forward elementwise over one contiguous run: z = x * scale + shift (+ r); y = act(z); mask bits.
+// PER_ELEM: scale/shift are arrays indexed like the run (a channels_last row); else one value each.
+template <typename T, int ACT, bool RES, bool PER_ELEM>
+void forward_run(const T* x, const T* r, T* y, int64_t len, const acc_type_t<T>* scale,
+                 const acc_type_t<T>* shift, acc_type_t<T> slope, BitWriter* bw) {
+  using IO = VecIO<T>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  constexpr int W = IO::W;
+  const V vscale(scale[0]), vshift(shift[0]), vslope(slope), zero(0);
+  int64_t i = 0;
+  for (; i + W <= len; i += W) {
+    const V s = PER_ELEM ? V::loadu(scale + i) : vscale;
+    const V b = PER_ELEM ? V::loadu(shift + i) : vshift;
+    V z = at::vec::fmadd(IO::load(x + i), s, b);
+    if constexpr (RES) z = z + IO::load(r + i);
+    if constexpr (ACT == kReLU) {
+      bw->append(gt_zero_bits(z), W);
+      z = at::vec::maximum(z, zero);  // propagates NaN like torch.relu
+    } else if constexpr (ACT == kLeakyReLU) {
+      const uint32_t bits = gt_zero_bits(z);
+      bw->append(bits, W);
+      z = select_bits(bits, z, z * vslope);
+    }
+    IO::store(y + i, z);
+  }
+  for (; i < len; ++i) {
+    acc_t z = static_cast<acc_t>(x[i]) * scale[PER_ELEM ? i : 0] + shift[PER_ELEM ? i : 0];
+    if constexpr (RES) z += static_cast<acc_t>(r[i]);
+    if constexpr (ACT != kIdentity) bw->append(math::act_mask_bit(z) ? 1u : 0u, 1);
+    y[i] = static_cast<T>(math::act_forward(z, ACT, slope));
+  }
+}
+
+// dz = dy * act'(z) for one vector, from the mask bits.
+template <int ACT, typename V>
+inline V dz_vec(const V& dy, BitReader* br, const V& vslope) {
+  if constexpr (ACT == kIdentity) {
+    return dy;
+  } else {
+    const uint32_t bits = br->take(V::size());
+    return select_bits(bits, dy, ACT == kReLU ? V(0) : dy * vslope);
+  }
+}
+
+template <int ACT, typename acc_t>
+inline acc_t dz_scalar(acc_t dy, BitReader* br, acc_t slope) {
+  if constexpr (ACT == kIdentity) {
+    return dy;
+  } else {
+    return math::act_backward(dy, br->take(1) != 0u, ACT, slope);
+  }
+}
+
+// Backward reduction over one contiguous run of a single channel: (sum dz, sum dz * (x - mean)).
+template <typename T, int ACT>
+void backward_reduce_run(const T* dy, const T* x, int64_t len, BitReader* br, acc_type_t<T> mean,
+                         acc_type_t<T> slope, double& sum_dz, double& sum_dzxc) {
+  using IO = VecIO<T>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  constexpr int W = IO::W;
+  const V vmean(mean), vslope(slope);
+  int64_t i = 0;
+  while (i < len) {
+    const int64_t stop = std::min(len, i + kReduceBlock);
+    V a(0), b(0);
+    for (; i + W <= stop; i += W) {
+      const V dz = dz_vec<ACT>(IO::load(dy + i), br, vslope);
+      a = a + dz;
+      b = at::vec::fmadd(dz, IO::load(x + i) - vmean, b);
+    }
+    acc_t sa = hsum(a), sb = hsum(b);
+    for (; i < stop; ++i) {
+      const acc_t dz = dz_scalar<ACT>(static_cast<acc_t>(dy[i]), br, slope);
+      sa += dz;
+      sb += dz * (static_cast<acc_t>(x[i]) - mean);
+    }
+    sum_dz += static_cast<double>(sa);
+    sum_dzxc += static_cast<double>(sb);
+  }
+}
+
+// Per-channel backward coefficients: dx = a * (dz - mdz) - (x - mean) * q in training
+// (a = w * invstd, mdz = sum dz / M, q = a * invstd * sum(dz * xc) / M); dx = a * dz in eval.
+template <typename acc_t>
+struct BwdCoef {
+  const acc_t* mean;
+  const acc_t* a;
+  const acc_t* mdz;
+  const acc_t* q;
+};
+
+// Backward elementwise over one contiguous run: dx (TRAIN or eval form) and/or dresidual = dz.
+template <typename T, int ACT, bool PER_ELEM, bool TRAIN, bool DX, bool DR>
+void backward_elementwise_run(const T* dy, const T* x, T* dx, T* dr, int64_t len, BitReader* br,
+                              const BwdCoef<acc_type_t<T>>& k, acc_type_t<T> slope) {
+  using IO = VecIO<T>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  constexpr int W = IO::W;
+  const V vslope(slope), vmean(k.mean[0]), va(k.a[0]), vmdz(TRAIN ? k.mdz[0] : acc_t(0)),
+      vq(TRAIN ? k.q[0] : acc_t(0));
+  int64_t i = 0;
+  for (; i + W <= len; i += W) {
+    const V dz = dz_vec<ACT>(IO::load(dy + i), br, vslope);
+    if constexpr (DR) IO::store(dr + i, dz);
+    if constexpr (DX) {
+      const V a = PER_ELEM ? V::loadu(k.a + i) : va;
+      if constexpr (TRAIN) {
+        const V mean = PER_ELEM ? V::loadu(k.mean + i) : vmean;
+        const V mdz = PER_ELEM ? V::loadu(k.mdz + i) : vmdz;
+        const V q = PER_ELEM ? V::loadu(k.q + i) : vq;
+        IO::store(dx + i, a * (dz - mdz) - (IO::load(x + i) - mean) * q);
+      } else {
+        IO::store(dx + i, a * dz);
+      }
+    }
+  }
+  for (; i < len; ++i) {
+    const int64_t j = PER_ELEM ? i : 0;
+    const acc_t dz = dz_scalar<ACT>(static_cast<acc_t>(dy[i]), br, slope);
+    if constexpr (DR) dr[i] = static_cast<T>(dz);
+    if constexpr (DX) {
+      if constexpr (TRAIN) {
+        dx[i] = static_cast<T>(k.a[j] * (dz - k.mdz[j]) - (static_cast<acc_t>(x[i]) - k.mean[j]) * k.q[j]);
+      } else {
+        dx[i] = static_cast<T>(k.a[j] * dz);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// channels_last helpers: rows of C values. Work is split into a fixed number of row chunks (independent of
+// how the runtime schedules threads), each producing its own partial results, merged in chunk order, so
+// results are deterministic for a given thread count.
+inline int64_t num_row_chunks(int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
+}
+
+inline void chunk_bounds(int64_t rows, int64_t chunks, int64_t i, int64_t& begin, int64_t& end) {
+  const int64_t per = (rows + chunks - 1) / chunks;
+  begin = std::min(rows, i * per);
+  end = std::min(rows, begin + per);
+}
+
+inline int64_t rows_per_block(int64_t C, int64_t elem_size) {
+  return std::max<int64_t>(1, kRowBlockBytes / std::max<int64_t>(1, C * elem_size));
+}
+
+// Adds row vectors into acc[0..C): acc += x_row (SQ_DEV: (x_row - center)^2).
+template <typename T, bool SQ_DEV>
+inline void row_accumulate(const T* x, int64_t C, acc_type_t<T>* acc, const acc_type_t<T>* center) {
+  using IO = VecIO<T>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  constexpr int W = IO::W;
+  int64_t j = 0;
+  for (; j + W <= C; j += W) {
+    V v = IO::load(x + j);
+    if constexpr (SQ_DEV) {
+      v = v - V::loadu(center + j);
+      at::vec::fmadd(v, v, V::loadu(acc + j)).store(acc + j);
+    } else {
+      (V::loadu(acc + j) + v).store(acc + j);
+    }
+  }
+  for (; j < C; ++j) {
+    const acc_t v = static_cast<acc_t>(x[j]);
+    acc[j] += SQ_DEV ? (v - center[j]) * (v - center[j]) : v;
+  }
+}
+
+// Batch mean and biased variance of a channels_last tensor: per row block a two-pass (mean, M2) in L2,
+// merged into per-chunk (count, mean, M2) in double with Chan et al.'s formula, then across chunks.
+template <typename T>
+void stats_channels_last(const T* x, int64_t rows, int64_t C, double* mean_out, double* var_out) {
+  using acc_t = acc_type_t<T>;
+  const int64_t chunks = num_row_chunks(rows);
+  std::vector<double> cmean(chunks * C, 0.0), cm2(chunks * C, 0.0);
+  std::vector<int64_t> ccount(chunks, 0);
+  const int64_t block = rows_per_block(C, sizeof(T));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> bsum(C), bm2(C);
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      int64_t r0, r1;
+      chunk_bounds(rows, chunks, ch, r0, r1);
+      double* tmean = cmean.data() + ch * C;
+      double* tm2 = cm2.data() + ch * C;
+      int64_t count = 0;
+      for (int64_t b0 = r0; b0 < r1; b0 += block) {
+        const int64_t b1 = std::min(r1, b0 + block), nb = b1 - b0;
+        std::fill(bsum.begin(), bsum.end(), acc_t(0));
+        std::fill(bm2.begin(), bm2.end(), acc_t(0));
+        for (int64_t r = b0; r < b1; ++r) row_accumulate<T, false>(x + r * C, C, bsum.data(), nullptr);
+        for (int64_t j = 0; j < C; ++j) bsum[j] /= static_cast<acc_t>(nb);  // block mean
+        for (int64_t r = b0; r < b1; ++r) row_accumulate<T, true>(x + r * C, C, bm2.data(), bsum.data());
+        const double tot = static_cast<double>(count + nb);
+        for (int64_t j = 0; j < C; ++j) {
+          const double delta = static_cast<double>(bsum[j]) - tmean[j];
+          tmean[j] += delta * static_cast<double>(nb) / tot;
+          tm2[j] += static_cast<double>(bm2[j]) + delta * delta * static_cast<double>(count) * nb / tot;
+        }
+        count += nb;
+      }
+      ccount[ch] = count;
+    }
+  });
+  for (int64_t j = 0; j < C; ++j) {
+    double m = 0, m2 = 0;
+    int64_t n = 0;
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      const int64_t nb = ccount[ch];
+      if (nb == 0) continue;
+      const double tot = static_cast<double>(n + nb);
+      const double delta = cmean[ch * C + j] - m;
+      m += delta * static_cast<double>(nb) / tot;
+      m2 += cm2[ch * C + j] + delta * delta * static_cast<double>(n) * nb / tot;
+      n += nb;
+    }
+    mean_out[j] = m;
+    var_out[j] = n > 0 ? m2 / static_cast<double>(n) : 0.0;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+template <typename T, int ACT, bool RES>
+void forward_typed(const BnActForwardArgs& a) {
+  using acc_t = acc_type_t<T>;
+  const T* x = static_cast<const T*>(a.x);
+  const T* r = static_cast<const T*>(a.residual);
+  T* y = static_cast<T*>(a.y);
+  const acc_t* w = static_cast<const acc_t*>(a.weight);
+  const acc_t* b = static_cast<const acc_t*>(a.bias);
+  acc_t* mean = static_cast<acc_t*>(a.mean);
+  acc_t* invstd = static_cast<acc_t*>(a.invstd);
+  acc_t* var = static_cast<acc_t*>(a.var);
+  const acc_t slope = static_cast<acc_t>(a.negative_slope);
+  const int64_t N = a.N, C = a.C, S = a.S, M = N * S;
+
+  if (!a.channels_last) {
+    if (a.training) {
+      // One thread per channel from statistics to output: the channel's planes stay in L2 across the three
+      // passes (sum, squared deviations, normalise), so DRAM sees x once.
+      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          double sum = 0;
+          for (int64_t n = 0; n < N; ++n) sum += run_reduce<T, false>(x + (n * C + c) * S, S, acc_t(0));
+          const double mu = sum / static_cast<double>(M);
+          double m2 = 0;
+          for (int64_t n = 0; n < N; ++n) m2 += run_reduce<T, true>(x + (n * C + c) * S, S, static_cast<acc_t>(mu));
+          const double v = m2 / static_cast<double>(M);
+          const double is = 1.0 / std::sqrt(v + a.eps);
+          mean[c] = static_cast<acc_t>(mu);
+          var[c] = static_cast<acc_t>(v);
+          invstd[c] = static_cast<acc_t>(is);
+          const acc_t scale = static_cast<acc_t>(static_cast<double>(w[c]) * is);
+          const acc_t shift = static_cast<acc_t>(static_cast<double>(b[c]) - mu * static_cast<double>(scale));
+          for (int64_t n = 0; n < N; ++n) {
+            const int64_t off = (n * C + c) * S;
+            BitWriter bw(a.mask, off, off + S);
+            forward_run<T, ACT, RES, false>(x + off, RES ? r + off : nullptr, y + off, S, &scale, &shift, slope, &bw);
+          }
+        }
+      });
+    } else {
+      std::vector<acc_t> scale(C), shift(C);
+      for (int64_t c = 0; c < C; ++c) {
+        scale[c] = w[c] * invstd[c];
+        shift[c] = b[c] - mean[c] * scale[c];
+      }
+      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, S));
+      at::parallel_for(0, N * C, grain, [&](int64_t p0, int64_t p1) {
+        BitWriter bw(a.mask, p0 * S, p1 * S);
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t c = p % C, off = p * S;
+          forward_run<T, ACT, RES, false>(x + off, RES ? r + off : nullptr, y + off, S, &scale[c], &shift[c], slope, &bw);
+        }
+      });
+    }
+    return;
+  }
+
+  // channels_last: statistics over all rows first (they span the whole tensor), then one normalise pass.
+  std::vector<acc_t> scale(C), shift(C);
+  if (a.training) {
+    std::vector<double> mu(C), v(C);
+    stats_channels_last<T>(x, M, C, mu.data(), v.data());
+    for (int64_t c = 0; c < C; ++c) {
+      const double is = 1.0 / std::sqrt(v[c] + a.eps);
+      mean[c] = static_cast<acc_t>(mu[c]);
+      var[c] = static_cast<acc_t>(v[c]);
+      invstd[c] = static_cast<acc_t>(is);
+      scale[c] = static_cast<acc_t>(static_cast<double>(w[c]) * is);
+      shift[c] = static_cast<acc_t>(static_cast<double>(b[c]) - mu[c] * static_cast<double>(scale[c]));
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      scale[c] = w[c] * invstd[c];
+      shift[c] = b[c] - mean[c] * scale[c];
+    }
+  }
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, C));
+  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+    BitWriter bw(a.mask, r0 * C, r1 * C);
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t off = row * C;
+      forward_run<T, ACT, RES, true>(x + off, RES ? r + off : nullptr, y + off, C, scale.data(), shift.data(), slope, &bw);
+    }
+  });
+}
+
+template <typename T, int ACT, bool TRAIN, bool DX, bool DR>
+void backward_typed(const BnActBackwardArgs& a) {
+  using acc_t = acc_type_t<T>;
+  const T* dy = static_cast<const T*>(a.dy);
+  const T* x = static_cast<const T*>(a.x);
+  T* dx = static_cast<T*>(a.dx);
+  T* dr = static_cast<T*>(a.dresidual);
+  const acc_t* mean = static_cast<const acc_t*>(a.mean);
+  const acc_t* invstd = static_cast<const acc_t*>(a.invstd);
+  const acc_t* w = static_cast<const acc_t*>(a.weight);
+  acc_t* sum_dz = static_cast<acc_t*>(a.sum_dz);
+  acc_t* sum_dzxhat = static_cast<acc_t*>(a.sum_dz_xhat);
+  const bool reduce = sum_dz != nullptr;
+  const acc_t slope = static_cast<acc_t>(a.negative_slope);
+  const int64_t N = a.N, C = a.C, S = a.S, M = N * S;
+  constexpr bool kElementwise = DX || DR;
+
+  // Per-channel coefficients of the elementwise pass, from the channel's reduction (training) or not (eval).
+  auto coefficients = [&](int64_t c, double sdz, double sdzxc, acc_t* ka, acc_t* kmdz, acc_t* kq) {
+    const double is = static_cast<double>(invstd[c]);
+    const double k = static_cast<double>(w[c]) * is;
+    *ka = static_cast<acc_t>(k);
+    *kmdz = static_cast<acc_t>(sdz / static_cast<double>(M));
+    *kq = static_cast<acc_t>(k * is * is * sdzxc / static_cast<double>(M));
+  };
+
+  if (!a.channels_last) {
+    // One thread per channel: the reduction and the elementwise pass read the channel while it is in L2.
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double sdz = 0, sdzxc = 0;
+        if (reduce) {
+          for (int64_t n = 0; n < N; ++n) {
+            const int64_t off = (n * C + c) * S;
+            BitReader br(a.mask, off);
+            backward_reduce_run<T, ACT>(dy + off, x + off, S, &br, mean[c], slope, sdz, sdzxc);
+          }
+          sum_dz[c] = static_cast<acc_t>(sdz);
+          sum_dzxhat[c] = static_cast<acc_t>(sdzxc * static_cast<double>(invstd[c]));
+        }
+        if constexpr (kElementwise) {
+          acc_t ka, kmdz, kq;
+          coefficients(c, sdz, sdzxc, &ka, &kmdz, &kq);
+          const BwdCoef<acc_t> k{mean + c, &ka, &kmdz, &kq};
+          for (int64_t n = 0; n < N; ++n) {
+            const int64_t off = (n * C + c) * S;
+            BitReader br(a.mask, off);
+            backward_elementwise_run<T, ACT, false, TRAIN, DX, DR>(dy + off, x + off, DX ? dx + off : nullptr,
+                                                                   DR ? dr + off : nullptr, S, &br, k, slope);
+          }
+        }
+      }
+    });
+    return;
+  }
+
+  // channels_last: per-chunk partial reductions over row blocks (acc_t per block, double per chunk).
+  std::vector<double> sdz(C, 0.0), sdzxc(C, 0.0);
+  if (reduce) {
+    const int64_t chunks = num_row_chunks(M);
+    std::vector<double> pdz(chunks * C, 0.0), pdzx(chunks * C, 0.0);
+    const int64_t block = std::max<int64_t>(1, kReduceBlock / std::max<int64_t>(1, C / 8));
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      using IO = VecIO<T>;
+      using V = typename IO::V;
+      constexpr int W = IO::W;
+      std::vector<acc_t> bdz(C), bdzx(C);
+      const V vslope(slope);
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        int64_t r0, r1;
+        chunk_bounds(M, chunks, ch, r0, r1);
+        BitReader br(a.mask, r0 * C);
+        for (int64_t b0 = r0; b0 < r1; b0 += block) {
+          const int64_t b1 = std::min(r1, b0 + block);
+          std::fill(bdz.begin(), bdz.end(), acc_t(0));
+          std::fill(bdzx.begin(), bdzx.end(), acc_t(0));
+          for (int64_t row = b0; row < b1; ++row) {
+            const T* dyr = dy + row * C;
+            const T* xr = x + row * C;
+            int64_t j = 0;
+            for (; j + W <= C; j += W) {
+              const V dz = dz_vec<ACT>(IO::load(dyr + j), &br, vslope);
+              (V::loadu(bdz.data() + j) + dz).store(bdz.data() + j);
+              at::vec::fmadd(dz, IO::load(xr + j) - V::loadu(mean + j), V::loadu(bdzx.data() + j))
+                  .store(bdzx.data() + j);
+            }
+            for (; j < C; ++j) {
+              const acc_t dz = dz_scalar<ACT>(static_cast<acc_t>(dyr[j]), &br, slope);
+              bdz[j] += dz;
+              bdzx[j] += dz * (static_cast<acc_t>(xr[j]) - mean[j]);
+            }
+          }
+          for (int64_t j = 0; j < C; ++j) {
+            pdz[ch * C + j] += static_cast<double>(bdz[j]);
+            pdzx[ch * C + j] += static_cast<double>(bdzx[j]);
+          }
+        }
+      }
+    });
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      for (int64_t j = 0; j < C; ++j) {
+        sdz[j] += pdz[ch * C + j];
+        sdzxc[j] += pdzx[ch * C + j];
+      }
+    }
+    for (int64_t j = 0; j < C; ++j) {
+      sum_dz[j] = static_cast<acc_t>(sdz[j]);
+      sum_dzxhat[j] = static_cast<acc_t>(sdzxc[j] * static_cast<double>(invstd[j]));
+    }
+  }
+  if constexpr (kElementwise) {
+    std::vector<acc_t> ka(C), kmdz(C), kq(C);
+    for (int64_t c = 0; c < C; ++c) coefficients(c, sdz[c], sdzxc[c], &ka[c], &kmdz[c], &kq[c]);
+    const BwdCoef<acc_t> k{mean, ka.data(), kmdz.data(), kq.data()};
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, C));
+    at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+      BitReader br(a.mask, r0 * C);
+      for (int64_t row = r0; row < r1; ++row) {
+        const int64_t off = row * C;
+        backward_elementwise_run<T, ACT, true, TRAIN, DX, DR>(dy + off, x + off, DX ? dx + off : nullptr,
+                                                              DR ? dr + off : nullptr, C, &br, k, slope);
+      }
+    });
+  }
+}
+
+// Turns runtime flags into template arguments.
+template <typename F>
+void dispatch_act(int act, F&& f) {
+  switch (act) {
+    case kReLU:
+      f(std::integral_constant<int, kReLU>{});
+      break;
+    case kLeakyReLU:
+      f(std::integral_constant<int, kLeakyReLU>{});
+      break;
+    default:
+      f(std::integral_constant<int, kIdentity>{});
+      break;
+  }
+}
+
+template <typename F>
+void dispatch_bool(bool v, F&& f) {
+  if (v) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+}  // namespace
+
+void bn_act_forward_kernel(const BnActForwardArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "bn_act_forward_cpu", [&] {
+    dispatch_act(args.act, [&](auto act) {
+      dispatch_bool(args.residual != nullptr, [&](auto res) { forward_typed<scalar_t, act(), res()>(args); });
+    });
+  });
+}
+
+void bn_act_backward_kernel(const BnActBackwardArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "bn_act_backward_cpu", [&] {
+    dispatch_act(args.act, [&](auto act) {
+      dispatch_bool(args.training, [&](auto train) {
+        dispatch_bool(args.dx != nullptr, [&](auto dx) {
+          dispatch_bool(args.dresidual != nullptr,
+                        [&](auto dr) { backward_typed<scalar_t, act(), train(), dx(), dr()>(args); });
+        });
+      });
+    });
+  });
+}
+
+const char* capability_name() { return C10_STRINGIZE(CPU_CAPABILITY); }
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace fusedres

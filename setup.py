@@ -1,0 +1,121 @@
+"""Build script for fusedres._C.
+
+Knobs (environment variables):
+  FUSEDRES_CUDA=auto|0|1   build the CUDA kernels: auto (default) when nvcc is found, 0 never, 1 always.
+  TORCH_CUDA_ARCH_LIST     CUDA archs to build for (default "8.0;9.0").
+  MAX_JOBS                 parallel compile jobs (ninja), honoured by torch's build_ext.
+  FUSEDRES_DEBUG=1         -O0 -g build.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _find_cuda_home() -> str | None:
+    """Where the toolkit lives: CUDA_HOME if set, else the root of the nvcc on PATH (resolving links)."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return home
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        for cand in ("/usr/local/cuda",):
+            if os.path.exists(os.path.join(cand, "bin", "nvcc")):
+                return cand
+        return None
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def _nvidia_pip_includes() -> list[str]:
+    """Headers torch's CUDA headers need that a bare toolkit may lack (cusparse.h, ...): the pip nvidia wheels."""
+    out = []
+    for p in sys.path:
+        base = os.path.join(p, "nvidia")
+        if os.path.isdir(base):
+            out += sorted(d for d in glob.glob(os.path.join(base, "*", "include")) if os.path.isdir(d))
+    return out
+
+
+def get_extensions():
+    mode = os.environ.get("FUSEDRES_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"FUSEDRES_CUDA must be auto, 0 or 1, got {mode!r}")
+    cuda_home = _find_cuda_home()
+    if cuda_home:
+        # torch.utils.cpp_extension reads CUDA_HOME at import time.
+        os.environ["CUDA_HOME"] = cuda_home
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: F401
+
+    with_cuda = mode == "1" or (mode == "auto" and cuda_home is not None)
+    if mode == "1" and cuda_home is None:
+        raise SystemExit("FUSEDRES_CUDA=1 but no nvcc was found (set CUDA_HOME)")
+    debug = os.environ.get("FUSEDRES_DEBUG", "0") == "1"
+
+    sources = ["csrc/fusedres.cpp"] + sorted(set(glob.glob("csrc/*.cpp")) - {"csrc/fusedres.cpp"})
+    # Baseline translation units first: for inline functions that several TUs emit, the linker keeps the
+    # first copy, so the ISA-specific kernel TUs (listed last) never provide code the baseline path runs.
+    sources += sorted(glob.glob("csrc/cpu/*.cpp"), key=lambda s: ("_avx" in s, s))
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags = opt + ["-std=c++20", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-fopenmp"]
+    define_macros = [("TORCH_EXTENSION_NAME", "_C")]
+    extra_link = ["-fopenmp"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    if with_cuda:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        define_macros.append(("FUSEDRES_WITH_CUDA", "1"))
+        define_macros.append(("FUSEDRES_CUDA_ARCHS", '"' + archs + '"'))
+        include_dirs += _nvidia_pip_includes()
+        nvcc_flags = opt + [
+            "-std=c++20",
+            "--expt-relaxed-constexpr",
+            "-lineinfo",
+            "-Xcompiler=-Wall",
+            "-Xptxas=-warn-spills,-warn-lmem-usage",
+            "-Werror=all-warnings",
+        ]
+        ext = CUDAExtension(
+            "fusedres._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=extra_link,
+        )
+    else:
+        ext = CppExtension(
+            "fusedres._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=extra_link,
+        )
+    print(
+        f"fusedres build: cuda={'yes' if with_cuda else 'no'} (FUSEDRES_CUDA={mode}, CUDA_HOME={cuda_home}), "
+        f"archs={archs if with_cuda else '-'}, MAX_JOBS={os.environ.get('MAX_JOBS', 'default')}, "
+        f"debug={debug}, sources={len(sources)}",
+        flush=True,
+    )
+    return [ext], BuildExtension
+
+
+def main():
+    exts, build_ext = get_extensions()
+    setup(
+        packages=find_packages(include=["fusedres", "fusedres.*"]),
+        ext_modules=exts,
+        cmdclass={"build_ext": build_ext.with_options(use_ninja=True)},
+    )
+
+
+if __name__ == "__main__":
+    main()
