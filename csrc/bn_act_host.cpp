@@ -131,7 +131,8 @@ std::pair<at::Tensor, at::Tensor> bn_act_params(const std::optional<at::Tensor>&
 
 std::pair<at::Tensor, at::Tensor> bn_act_eval_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
                                                     double eps, at::ScalarType acc) {
-  at::Tensor mean = running_mean.to(acc).contiguous();
+  // A copy, never the buffer itself: the op's outputs must not alias its inputs.
+  at::Tensor mean = running_mean.to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
   at::Tensor invstd = (running_var.to(acc) + eps).rsqrt().contiguous();
   return {mean, invstd};
 }

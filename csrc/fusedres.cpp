@@ -5,6 +5,8 @@
 #include <torch/headeronly/version.h>
 #endif
 
+#include "cpu/bn_act_kernel.h"
+
 TORCH_LIBRARY(fusedres, m) {
   // act(batch_norm(input) + residual). Returns (output, save_mean, save_invstd, mask):
   //   output       input's shape, dtype and memory format;
@@ -47,6 +49,8 @@ std::string cuda_archs() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedres native kernels (ops are registered under torch.ops.fusedres)";
   m.def("cuda_compiled", &cuda_compiled, "Whether the CUDA kernels were compiled into this build");
+  m.def("cpu_capability", &fusedres::cpu::bn_act_cpu_capability,
+        "Instruction set of the CPU kernels chosen for this machine (DEFAULT, AVX2, AVX512)");
   m.def("cuda_archs", &cuda_archs, "TORCH_CUDA_ARCH_LIST the CUDA kernels were built for");
 #ifdef TORCH_VERSION
   m.attr("torch_version") = TORCH_VERSION;

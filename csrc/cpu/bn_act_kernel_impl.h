@@ -46,6 +46,8 @@ using math::kReLU;
 constexpr int64_t kReduceBlock = 2048;
 // Bytes of a channels_last row block reduced in one go (two passes over it stay in L2).
 constexpr int64_t kRowBlockBytes = 256 * 1024;
+// Elements below which a parallel loop runs on the calling thread.
+constexpr int64_t kParallelGrain = 32768;
 
 template <typename T>
 using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -383,9 +385,13 @@ void backward_elementwise_run(const T* dy, const T* x, T* dx, T* dr, int64_t len
 // channels_last helpers: rows of C values. Work is split into a fixed number of row chunks (independent of
 // how the runtime schedules threads), each producing its own partial results, merged in chunk order, so
 // results are deterministic for a given thread count.
-inline int64_t num_row_chunks(int64_t rows) {
+inline int64_t num_row_chunks(int64_t rows, int64_t C) {
+  if (rows * C < kParallelGrain) return 1;  // threads cost more than they save on small tensors
   return std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
 }
+
+// Channels handed to one task of a per-channel parallel loop: at least kParallelGrain elements of work.
+inline int64_t channel_grain(int64_t M) { return std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(1, M)); }
 
 inline void chunk_bounds(int64_t rows, int64_t chunks, int64_t i, int64_t& begin, int64_t& end) {
   const int64_t per = (rows + chunks - 1) / chunks;
@@ -397,40 +403,41 @@ inline int64_t rows_per_block(int64_t C, int64_t elem_size) {
   return std::max<int64_t>(1, kRowBlockBytes / std::max<int64_t>(1, C * elem_size));
 }
 
-// Adds row vectors into acc[0..C): acc += x_row (SQ_DEV: (x_row - center)^2).
-template <typename T, bool SQ_DEV>
-inline void row_accumulate(const T* x, int64_t C, acc_type_t<T>* acc, const acc_type_t<T>* center) {
+// Adds row vectors into sums: PASS 0: s1 += x - center; PASS 1: s1 += x - center and s2 += (x - center)^2.
+template <typename T, int PASS>
+inline void row_accumulate(const T* x, int64_t C, const acc_type_t<T>* center, acc_type_t<T>* s1,
+                           acc_type_t<T>* s2) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
   constexpr int W = IO::W;
   int64_t j = 0;
   for (; j + W <= C; j += W) {
-    V v = IO::load(x + j);
-    if constexpr (SQ_DEV) {
-      v = v - V::loadu(center + j);
-      at::vec::fmadd(v, v, V::loadu(acc + j)).store(acc + j);
-    } else {
-      (V::loadu(acc + j) + v).store(acc + j);
-    }
+    const V d = IO::load(x + j) - V::loadu(center + j);
+    (V::loadu(s1 + j) + d).store(s1 + j);
+    if constexpr (PASS == 1) at::vec::fmadd(d, d, V::loadu(s2 + j)).store(s2 + j);
   }
   for (; j < C; ++j) {
-    const acc_t v = static_cast<acc_t>(x[j]);
-    acc[j] += SQ_DEV ? (v - center[j]) * (v - center[j]) : v;
+    const acc_t d = static_cast<acc_t>(x[j]) - center[j];
+    s1[j] += d;
+    if constexpr (PASS == 1) s2[j] += d * d;
   }
 }
 
-// Batch mean and biased variance of a channels_last tensor: per row block a two-pass (mean, M2) in L2,
-// merged into per-chunk (count, mean, M2) in double with Chan et al.'s formula, then across chunks.
+// Batch mean and biased variance of a channels_last tensor. Per row block (sized to stay in L2), two
+// passes of shifted sums: pass 0 sums x - pivot (pivot = the block's first row, so the float sums stay
+// small even for inputs with a large mean) to find a centre close to the block mean; pass 1 sums
+// d = x - centre and d^2, giving the block's exact mean (centre + sum d / n) and M2 (sum d^2 - (sum d)^2 / n).
+// Blocks merge into per-chunk (count, mean, M2) in double with Chan et al.'s formula, then chunks merge.
 template <typename T>
 void stats_channels_last(const T* x, int64_t rows, int64_t C, double* mean_out, double* var_out) {
   using acc_t = acc_type_t<T>;
-  const int64_t chunks = num_row_chunks(rows);
+  const int64_t chunks = num_row_chunks(rows, C);
   std::vector<double> cmean(chunks * C, 0.0), cm2(chunks * C, 0.0);
   std::vector<int64_t> ccount(chunks, 0);
   const int64_t block = rows_per_block(C, sizeof(T));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> bsum(C), bm2(C);
+    std::vector<acc_t> center(C), s1(C), s2(C);
     for (int64_t ch = c0; ch < c1; ++ch) {
       int64_t r0, r1;
       chunk_bounds(rows, chunks, ch, r0, r1);
@@ -439,16 +446,23 @@ void stats_channels_last(const T* x, int64_t rows, int64_t C, double* mean_out, 
       int64_t count = 0;
       for (int64_t b0 = r0; b0 < r1; b0 += block) {
         const int64_t b1 = std::min(r1, b0 + block), nb = b1 - b0;
-        std::fill(bsum.begin(), bsum.end(), acc_t(0));
-        std::fill(bm2.begin(), bm2.end(), acc_t(0));
-        for (int64_t r = b0; r < b1; ++r) row_accumulate<T, false>(x + r * C, C, bsum.data(), nullptr);
-        for (int64_t j = 0; j < C; ++j) bsum[j] /= static_cast<acc_t>(nb);  // block mean
-        for (int64_t r = b0; r < b1; ++r) row_accumulate<T, true>(x + r * C, C, bm2.data(), bsum.data());
+        for (int64_t j = 0; j < C; ++j) center[j] = static_cast<acc_t>(x[b0 * C + j]);
+        std::fill(s1.begin(), s1.end(), acc_t(0));
+        for (int64_t r = b0 + 1; r < b1; ++r) row_accumulate<T, 0>(x + r * C, C, center.data(), s1.data(), nullptr);
+        for (int64_t j = 0; j < C; ++j) {
+          center[j] = static_cast<acc_t>(static_cast<double>(center[j]) + static_cast<double>(s1[j]) / nb);
+        }
+        std::fill(s1.begin(), s1.end(), acc_t(0));
+        std::fill(s2.begin(), s2.end(), acc_t(0));
+        for (int64_t r = b0; r < b1; ++r) row_accumulate<T, 1>(x + r * C, C, center.data(), s1.data(), s2.data());
         const double tot = static_cast<double>(count + nb);
         for (int64_t j = 0; j < C; ++j) {
-          const double delta = static_cast<double>(bsum[j]) - tmean[j];
+          const double d1 = static_cast<double>(s1[j]);
+          const double bmean = static_cast<double>(center[j]) + d1 / nb;
+          const double bm2 = std::max(0.0, static_cast<double>(s2[j]) - d1 * d1 / nb);
+          const double delta = bmean - tmean[j];
           tmean[j] += delta * static_cast<double>(nb) / tot;
-          tm2[j] += static_cast<double>(bm2[j]) + delta * delta * static_cast<double>(count) * nb / tot;
+          tm2[j] += bm2 + delta * delta * static_cast<double>(count) * nb / tot;
         }
         count += nb;
       }
@@ -491,7 +505,7 @@ void forward_typed(const BnActForwardArgs& a) {
     if (a.training) {
       // One thread per channel from statistics to output: the channel's planes stay in L2 across the three
       // passes (sum, squared deviations, normalise), so DRAM sees x once.
-      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      at::parallel_for(0, C, channel_grain(M), [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           double sum = 0;
           for (int64_t n = 0; n < N; ++n) sum += run_reduce<T, false>(x + (n * C + c) * S, S, acc_t(0));
@@ -518,7 +532,7 @@ void forward_typed(const BnActForwardArgs& a) {
         scale[c] = w[c] * invstd[c];
         shift[c] = b[c] - mean[c] * scale[c];
       }
-      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, S));
+      const int64_t grain = std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(1, S));
       at::parallel_for(0, N * C, grain, [&](int64_t p0, int64_t p1) {
         BitWriter bw(a.mask, p0 * S, p1 * S);
         for (int64_t p = p0; p < p1; ++p) {
@@ -549,7 +563,7 @@ void forward_typed(const BnActForwardArgs& a) {
       shift[c] = b[c] - mean[c] * scale[c];
     }
   }
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, C));
+  const int64_t grain = std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(1, C));
   at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
     BitWriter bw(a.mask, r0 * C, r1 * C);
     for (int64_t row = r0; row < r1; ++row) {
@@ -587,7 +601,7 @@ void backward_typed(const BnActBackwardArgs& a) {
 
   if (!a.channels_last) {
     // One thread per channel: the reduction and the elementwise pass read the channel while it is in L2.
-    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, C, channel_grain(M), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         double sdz = 0, sdzxc = 0;
         if (reduce) {
@@ -618,7 +632,7 @@ void backward_typed(const BnActBackwardArgs& a) {
   // channels_last: per-chunk partial reductions over row blocks (acc_t per block, double per chunk).
   std::vector<double> sdz(C, 0.0), sdzxc(C, 0.0);
   if (reduce) {
-    const int64_t chunks = num_row_chunks(M);
+    const int64_t chunks = num_row_chunks(M, C);
     std::vector<double> pdz(chunks * C, 0.0), pdzx(chunks * C, 0.0);
     const int64_t block = std::max<int64_t>(1, kReduceBlock / std::max<int64_t>(1, C / 8));
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
@@ -673,7 +687,7 @@ void backward_typed(const BnActBackwardArgs& a) {
     std::vector<acc_t> ka(C), kmdz(C), kq(C);
     for (int64_t c = 0; c < C; ++c) coefficients(c, sdz[c], sdzxc[c], &ka[c], &kmdz[c], &kq[c]);
     const BwdCoef<acc_t> k{mean, ka.data(), kmdz.data(), kq.data()};
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, C));
+    const int64_t grain = std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(1, C));
     at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
       BitReader br(a.mask, r0 * C);
       for (int64_t row = r0; row < r1; ++row) {

@@ -1,0 +1,5 @@
+"""Drop-in modules built on the fused ops."""
+
+from fusedres.nn.batchnorm import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+
+__all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]

@@ -1,0 +1,351 @@
+"""BatchNorm + residual + activation: fake kernels, autograd and the public functional.
+
+The kernels are ``torch.ops.fusedres.bn_act_forward`` / ``bn_act_backward`` (schemas in csrc/fusedres.cpp).
+Autograd saves only ``input``, ``weight``, the per-channel ``save_mean`` / ``save_invstd`` and the 1-bit
+activation mask — never the residual, the pre-activation or the output.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+from fusedres import _native
+from fusedres.reference import bn_act as _reference
+from fusedres.reference.bn_act import check_activation
+
+__all__ = ["batch_norm_act", "mask_bytes"]
+
+_FORWARD = "fusedres::bn_act_forward"
+_BACKWARD = "fusedres::bn_act_backward"
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+DOUBLE_BACKWARD_ERROR = "fusedres.batch_norm_act does not support double backward"
+
+
+def mask_bytes(numel: int) -> int:
+    """Bytes of the packed activation mask (csrc/common/bn_act_math.h): whole 32-bit words plus a spare one."""
+    return ((numel + 31) // 32 + 1) * 4
+
+
+def _memory_format(t: Tensor) -> torch.memory_format:
+    """The memory format of every full-size tensor the kernels return (the input's suggested one)."""
+    return suggest_memory_format(t) if t.dim() in (4, 5) else torch.contiguous_format
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_channel_vector(t: Tensor | None, name: str, input: Tensor, C) -> None:
+    if t is None:
+        return
+    torch._check(
+        t.dim() == 1 and t.numel() == C,
+        lambda: (
+            f"{name} must be a 1-D tensor with {C} elements (the number of channels of input, dim 1), got "
+            f"shape {list(t.shape)}"
+        ),
+    )
+    torch._check(
+        t.dtype in (torch.float32, input.dtype),
+        lambda: f"{name} must have dtype float32 or the input's dtype ({input.dtype}), got {t.dtype}",
+    )
+    torch._check(
+        t.device == input.device,
+        lambda: f"{name} must be on the same device as input ({input.device}), got {t.device}",
+    )
+
+
+def _check_input(input: Tensor) -> None:
+    torch._check(
+        2 <= input.dim() <= 5,
+        lambda: (
+            "input must have 2 to 5 dimensions ((N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W)), got "
+            f"{input.dim()} dimensions of shape {list(input.shape)}"
+        ),
+    )
+    torch._check(
+        input.dtype in _FLOAT_DTYPES,
+        lambda: f"input must have a floating dtype (float32, float64, bfloat16 or float16), got {input.dtype}",
+    )
+
+
+def _fake_forward(
+    input: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_activation(activation)
+    _check_input(input)
+    C = input.shape[1]
+    if residual is not None:
+        torch._check(
+            residual.shape == input.shape,
+            lambda: f"residual must have the same shape as input, got {list(residual.shape)} and {list(input.shape)}",
+        )
+        torch._check(
+            residual.dtype == input.dtype,
+            lambda: f"residual must have the same dtype as input ({input.dtype}), got {residual.dtype}",
+        )
+        torch._check(
+            residual.device == input.device,
+            lambda: f"residual must be on the same device as input ({input.device}), got {residual.device}",
+        )
+    for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"), (running_var, "running_var")):
+        _check_channel_vector(t, name, input, C)
+    torch._check(
+        (running_mean is None) == (running_var is None),
+        lambda: "running_mean and running_var must be given together (both or neither)",
+    )
+    torch._check(
+        training or running_mean is not None, lambda: "running_mean and running_var must be given when training=False"
+    )
+    torch._check(eps > 0 or (eps == 0 and not training), lambda: f"eps must be positive, got {eps}")
+    torch._check(math.isfinite(momentum), lambda: f"momentum must be a finite number, got {momentum}")
+    numel = input.numel()
+    if training and numel != 0:
+        torch._check_value(
+            numel // C > 1,
+            lambda: f"Expected more than 1 value per channel when training, got input size {list(input.shape)}",
+        )
+    acc = _acc_dtype(input.dtype)
+    output = torch.empty_like(input, memory_format=_memory_format(input))
+    save_mean = input.new_empty((C,), dtype=acc)
+    save_invstd = input.new_empty((C,), dtype=acc)
+    mask = input.new_empty((mask_bytes(numel) if activation != "identity" else 0,), dtype=torch.uint8)
+    return output, save_mean, save_invstd, mask
+
+
+def _fake_backward(
+    grad_out: Tensor,
+    input: Tensor,
+    weight: Tensor | None,
+    save_mean: Tensor,
+    save_invstd: Tensor,
+    mask: Tensor,
+    training: bool,
+    activation: str,
+    negative_slope: float,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_activation(activation)
+    _check_input(input)
+    torch._check(
+        grad_out.shape == input.shape,
+        lambda: f"grad_out must have the same shape as input, got {list(grad_out.shape)} and {list(input.shape)}",
+    )
+    torch._check(
+        grad_out.dtype == input.dtype,
+        lambda: f"grad_out must have the same dtype as input ({input.dtype}), got {grad_out.dtype}",
+    )
+    C = input.shape[1]
+    _check_channel_vector(weight, "weight", input, C)
+    acc = _acc_dtype(input.dtype)
+    for t, name in ((save_mean, "save_mean"), (save_invstd, "save_invstd")):
+        torch._check(
+            t.dim() == 1 and t.numel() == C and t.dtype == acc and t.device == input.device,
+            lambda t=t, name=name: (
+                f"{name} must be a 1-D {acc} tensor with {C} elements on {input.device}, got "
+                f"{t.dtype} of shape {list(t.shape)}"
+            ),
+        )
+    want = mask_bytes(input.numel()) if activation != "identity" else 0
+    torch._check(
+        mask.dtype == torch.uint8 and mask.dim() == 1 and mask.numel() == want and mask.device == input.device,
+        lambda: (
+            f"mask must be the uint8 tensor of {want} bytes returned by bn_act_forward, got {mask.dtype} of "
+            f"shape {list(mask.shape)}"
+        ),
+    )
+    fmt = _memory_format(input)
+    param_dtype = weight.dtype if weight is not None else acc
+
+    def full(wanted: bool) -> Tensor:
+        return torch.empty_like(input, memory_format=fmt) if wanted else input.new_empty((0,))
+
+    def per_channel(wanted: bool) -> Tensor:  # the [0] placeholders are in the accumulation dtype
+        return input.new_empty((C,), dtype=param_dtype) if wanted else input.new_empty((0,), dtype=acc)
+
+    return full(output_mask[0]), full(output_mask[1]), per_channel(output_mask[2]), per_channel(output_mask[3])
+
+
+class _RefuseDoubleBackward(torch.autograd.Function):
+    """Identity on already computed gradients whose graph leads back to what they depend on (the forward's
+    input, weight and grad_out) and whose backward refuses: used only when backward runs with create_graph=True."""
+
+    @staticmethod
+    def forward(*args: Tensor | None) -> tuple[Tensor | None, ...]:
+        return tuple(g.view_as(g) if g is not None else None for g in args[:4])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+class _BnActFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(*args):  # (input, residual, weight, bias, running_mean, running_var, training, ...): the op's schema
+        return torch.ops.fusedres.bn_act_forward(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        input, _residual, weight, bias, _rm, _rv, training, _momentum, _eps, activation, negative_slope = inputs
+        _output, save_mean, save_invstd, mask = output
+        ctx.mark_non_differentiable(save_mean, save_invstd, mask)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(input, weight, save_mean, save_invstd, mask)
+        ctx.training = training
+        ctx.activation = activation
+        ctx.negative_slope = negative_slope
+        ctx.weight_dtype = weight.dtype if weight is not None else None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_invstd, _grad_mask):
+        nones = (None,) * 7
+        if grad_out is None:
+            return (None,) * 4 + nones
+        input, weight, save_mean, save_invstd, mask = ctx.saved_tensors
+        need_input, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
+        # For identity d(residual) is grad_out itself: no need to have the kernel copy it.
+        residual_from_kernel = need_residual and ctx.activation != "identity"
+        output_mask = [need_input, residual_from_kernel, need_weight, need_bias]
+        if not any(output_mask):
+            grad_residual = grad_out if need_residual else None
+            return (None, grad_residual, None, None) + nones
+        with torch.no_grad():
+            gi, gr, gw, gb = torch.ops.fusedres.bn_act_backward(
+                grad_out,
+                input,
+                weight,
+                save_mean,
+                save_invstd,
+                mask,
+                ctx.training,
+                ctx.activation,
+                ctx.negative_slope,
+                output_mask,
+            )
+        grad_input = gi if need_input else None
+        grad_residual = gr if residual_from_kernel else (grad_out if need_residual else None)
+        grad_weight = gw.to(ctx.weight_dtype) if need_weight else None
+        grad_bias = gb.to(ctx.bias_dtype) if need_bias else None
+        if torch.is_grad_enabled():  # create_graph=True: make a second differentiation fail loudly.
+            grad_input, grad_residual, grad_weight, grad_bias = _RefuseDoubleBackward.apply(
+                grad_input, grad_residual, grad_weight, grad_bias, input, weight, grad_out
+            )
+        return (grad_input, grad_residual, grad_weight, grad_bias) + nones
+
+
+if _native.native_loaded:
+    torch.library.register_fake(_FORWARD)(_fake_forward)
+    torch.library.register_fake(_BACKWARD)(_fake_backward)
+
+# Device types the native kernels serve; anything else runs the reference (one warning per device type).
+_NATIVE_DEVICE_TYPES = frozenset(d for d in ("cpu", "cuda", "meta") if _native.has_kernel(d))
+_warned_devices: set[str] = set()
+
+
+def _warn_fallback(device_type: str) -> None:
+    if device_type not in _warned_devices and _native.native_loaded:
+        _warned_devices.add(device_type)
+        warnings.warn(
+            f"fusedres.batch_norm_act: the native module has no kernel for {device_type} tensors (cuda_compiled="
+            f"{_native.info()['cuda_compiled']}); using the pure PyTorch reference",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def batch_norm_act(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    residual: Tensor | None = None,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+) -> Tensor:
+    """Fused ``act(batch_norm(input) + residual)``; arguments in the order of ``F.batch_norm``.
+
+    Training mode normalises with the batch statistics and, when ``running_mean`` / ``running_var`` are given,
+    updates them in place (``running = (1 - momentum) * running + momentum * batch``, unbiased variance), only
+    if the call succeeds. Eval mode normalises with the running statistics. Backward saves ``input``,
+    ``weight``, two per-channel vectors and a 1-bit mask (nothing for identity); double backward is refused.
+    When the native module did not load (see ``fusedres.info()``), or has no kernel for the input's device,
+    this runs :func:`fusedres.reference.batch_norm_act` instead.
+
+    Args:
+        input: Tensor[N, C, *] with 0 to 3 spatial dimensions; float32, float64, bfloat16 or float16.
+        running_mean, running_var: Tensor[C] (float32 or input's dtype) or None; required when not training.
+        weight, bias: Tensor[C] (float32 or input's dtype) or None (ones / zeros).
+        training: use and update batch statistics (True) or use the running statistics (False).
+        momentum: running-statistics update factor (a float; the modules handle ``momentum=None``).
+        eps: added to the variance.
+        residual: Tensor[N, C, *] (input's shape and dtype) added before the activation, or None.
+        activation: "relu" (default), "identity" or "leaky_relu".
+        negative_slope: slope of "leaky_relu" below zero.
+
+    Returns:
+        Tensor[N, C, *]: input's dtype, dense in the input's suggested memory format.
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+    if residual is not None and not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be a Tensor or None, got {type(residual).__name__}")
+    check_activation(activation)
+    if momentum is None:
+        raise TypeError("momentum must be a float, got None (the BatchNormAct modules handle momentum=None)")
+    if input.device.type not in _NATIVE_DEVICE_TYPES:
+        _warn_fallback(input.device.type)
+        return _reference.batch_norm_act(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            residual=residual,
+            activation=activation,
+            negative_slope=negative_slope,
+        )
+    args = (
+        input,
+        residual,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        bool(training),
+        float(momentum),
+        float(eps),
+        activation,
+        float(negative_slope),
+    )
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, residual, weight, bias)):
+        return _BnActFunction.apply(*args)[0]
+    return torch.ops.fusedres.bn_act_forward(*args)[0]

@@ -1,0 +1,59 @@
+"""Session setup: the native module must load (unless FUSEDRES_ALLOW_NO_NATIVE=1), CUDA tests skip cleanly."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fusedres
+
+INFO = fusedres.info()
+NATIVE = INFO["native_loaded"]
+ALLOW_NO_NATIVE = os.environ.get("FUSEDRES_ALLOW_NO_NATIVE") == "1"
+CUDA_READY = NATIVE and INFO["cuda_compiled"] and torch.cuda.is_available()
+
+
+def _cuda_skip_reason() -> str:
+    if not torch.cuda.is_available():
+        return "needs a CUDA device (torch.cuda.is_available() is False)"
+    if not NATIVE:
+        return "needs the native module fusedres._C"
+    return "needs the CUDA kernels (fusedres._C was built without CUDA: rebuild with FUSEDRES_CUDA=1)"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs_native: needs the native module fusedres._C (torch.ops.fusedres)")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not NATIVE and not ALLOW_NO_NATIVE:
+        pytest.exit(
+            "fusedres._C (the native module) could not be loaded, so the tests would only exercise the pure "
+            f"PyTorch fallback.\n  reason: {INFO['native_error']}\n  running torch {INFO['torch_version']}.\n"
+            "  Set FUSEDRES_ALLOW_NO_NATIVE=1 to run only the tests that do not need it.",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_cuda = pytest.mark.skip(reason=_cuda_skip_reason())
+    skip_native = pytest.mark.skip(reason=f"needs the native module fusedres._C: {INFO['native_error']}")
+    for item in items:
+        if "needs_cuda" in item.keywords and not CUDA_READY:
+            item.add_marker(skip_cuda)
+        if "needs_native" in item.keywords and not NATIVE:
+            item.add_marker(skip_native)
+
+
+@pytest.fixture(scope="session")
+def devices() -> list[str]:
+    """Every device the fused kernels can be tested on here: "cpu", plus "cuda" when it is usable."""
+    return ["cpu"] + (["cuda"] if CUDA_READY else [])
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)])
+def device(request: pytest.FixtureRequest) -> str:
+    """Parametrises a test over the devices; the "cuda" case is skipped without CUDA or CUDA kernels."""
+    return request.param
