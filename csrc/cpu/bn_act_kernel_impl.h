@@ -77,6 +77,50 @@ struct VecIO {
   }
 };
 
+// Non-temporal stores for outputs much larger than the caches: they skip the read-for-ownership a normal
+// store costs, so writing y (forward) or dx and dresidual (backward) moves half the bytes.
+constexpr int64_t kStreamBytes = 16 * 1024 * 1024;
+
+template <typename T>
+constexpr bool can_stream() {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  return std::is_same_v<T, float> || std::is_same_v<T, double>;
+#else
+  return false;
+#endif
+}
+
+// p must be 64-byte aligned.
+template <typename T, typename V>
+inline void store_stream(T* p, const V& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) _mm512_stream_ps(p, v);
+  else if constexpr (std::is_same_v<T, double>) _mm512_stream_pd(p, v);
+  else v.store(p);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(p, v);
+  else if constexpr (std::is_same_v<T, double>) _mm256_stream_pd(p, v);
+  else v.store(p);
+#else
+  v.store(p);
+#endif
+}
+
+// Orders this thread's non-temporal stores before whatever reads the output next.
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();
+#endif
+}
+
+// Elements to handle one by one so that p + result is 64-byte aligned (all of them if it never is).
+template <typename T>
+inline int64_t head_to_align(const T* p, int64_t len) {
+  const auto mis = reinterpret_cast<uintptr_t>(p) % 64;
+  if (mis % sizeof(T) != 0) return len;
+  return std::min<int64_t>(len, static_cast<int64_t>(((64 - mis) % 64) / sizeof(T)));
+}
+
 // Lane i of the result is bit i: z > 0 (ordered compare, NaN gives 0).
 inline uint32_t gt_zero_bits(const Vectorized<float>& z) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -189,16 +233,21 @@ class BitWriter {
   int nbuf_;
 };
 
+// The n bits (n <= 24) starting at bit `pos` of the mask (reads 4 bytes: the mask has a spare trailing word).
+inline uint32_t read_bits(const uint8_t* base, int64_t pos, int n) {
+  uint32_t w;
+  std::memcpy(&w, base + (pos >> 3), sizeof(w));
+  return (w >> (pos & 7)) & ((1u << n) - 1u);
+}
+
 class BitReader {
  public:
   BitReader(const uint8_t* base, int64_t start) : base_(base), pos_(start) {}
   // The next n bits (n <= 24). Reads 4 bytes at the current byte: the mask has a spare trailing word.
   uint32_t take(int n) {
-    uint32_t w;
-    std::memcpy(&w, base_ + (pos_ >> 3), sizeof(w));
-    w >>= (pos_ & 7);
+    const uint32_t bits = read_bits(base_, pos_, n);
     pos_ += n;
-    return w & ((1u << n) - 1u);
+    return bits;
   }
 
  private:
@@ -252,13 +301,23 @@ double run_reduce(const T* x, int64_t len, typename VecIO<T>::acc_t center) {
 // PER_ELEM: scale/shift are arrays indexed like the run (a channels_last row); else one value each.
 template <typename T, int ACT, bool RES, bool PER_ELEM>
 void forward_run(const T* x, const T* r, T* y, int64_t len, const acc_type_t<T>* scale,
-                 const acc_type_t<T>* shift, acc_type_t<T> slope, BitWriter* bw) {
+                 const acc_type_t<T>* shift, acc_type_t<T> slope, BitWriter* bw, bool stream = false) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
   constexpr int W = IO::W;
   const V vscale(scale[0]), vshift(shift[0]), vslope(slope), zero(0);
+  auto one = [&](int64_t i) {
+    acc_t z = static_cast<acc_t>(x[i]) * scale[PER_ELEM ? i : 0] + shift[PER_ELEM ? i : 0];
+    if constexpr (RES) z += static_cast<acc_t>(r[i]);
+    if constexpr (ACT != kIdentity) bw->append(math::act_mask_bit(z) ? 1u : 0u, 1);
+    y[i] = static_cast<T>(math::act_forward(z, ACT, slope));
+  };
+  stream = stream && can_stream<T>();
   int64_t i = 0;
+  if (stream) {
+    for (const int64_t head = head_to_align(y, len); i < head; ++i) one(i);
+  }
   for (; i + W <= len; i += W) {
     const V s = PER_ELEM ? V::loadu(scale + i) : vscale;
     const V b = PER_ELEM ? V::loadu(shift + i) : vshift;
@@ -272,14 +331,13 @@ void forward_run(const T* x, const T* r, T* y, int64_t len, const acc_type_t<T>*
       bw->append(bits, W);
       z = select_bits(bits, z, z * vslope);
     }
-    IO::store(y + i, z);
+    if (stream) {
+      store_stream(y + i, z);
+    } else {
+      IO::store(y + i, z);
+    }
   }
-  for (; i < len; ++i) {
-    acc_t z = static_cast<acc_t>(x[i]) * scale[PER_ELEM ? i : 0] + shift[PER_ELEM ? i : 0];
-    if constexpr (RES) z += static_cast<acc_t>(r[i]);
-    if constexpr (ACT != kIdentity) bw->append(math::act_mask_bit(z) ? 1u : 0u, 1);
-    y[i] = static_cast<T>(math::act_forward(z, ACT, slope));
-  }
+  for (; i < len; ++i) one(i);
 }
 
 // dz = dy * act'(z) for one vector, from the mask bits.
@@ -344,30 +402,14 @@ struct BwdCoef {
 // Backward elementwise over one contiguous run: dx (TRAIN or eval form) and/or dresidual = dz.
 template <typename T, int ACT, bool PER_ELEM, bool TRAIN, bool DX, bool DR>
 void backward_elementwise_run(const T* dy, const T* x, T* dx, T* dr, int64_t len, BitReader* br,
-                              const BwdCoef<acc_type_t<T>>& k, acc_type_t<T> slope) {
+                              const BwdCoef<acc_type_t<T>>& k, acc_type_t<T> slope, bool stream = false) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
   constexpr int W = IO::W;
   const V vslope(slope), vmean(k.mean[0]), va(k.a[0]), vmdz(TRAIN ? k.mdz[0] : acc_t(0)),
       vq(TRAIN ? k.q[0] : acc_t(0));
-  int64_t i = 0;
-  for (; i + W <= len; i += W) {
-    const V dz = dz_vec<ACT>(IO::load(dy + i), br, vslope);
-    if constexpr (DR) IO::store(dr + i, dz);
-    if constexpr (DX) {
-      const V a = PER_ELEM ? V::loadu(k.a + i) : va;
-      if constexpr (TRAIN) {
-        const V mean = PER_ELEM ? V::loadu(k.mean + i) : vmean;
-        const V mdz = PER_ELEM ? V::loadu(k.mdz + i) : vmdz;
-        const V q = PER_ELEM ? V::loadu(k.q + i) : vq;
-        IO::store(dx + i, a * (dz - mdz) - (IO::load(x + i) - mean) * q);
-      } else {
-        IO::store(dx + i, a * dz);
-      }
-    }
-  }
-  for (; i < len; ++i) {
+  auto one = [&](int64_t i) {
     const int64_t j = PER_ELEM ? i : 0;
     const acc_t dz = dz_scalar<ACT>(static_cast<acc_t>(dy[i]), br, slope);
     if constexpr (DR) dr[i] = static_cast<T>(dz);
@@ -378,7 +420,37 @@ void backward_elementwise_run(const T* dy, const T* x, T* dx, T* dr, int64_t len
         dx[i] = static_cast<T>(k.a[j] * dz);
       }
     }
+  };
+  auto put = [&](T* p, const V& v, bool nt) {
+    if (nt) {
+      store_stream(p, v);
+    } else {
+      IO::store(p, v);
+    }
+  };
+  // Both outputs are streamed only when they are equally misaligned (they are: same allocator, same offset).
+  stream = stream && can_stream<T>() &&
+           (!(DX && DR) || reinterpret_cast<uintptr_t>(dx) % 64 == reinterpret_cast<uintptr_t>(dr) % 64);
+  int64_t i = 0;
+  if (stream) {
+    for (const int64_t head = head_to_align(DX ? dx : dr, len); i < head; ++i) one(i);
   }
+  for (; i + W <= len; i += W) {
+    const V dz = dz_vec<ACT>(IO::load(dy + i), br, vslope);
+    if constexpr (DR) put(dr + i, dz, stream);
+    if constexpr (DX) {
+      const V a = PER_ELEM ? V::loadu(k.a + i) : va;
+      if constexpr (TRAIN) {
+        const V mean = PER_ELEM ? V::loadu(k.mean + i) : vmean;
+        const V mdz = PER_ELEM ? V::loadu(k.mdz + i) : vmdz;
+        const V q = PER_ELEM ? V::loadu(k.q + i) : vq;
+        put(dx + i, a * (dz - mdz) - (IO::load(x + i) - mean) * q, stream);
+      } else {
+        put(dx + i, a * dz, stream);
+      }
+    }
+  }
+  for (; i < len; ++i) one(i);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -403,24 +475,76 @@ inline int64_t rows_per_block(int64_t C, int64_t elem_size) {
   return std::max<int64_t>(1, kRowBlockBytes / std::max<int64_t>(1, C * elem_size));
 }
 
-// Adds row vectors into sums: PASS 0: s1 += x - center; PASS 1: s1 += x - center and s2 += (x - center)^2.
-template <typename T, int PASS>
-inline void row_accumulate(const T* x, int64_t C, const acc_type_t<T>* center, acc_type_t<T>* s1,
-                           acc_type_t<T>* s2) {
+// Column reductions over a block of channels_last rows. A group of G vectors of channels keeps its partial
+// sums in registers over all rows of the block (accumulating row by row into arrays would serialise on
+// store-to-load forwarding when C is small); remaining channels go one vector, then one value, at a time.
+//   kStats0: s1 += x - center                      (pivoted sum, to find the block centre)
+//   kStats1: s1 += x - center, s2 += (x - center)^2
+//   kGrad:   s1 += dz, s2 += dz * (x - center)      (dz from dy and the mask; center = the batch mean)
+enum ColumnOp { kStats0, kStats1, kGrad };
+
+template <typename T, int OP, int ACT, int G>
+inline void column_group(const T* x, const T* dy, const uint8_t* mask, int64_t row0, int64_t nrows, int64_t C,
+                         int64_t j, const acc_type_t<T>* center, acc_type_t<T> slope, acc_type_t<T>* s1,
+                         acc_type_t<T>* s2) {
   using IO = VecIO<T>;
   using V = typename IO::V;
-  using acc_t = typename IO::acc_t;
   constexpr int W = IO::W;
-  int64_t j = 0;
-  for (; j + W <= C; j += W) {
-    const V d = IO::load(x + j) - V::loadu(center + j);
-    (V::loadu(s1 + j) + d).store(s1 + j);
-    if constexpr (PASS == 1) at::vec::fmadd(d, d, V::loadu(s2 + j)).store(s2 + j);
+  V c[G], a1[G], a2[G];
+  for (int g = 0; g < G; ++g) {
+    c[g] = V::loadu(center + j + g * W);
+    a1[g] = V(0);
+    a2[g] = V(0);
   }
+  const V vslope(slope);
+  for (int64_t r = 0; r < nrows; ++r) {
+    const int64_t off = (row0 + r) * C + j;
+    for (int g = 0; g < G; ++g) {
+      const V d = IO::load(x + off + g * W) - c[g];
+      if constexpr (OP == kGrad) {
+        V dz = IO::load(dy + off + g * W);
+        if constexpr (ACT != kIdentity) {
+          dz = select_bits(read_bits(mask, off + g * W, W), dz, ACT == kReLU ? V(0) : dz * vslope);
+        }
+        a1[g] = a1[g] + dz;
+        a2[g] = at::vec::fmadd(dz, d, a2[g]);
+      } else {
+        a1[g] = a1[g] + d;
+        if constexpr (OP == kStats1) a2[g] = at::vec::fmadd(d, d, a2[g]);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    (V::loadu(s1 + j + g * W) + a1[g]).store(s1 + j + g * W);
+    if constexpr (OP != kStats0) (V::loadu(s2 + j + g * W) + a2[g]).store(s2 + j + g * W);
+  }
+}
+
+template <typename T, int OP, int ACT = kIdentity>
+void column_reduce(const T* x, const T* dy, const uint8_t* mask, int64_t row0, int64_t nrows, int64_t C,
+                   const acc_type_t<T>* center, acc_type_t<T> slope, acc_type_t<T>* s1, acc_type_t<T>* s2) {
+  using acc_t = acc_type_t<T>;
+  constexpr int W = VecIO<T>::W;
+  int64_t j = 0;
+  for (; j + 4 * W <= C; j += 4 * W) column_group<T, OP, ACT, 4>(x, dy, mask, row0, nrows, C, j, center, slope, s1, s2);
+  for (; j + W <= C; j += W) column_group<T, OP, ACT, 1>(x, dy, mask, row0, nrows, C, j, center, slope, s1, s2);
   for (; j < C; ++j) {
-    const acc_t d = static_cast<acc_t>(x[j]) - center[j];
-    s1[j] += d;
-    if constexpr (PASS == 1) s2[j] += d * d;
+    acc_t a1 = 0, a2 = 0;
+    for (int64_t r = 0; r < nrows; ++r) {
+      const int64_t off = (row0 + r) * C + j;
+      const acc_t d = static_cast<acc_t>(x[off]) - center[j];
+      if constexpr (OP == kGrad) {
+        acc_t dz = static_cast<acc_t>(dy[off]);
+        if constexpr (ACT != kIdentity) dz = math::act_backward(dz, read_bits(mask, off, 1) != 0u, ACT, slope);
+        a1 += dz;
+        a2 += dz * d;
+      } else {
+        a1 += d;
+        a2 += d * d;
+      }
+    }
+    s1[j] += a1;
+    if constexpr (OP != kStats0) s2[j] += a2;
   }
 }
 
@@ -448,13 +572,13 @@ void stats_channels_last(const T* x, int64_t rows, int64_t C, double* mean_out, 
         const int64_t b1 = std::min(r1, b0 + block), nb = b1 - b0;
         for (int64_t j = 0; j < C; ++j) center[j] = static_cast<acc_t>(x[b0 * C + j]);
         std::fill(s1.begin(), s1.end(), acc_t(0));
-        for (int64_t r = b0 + 1; r < b1; ++r) row_accumulate<T, 0>(x + r * C, C, center.data(), s1.data(), nullptr);
+        column_reduce<T, kStats0>(x, nullptr, nullptr, b0 + 1, nb - 1, C, center.data(), acc_t(0), s1.data(), nullptr);
         for (int64_t j = 0; j < C; ++j) {
           center[j] = static_cast<acc_t>(static_cast<double>(center[j]) + static_cast<double>(s1[j]) / nb);
         }
         std::fill(s1.begin(), s1.end(), acc_t(0));
         std::fill(s2.begin(), s2.end(), acc_t(0));
-        for (int64_t r = b0; r < b1; ++r) row_accumulate<T, 1>(x + r * C, C, center.data(), s1.data(), s2.data());
+        column_reduce<T, kStats1>(x, nullptr, nullptr, b0, nb, C, center.data(), acc_t(0), s1.data(), s2.data());
         const double tot = static_cast<double>(count + nb);
         for (int64_t j = 0; j < C; ++j) {
           const double d1 = static_cast<double>(s1[j]);
@@ -500,6 +624,7 @@ void forward_typed(const BnActForwardArgs& a) {
   acc_t* var = static_cast<acc_t*>(a.var);
   const acc_t slope = static_cast<acc_t>(a.negative_slope);
   const int64_t N = a.N, C = a.C, S = a.S, M = N * S;
+  const bool stream = N * C * S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
 
   if (!a.channels_last) {
     if (a.training) {
@@ -522,9 +647,11 @@ void forward_typed(const BnActForwardArgs& a) {
           for (int64_t n = 0; n < N; ++n) {
             const int64_t off = (n * C + c) * S;
             BitWriter bw(a.mask, off, off + S);
-            forward_run<T, ACT, RES, false>(x + off, RES ? r + off : nullptr, y + off, S, &scale, &shift, slope, &bw);
+            forward_run<T, ACT, RES, false>(x + off, RES ? r + off : nullptr, y + off, S, &scale, &shift, slope, &bw,
+                                            stream);
           }
         }
+        if (stream) stream_fence();
       });
     } else {
       std::vector<acc_t> scale(C), shift(C);
@@ -537,8 +664,10 @@ void forward_typed(const BnActForwardArgs& a) {
         BitWriter bw(a.mask, p0 * S, p1 * S);
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t c = p % C, off = p * S;
-          forward_run<T, ACT, RES, false>(x + off, RES ? r + off : nullptr, y + off, S, &scale[c], &shift[c], slope, &bw);
+          forward_run<T, ACT, RES, false>(x + off, RES ? r + off : nullptr, y + off, S, &scale[c], &shift[c], slope,
+                                          &bw, stream);
         }
+        if (stream) stream_fence();
       });
     }
     return;
@@ -588,6 +717,7 @@ void backward_typed(const BnActBackwardArgs& a) {
   const bool reduce = sum_dz != nullptr;
   const acc_t slope = static_cast<acc_t>(a.negative_slope);
   const int64_t N = a.N, C = a.C, S = a.S, M = N * S;
+  const bool stream = N * C * S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   constexpr bool kElementwise = DX || DR;
 
   // Per-channel coefficients of the elementwise pass, from the channel's reduction (training) or not (eval).
@@ -621,10 +751,11 @@ void backward_typed(const BnActBackwardArgs& a) {
             const int64_t off = (n * C + c) * S;
             BitReader br(a.mask, off);
             backward_elementwise_run<T, ACT, false, TRAIN, DX, DR>(dy + off, x + off, DX ? dx + off : nullptr,
-                                                                   DR ? dr + off : nullptr, S, &br, k, slope);
+                                                                   DR ? dr + off : nullptr, S, &br, k, slope, stream);
           }
         }
       }
+      if (stream) stream_fence();
     });
     return;
   }
@@ -634,37 +765,17 @@ void backward_typed(const BnActBackwardArgs& a) {
   if (reduce) {
     const int64_t chunks = num_row_chunks(M, C);
     std::vector<double> pdz(chunks * C, 0.0), pdzx(chunks * C, 0.0);
-    const int64_t block = std::max<int64_t>(1, kReduceBlock / std::max<int64_t>(1, C / 8));
+    const int64_t block = std::min<int64_t>(kReduceBlock, rows_per_block(C, sizeof(T)));
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      using IO = VecIO<T>;
-      using V = typename IO::V;
-      constexpr int W = IO::W;
       std::vector<acc_t> bdz(C), bdzx(C);
-      const V vslope(slope);
       for (int64_t ch = c0; ch < c1; ++ch) {
         int64_t r0, r1;
         chunk_bounds(M, chunks, ch, r0, r1);
-        BitReader br(a.mask, r0 * C);
         for (int64_t b0 = r0; b0 < r1; b0 += block) {
           const int64_t b1 = std::min(r1, b0 + block);
           std::fill(bdz.begin(), bdz.end(), acc_t(0));
           std::fill(bdzx.begin(), bdzx.end(), acc_t(0));
-          for (int64_t row = b0; row < b1; ++row) {
-            const T* dyr = dy + row * C;
-            const T* xr = x + row * C;
-            int64_t j = 0;
-            for (; j + W <= C; j += W) {
-              const V dz = dz_vec<ACT>(IO::load(dyr + j), &br, vslope);
-              (V::loadu(bdz.data() + j) + dz).store(bdz.data() + j);
-              at::vec::fmadd(dz, IO::load(xr + j) - V::loadu(mean + j), V::loadu(bdzx.data() + j))
-                  .store(bdzx.data() + j);
-            }
-            for (; j < C; ++j) {
-              const acc_t dz = dz_scalar<ACT>(static_cast<acc_t>(dyr[j]), &br, slope);
-              bdz[j] += dz;
-              bdzx[j] += dz * (static_cast<acc_t>(xr[j]) - mean[j]);
-            }
-          }
+          column_reduce<T, kGrad, ACT>(x, dy, a.mask, b0, b1 - b0, C, mean, slope, bdz.data(), bdzx.data());
           for (int64_t j = 0; j < C; ++j) {
             pdz[ch * C + j] += static_cast<double>(bdz[j]);
             pdzx[ch * C + j] += static_cast<double>(bdzx[j]);
