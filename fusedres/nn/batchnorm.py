@@ -26,7 +26,22 @@ class _BatchNormActMixin:
     negative_slope: float
     fused: bool
 
-    def _init_act(self, activation: str, negative_slope: float, fused: bool) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+        fused: bool = True,
+    ) -> None:
+        # super() is the nn.BatchNorm*d that follows this mixin in the subclass's MRO.
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)  # type: ignore[call-arg]
         self.activation = check_activation(activation)
         self.negative_slope = float(negative_slope)
         self.fused = bool(fused)
@@ -92,65 +107,14 @@ def _init_doc(parent: type) -> str:
 class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
     """``act(nn.BatchNorm1d(input) + residual)`` for Tensor[N, C] or Tensor[N, C, L]."""
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
-        *,
-        activation: str = "relu",
-        negative_slope: float = 0.01,
-        fused: bool = True,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self._init_act(activation, negative_slope, fused)
-
 
 class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
     """``act(nn.BatchNorm2d(input) + residual)`` for Tensor[N, C, H, W] (any memory format)."""
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
-        *,
-        activation: str = "relu",
-        negative_slope: float = 0.01,
-        fused: bool = True,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self._init_act(activation, negative_slope, fused)
 
 
 class BatchNormAct3d(_BatchNormActMixin, nn.BatchNorm3d):
     """``act(nn.BatchNorm3d(input) + residual)`` for Tensor[N, C, D, H, W] (any memory format)."""
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
-        *,
-        activation: str = "relu",
-        negative_slope: float = 0.01,
-        fused: bool = True,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self._init_act(activation, negative_slope, fused)
-
 
 for _cls in (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d):
-    _cls.__init__.__doc__ = _init_doc(_cls.__mro__[2])
+    _cls.__doc__ = f"{_cls.__doc__}\n\n    {_init_doc(_cls.__mro__[2])}"
