@@ -21,7 +21,8 @@ $(VENV)/.stamp-deps: pyproject.toml
 # The extension is rebuilt whenever a source changes (in place, for the editable install).
 $(VENV)/.stamp-build: $(VENV)/.stamp-deps $(SOURCES)
 	$(PIP) install --no-build-isolation --no-deps -v -e . > build.log 2>&1 || (tail -n 200 build.log; exit 1)
-	grep -E "^fusedres build|warning" build.log || true
+	grep -E "fusedres build:|warning" build.log || true
+	if grep -q "fusedres build: cuda=yes" build.log; then $(PY) tools/ptxas_report.py build.log; fi
 	$(PY) -c "import fusedres._C"
 	touch $@
 
@@ -35,8 +36,13 @@ test: install
 bench: install
 	$(PY) -m fusedres bench
 
+# Same allocator setting as `fusedres bench` (DESIGN.md section 6: no page faults in the timings).
 bench-pytest: install
-	$(PY) -m pytest benchmarks --benchmark-only
+	MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 $(PY) -m pytest benchmarks --benchmark-only
+
+# On a machine with an NVIDIA GPU and nvcc: build for that GPU, run the needs_cuda tests and the CUDA benchmarks.
+gpu-check:
+	PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) tools/gpu_check.sh
 
 clean:
 	rm -rf build *.egg-info fusedres/*.so $(VENV)/.stamp-build

@@ -79,7 +79,7 @@ def get_extensions():
             "--expt-relaxed-constexpr",
             "-lineinfo",
             "-Xcompiler=-Wall",
-            "-Xptxas=-warn-spills,-warn-lmem-usage",
+            "-Xptxas=-v,-warn-spills,-warn-lmem-usage",  # -v: per-kernel figures for tools/ptxas_report.py
             "-Werror=all-warnings",
         ]
         ext = CUDAExtension(

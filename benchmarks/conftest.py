@@ -1,0 +1,32 @@
+"""pytest-benchmark setup for benchmarks/bench_*.py (run: ``pytest benchmarks --benchmark-only``).
+
+Collects ``bench_*.py`` files (not matched by pytest's default ``test_*.py``), says in the header and in the
+machine info which glibc allocator setting the figures were taken under (DESIGN.md section 6) and records the
+measured copy bandwidth next to them.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fusedres import bench
+
+
+def pytest_collect_file(file_path, parent):
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def pytest_report_header(config) -> list[str]:
+    setting = bench.allocator_setting()
+    lines = [f"fusedres benchmarks: allocator {bench.describe_allocator(setting)}"]
+    if not setting["no_page_fault_setting"]:
+        env = " ".join(f"{k}={v}" for k, v in bench.ALLOCATOR_ENV.items())
+        lines.append(f"  for page-fault-free figures (DESIGN.md section 6) run with {env}")
+    return lines
+
+
+def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:
+    machine_info["fusedres"] = bench.machine_info()
+    machine_info["fusedres_copy_bandwidth"] = bench.copy_bandwidth()

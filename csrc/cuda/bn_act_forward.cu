@@ -1,0 +1,113 @@
+// CUDA launcher of bn_act_forward: checks, parameters and the running-statistics update come from the host
+// helpers shared with the CPU backend (bn_act_host.cpp), the kernels and their launch shapes from
+// bn_act_kernels.cuh, and the sequence of launches from bn_act_launch.cuh (shared with the emulator tests).
+// bn_act_backward has its own translation unit so that the two compile in parallel.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+#include "bn_act.h"
+#define FUSEDRES_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
+#include "cuda/bn_act_launch.cuh"
+
+namespace fusedres {
+namespace {
+
+// The kernels are written against CUDA's own half types (bn_act_kernels.cuh has no c10); c10::Half and
+// c10::BFloat16 have the same size and bit layout, so data pointers are reinterpreted.
+template <typename T>
+using kernel_scalar_t =
+    std::conditional_t<std::is_same_v<T, at::Half>, __half,
+                       std::conditional_t<std::is_same_v<T, at::BFloat16>, __nv_bfloat16, T>>;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cuda(
+    const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
+    c10::string_view activation, double negative_slope) {
+  const int act = parse_activation(activation);
+  const BnActGeom g =
+      check_bn_act_forward(input, residual, weight, bias, running_mean, running_var, training, momentum, eps, act);
+  const c10::cuda::CUDAGuard device_guard(input.device());
+
+  const at::Tensor x = bn_act_dense(input, g);
+  const bool has_residual = residual.has_value() && residual->defined();
+  const at::Tensor r = has_residual ? bn_act_dense(*residual, g) : at::Tensor();
+  const at::ScalarType acc = bn_act_acc_type(x.scalar_type());
+  const auto acc_opts = x.options().dtype(acc);
+  const bool has_mask = math::act_has_mask(act);
+  const int64_t mask_bytes = has_mask ? math::mask_bytes(g.numel()) : 0;
+  const int64_t C = g.C;
+
+  // The kernels index x, r and the output with the offsets of g's layout, so all three must be dense in it.
+  at::Tensor output = at::empty_like(x, g.format);
+  TORCH_INTERNAL_ASSERT(x.is_contiguous(g.format) && output.is_contiguous(g.format) &&
+                        (!has_residual || r.is_contiguous(g.format)));
+
+  // Same statistics as the CPU backend returns: batch statistics (zeros when there is no data) in training,
+  // the running statistics in eval.
+  at::Tensor save_mean, save_invstd;
+  if (training) {
+    save_mean = g.numel() == 0 ? at::zeros({C}, acc_opts) : at::empty({C}, acc_opts);
+    save_invstd = g.numel() == 0 ? at::zeros({C}, acc_opts) : at::empty({C}, acc_opts);
+  } else {
+    std::tie(save_mean, save_invstd) = bn_act_eval_stats(*running_mean, *running_var, eps, acc);
+  }
+  if (g.numel() == 0) {
+    // Nothing to normalise: a zeroed mask, running statistics untouched.
+    return {output, save_mean, save_invstd, at::zeros({mask_bytes}, x.options().dtype(at::kByte))};
+  }
+
+  // Every mask word, the spare one included, is written by the elementwise kernel: no zeroing needed.
+  at::Tensor mask = at::empty({mask_bytes}, x.options().dtype(at::kByte));
+  const std::pair<at::Tensor, at::Tensor> params = bn_act_params(weight, bias, C, acc, x.device());
+  const gpu::BnActLaunch L = gpu::bn_act_launch_config(g.N, g.C, g.S, g.channels_last, has_mask,
+                                                       at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+
+  at::Tensor workspace = at::empty({gpu::bn_act_forward_workspace_elems(L, training)}, acc_opts);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_forward_cuda", [&] {
+    using kscalar_t = kernel_scalar_t<scalar_t>;
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    TORCH_INTERNAL_ASSERT(c10::CppTypeToScalarType<acc_t>::value == acc);
+    const gpu::BnActForwardBuffers<kscalar_t, acc_t> buffers{
+        reinterpret_cast<const kscalar_t*>(x.const_data_ptr<scalar_t>()),
+        has_residual ? reinterpret_cast<const kscalar_t*>(r.const_data_ptr<scalar_t>()) : nullptr,
+        params.first.const_data_ptr<acc_t>(),
+        params.second.const_data_ptr<acc_t>(),
+        save_mean.mutable_data_ptr<acc_t>(),
+        save_invstd.mutable_data_ptr<acc_t>(),
+        reinterpret_cast<kscalar_t*>(output.mutable_data_ptr<scalar_t>()),
+        has_mask ? reinterpret_cast<uint32_t*>(mask.mutable_data_ptr<uint8_t>()) : nullptr,
+        workspace.mutable_data_ptr<acc_t>()};
+    gpu::bn_act_forward_launch(L, buffers, training, static_cast<acc_t>(eps), act, static_cast<acc_t>(negative_slope),
+                               stream);
+  });
+
+  // After the kernels were launched without error; ATen ops on the same stream, so ordered after them.
+  if (training) {
+    const at::Tensor batch_var = workspace.narrow(0, gpu::bn_act_forward_var_offset(L), C);
+    bn_act_update_running_stats(running_mean, running_var, save_mean, batch_var, g.M(), momentum);
+  }
+  return {output, save_mean, save_invstd, mask};
+}
+
+}  // namespace
+}  // namespace fusedres
+
+TORCH_LIBRARY_IMPL(fusedres, CUDA, m) { m.impl("bn_act_forward", &fusedres::bn_act_forward_cuda); }

@@ -1,0 +1,692 @@
+// CUDA kernels of bn_act (BatchNorm + residual + activation) and the host/device sizing function that picks
+// their launch shapes. Compiled by nvcc for the launchers (bn_act_forward.cu, bn_act_backward.cu, which launch them
+// through bn_act_launch.cuh) and by a host compiler against the CUDA emulator in tests
+// (tests/test_cuda_emulated.py), so this header uses no ATen, c10, CUB or inline PTX.
+//
+// The input is seen as (N, C, S), S = prod(spatial), dense in one of two layouts (BnActGeom in bn_act.h):
+//   NCHW           offset(n, c, s) = (n * C + c) * S + s
+//   channels_last  offset(n, c, s) = (n * S + s) * C + c
+// Within a channel the M = N * S values are numbered m = n * S + s in both layouts. Reductions split each
+// channel's range of m into P chunks ("partials"), reduce every (chunk, channel) in its own block and merge the
+// P partials of a channel in a fixed order in a second kernel: no atomics, no inter-block waits, and the same
+// bits on every run (float64 results are deterministic, as tests expect).
+//
+// Kernels, launched with the shapes of bn_act_launch_config():
+//   bn_act_reduce_nchw_kernel<Op>           grid (C, P), 1-D blocks: block (c, p) reduces chunk p of channel c
+//   bn_act_reduce_channels_last_kernel<Op>  grid (C / tile, P), 2-D blocks: threadIdx.x = channel in the tile,
+//                                           threadIdx.y strides over the rows m of chunk p
+//       Op = BnActStatsOp      forward training statistics: Welford (count, mean, m2) of x
+//            BnActGradSumsOp   backward: sum of dz and of dz * (x - mean)
+//   bn_act_stats_finalize_kernel       merges the Welford partials -> mean, invstd, biased var, scale, shift
+//   bn_act_eval_scale_shift_kernel     eval: scale, shift from the running-statistics mean and invstd
+//   bn_act_forward_elementwise_kernel  y = act(x * scale + shift (+ r)) and the packed mask bits
+//   bn_act_backward_finalize_kernel    merges the gradient partials -> sum dz, sum dz * xhat, dx coefficients
+//   bn_act_backward_elementwise_kernel dz = act'(dy); grad_input and/or grad_residual
+//
+// Scalars: float, double, __half and __nv_bfloat16 (the launchers map c10::Half / c10::BFloat16 onto the
+// last two; the layouts are identical). acc_t is double for double and float otherwise.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda_compat.cuh"
+#include "reduce.cuh"
+#include "../common/bn_act_math.h"
+
+// Half-precision storage types. Host-usable headers, so the emulator build gets them too when the toolkit's
+// include directory is on its path; without them only float and double kernels exist there.
+#if defined(__CUDACC__)
+#define FUSEDRES_HAVE_CUDA_HALF 1
+#elif defined(__has_include)
+#if __has_include(<cuda_fp16.h>) && __has_include(<cuda_bf16.h>)
+#define FUSEDRES_HAVE_CUDA_HALF 1
+#endif
+#endif
+#ifdef FUSEDRES_HAVE_CUDA_HALF
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+namespace fusedres {
+namespace gpu {
+
+// ---------------------------------------------------------------------------------------------------------
+// Launch constants
+// ---------------------------------------------------------------------------------------------------------
+
+constexpr int kElementwiseThreads = 256;
+// Elements per thread per span: a warp handles kWarpSpan consecutive elements (kElementwiseUnroll mask words)
+// with lane l taking elements l, l + 32, ...: coalesced loads, and each group of 32 is one __ballot_sync.
+constexpr int kElementwiseUnroll = 4;
+constexpr int kWarpSpan = kWarpSize * kElementwiseUnroll;
+constexpr int kElementwiseBlocksPerSm = 8;  // 8 x 256 threads fill an SM; the grid strides over the rest
+
+constexpr int kNchwReduceMaxThreads = 512;
+constexpr int kNchwReduceMinThreads = 64;
+constexpr int kChannelsLastReduceThreads = 256;  // tile width (channels) x rows
+constexpr int kChannelsLastMaxTile = 32;         // one warp spans 32 channels of a row: 128-byte loads in fp32
+constexpr int kReduceUnroll = 4;                 // loads in flight per thread in the reduction loops
+constexpr int kReduceBlocksPerSm = 4;
+constexpr int kReduceMinValuesPerThread = 8;  // do not split a channel so finely that threads idle
+constexpr int kMaxGridY = 65535;
+
+constexpr int kFinalizeTile = 32;  // channels per finalize block (threadIdx.x)
+constexpr int kFinalizeRows = 8;   // threads merging partials of one channel (threadIdx.y), a power of two
+constexpr int kChannelThreads = 256;
+
+FUSEDRES_HOST_DEVICE_INLINE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+FUSEDRES_HOST_DEVICE_INLINE int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+FUSEDRES_HOST_DEVICE_INLINE int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// ---------------------------------------------------------------------------------------------------------
+// Index arithmetic without integer division on the device
+// ---------------------------------------------------------------------------------------------------------
+
+// A 64-bit integer `/` or `%` is a called subroutine on the GPU (~70 instructions, and the registers live across
+// the call are saved to the stack, which ptxas reports as spills). Kernels therefore split indices with a
+// double-precision reciprocal made on the host: for 0 <= n < 2^52 the estimate trunc(n * (1/d)) is off by at most
+// one (two roundings of relative size 2^-53 each), and one integer correction step makes it exact. Tensors
+// have far fewer than 2^52 elements.
+FUSEDRES_HOST_DEVICE_INLINE int64_t floor_div_by_reciprocal(int64_t n, int64_t d, double inv_d) {
+  int64_t q = static_cast<int64_t>(static_cast<double>(n) * inv_d);
+  const int64_t r = n - q * d;
+  if (r < 0) {
+    --q;
+  } else if (r >= d) {
+    ++q;
+  }
+  return q;
+}
+
+// i = q * D + r (0 <= r < D), with q kept modulo E.
+struct DivModCursor {
+  int64_t q, r;
+};
+
+// Splits indices by D (and the quotient modulo E) with floor_div_by_reciprocal, and follows an index as it
+// advances by a fixed step with two compare-and-subtracts (valid because q, step.q < E and r, step.r < D).
+// Built on the host by make_divmod_indexer (the reciprocals need a floating-point division).
+struct DivModIndexer {
+  int64_t D, E;
+  double inv_D, inv_E;
+  FUSEDRES_HOST_DEVICE_INLINE DivModCursor at(int64_t i) const {
+    const int64_t q = floor_div_by_reciprocal(i, D, inv_D);
+    return {q - floor_div_by_reciprocal(q, E, inv_E) * E, i - q * D};
+  }
+  FUSEDRES_HOST_DEVICE_INLINE void advance(DivModCursor& p, const DivModCursor& step) const {
+    p.r += step.r;
+    int64_t carry = 0;
+    if (p.r >= D) {
+      p.r -= D;
+      carry = 1;
+    }
+    p.q += step.q + carry;
+    if (p.q >= E) p.q -= E;
+  }
+};
+
+FUSEDRES_HOST_DEVICE_INLINE DivModIndexer make_divmod_indexer(int64_t D, int64_t E) {
+  D = D > 0 ? D : 1;
+  E = E > 0 ? E : 1;
+  return {D, E, 1.0 / static_cast<double>(D), 1.0 / static_cast<double>(E)};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Sizing: one host/device function shared by the launchers and the emulator tests
+// ---------------------------------------------------------------------------------------------------------
+
+// Geometry and derived sizes, passed by value to the kernels.
+struct BnActShape {
+  int64_t N, C, S;
+  int64_t M;           // values per channel, N * S
+  int64_t numel;       // N * C * S
+  int64_t chunk;       // values m of one channel per reduction partial (>= 1)
+  int64_t partials;    // P = ceil(M / chunk) (>= 1); partial arrays are [P][C]
+  int64_t mask_words;  // 32-bit words of the mask buffer including the spare one; 0 without a mask
+  int64_t warp_spans;  // elementwise work items of kWarpSpan elements: cover numel and every mask word
+  // Linear index -> channel: (i / S) % C in NCHW (quotient), i % C in channels_last (remainder).
+  DivModIndexer channel_of_index;
+  // Value m of a channel -> (n, s) = (m / S, m % S), for the NCHW reduction.
+  DivModIndexer sample_of_value;
+};
+
+struct BnActLaunch {
+  BnActShape shape;
+  bool channels_last;                    // the layout the shapes were made for (picks the kernel variants)
+  dim3 reduce_grid, reduce_block;        // bn_act_reduce_{nchw,channels_last}_kernel (layout-specific)
+  dim3 finalize_grid, finalize_block;    // bn_act_{stats,backward}_finalize_kernel
+  dim3 channel_grid, channel_block;      // bn_act_eval_scale_shift_kernel
+  dim3 elementwise_grid, elementwise_block;
+};
+
+// Launch shapes for an (N, C, S) problem in the given layout on a device with `num_sms` multiprocessors.
+// has_mask: the activation keeps a backward mask (math::act_has_mask). Valid for numel == 0 as well (every
+// extent at least 1), though launchers return before launching anything then.
+FUSEDRES_HOST_DEVICE_INLINE BnActLaunch bn_act_launch_config(int64_t N, int64_t C, int64_t S, bool channels_last,
+                                                             bool has_mask, int num_sms) {
+  BnActLaunch L;
+  BnActShape& sh = L.shape;
+  L.channels_last = channels_last;
+  sh.N = N;
+  sh.C = C;
+  sh.S = S;
+  sh.M = N * S;
+  sh.numel = sh.M * C;
+  sh.mask_words = has_mask ? math::mask_bytes(sh.numel) / 4 : 0;
+  sh.channel_of_index = channels_last ? make_divmod_indexer(C, 1) : make_divmod_indexer(S, C);
+  sh.sample_of_value = make_divmod_indexer(S, N);
+  // The elementwise kernels also cover mask words past the last element (the spare word) so that every word
+  // of the buffer is written and the launcher can allocate it uninitialised.
+  sh.warp_spans = ceil_div(max_i64(ceil_div(sh.numel, kWarpSize), sh.mask_words), kElementwiseUnroll);
+
+  const int64_t target_blocks = max_i64(num_sms, 1) * kReduceBlocksPerSm;
+  const int64_t M = max_i64(sh.M, 1);
+  // Split channels into chunks until the grid has about target_blocks blocks, but keep at least
+  // kReduceMinValuesPerThread values per thread.
+  int64_t tiles = 1, threads_per_channel = 1;
+  int tile = 1;
+  if (channels_last) {
+    while (tile < kChannelsLastMaxTile && tile < C) tile *= 2;  // narrow tiles when C < 32: no idle lanes
+    tiles = ceil_div(max_i64(C, 1), tile);
+    threads_per_channel = kChannelsLastReduceThreads / tile;
+  } else {
+    tiles = max_i64(C, 1);
+    threads_per_channel = kNchwReduceMaxThreads;
+  }
+  int64_t P = ceil_div(target_blocks, tiles);
+  P = min_i64(P, ceil_div(M, threads_per_channel * kReduceMinValuesPerThread));
+  P = max_i64(1, min_i64(P, kMaxGridY));
+  sh.chunk = ceil_div(M, P);
+  sh.partials = ceil_div(M, sh.chunk);  // no empty trailing partial
+  if (channels_last) {
+    L.reduce_grid = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(sh.partials));
+    L.reduce_block = dim3(static_cast<unsigned>(tile), static_cast<unsigned>(kChannelsLastReduceThreads / tile));
+  } else {
+    int threads = kNchwReduceMaxThreads;  // fewer threads for short chunks (small spatial size and batch)
+    while (threads > kNchwReduceMinThreads && int64_t(threads) * kReduceMinValuesPerThread > sh.chunk) threads /= 2;
+    L.reduce_grid = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(sh.partials));
+    L.reduce_block = dim3(static_cast<unsigned>(threads));
+  }
+
+  L.finalize_grid = dim3(static_cast<unsigned>(ceil_div(max_i64(C, 1), kFinalizeTile)));
+  L.finalize_block = dim3(kFinalizeTile, kFinalizeRows);
+  L.channel_grid = dim3(static_cast<unsigned>(ceil_div(max_i64(C, 1), kChannelThreads)));
+  L.channel_block = dim3(kChannelThreads);
+
+  const int64_t warps_per_block = kElementwiseThreads / kWarpSize;
+  const int64_t blocks = min_i64(ceil_div(sh.warp_spans, warps_per_block),
+                                 max_i64(num_sms, 1) * kElementwiseBlocksPerSm);
+  L.elementwise_grid = dim3(static_cast<unsigned>(max_i64(blocks, 1)));
+  L.elementwise_block = dim3(kElementwiseThreads);
+  return L;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Scalar conversion (storage type <-> accumulation type)
+// ---------------------------------------------------------------------------------------------------------
+
+FUSEDRES_HOST_DEVICE_INLINE float to_acc(float v) { return v; }
+FUSEDRES_HOST_DEVICE_INLINE double to_acc(double v) { return v; }
+#ifdef FUSEDRES_HAVE_CUDA_HALF
+// Intrinsics rather than conversion operators: torch builds with __CUDA_NO_HALF_CONVERSIONS__.
+FUSEDRES_HOST_DEVICE_INLINE float to_acc(__half v) { return __half2float(v); }
+FUSEDRES_HOST_DEVICE_INLINE float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+#endif
+
+template <typename scalar_t>
+struct FromAcc {
+  template <typename acc_t>
+  static FUSEDRES_HOST_DEVICE_INLINE scalar_t convert(acc_t v) {
+    return static_cast<scalar_t>(v);
+  }
+};
+#ifdef FUSEDRES_HAVE_CUDA_HALF
+template <>
+struct FromAcc<__half> {
+  static FUSEDRES_HOST_DEVICE_INLINE __half convert(float v) { return __float2half_rn(v); }
+};
+template <>
+struct FromAcc<__nv_bfloat16> {
+  static FUSEDRES_HOST_DEVICE_INLINE __nv_bfloat16 convert(float v) { return __float2bfloat16_rn(v); }
+};
+#endif
+
+template <typename scalar_t, typename acc_t>
+FUSEDRES_HOST_DEVICE_INLINE scalar_t from_acc(acc_t v) {
+  return FromAcc<scalar_t>::convert(v);
+}
+
+FUSEDRES_DEVICE_INLINE float acc_sqrt(float v) { return sqrtf(v); }
+FUSEDRES_DEVICE_INLINE double acc_sqrt(double v) { return sqrt(v); }
+
+// Bit i % 32 of little-endian 32-bit word i / 32 is element i (the layout of math::mask_bytes).
+FUSEDRES_DEVICE_INLINE bool mask_bit(const uint32_t* mask, int64_t i) {
+  return (mask[i >> 5] >> (i & 31)) & 1u;
+}
+
+// scale = w * invstd, shift = b - mean * scale: z = x * scale + shift is the normalised, affine value.
+template <typename acc_t>
+FUSEDRES_HOST_DEVICE_INLINE void bn_scale_shift(acc_t w, acc_t b, acc_t mean, acc_t invstd, acc_t& scale,
+                                                acc_t& shift) {
+  scale = w * invstd;
+  shift = b - mean * scale;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Walking indices
+// ---------------------------------------------------------------------------------------------------------
+
+// Memory offset of value m of channel c in NCHW, m advancing by a fixed stride: m -> (n, s) = (q, r) by S.
+// (q modulo N is n itself while m < M; past the end the offset is never used.)
+struct NchwChannelWalker {
+  DivModIndexer ix;
+  DivModCursor ns, step;
+  int64_t c, C, S;
+  FUSEDRES_DEVICE_INLINE NchwChannelWalker(const BnActShape& sh, int64_t channel, int64_t m, int64_t stride)
+      : ix(sh.sample_of_value), ns(ix.at(m)), step(ix.at(stride)), c(channel), C(sh.C), S(sh.S) {}
+  FUSEDRES_DEVICE_INLINE int64_t offset() const { return (ns.q * C + c) * S + ns.r; }
+  FUSEDRES_DEVICE_INLINE void advance() { ix.advance(ns, step); }
+};
+
+// Memory offset of value m of channel c in channels_last: m * C + c.
+struct ChannelsLastChannelWalker {
+  int64_t off, step;
+  FUSEDRES_DEVICE_INLINE ChannelsLastChannelWalker(const BnActShape& sh, int64_t channel, int64_t m,
+                                                    int64_t stride)
+      : off(m * sh.C + channel), step(stride * sh.C) {}
+  FUSEDRES_DEVICE_INLINE int64_t offset() const { return off; }
+  FUSEDRES_DEVICE_INLINE void advance() { off += step; }
+};
+
+// The spans of the elementwise kernels, walked grid-stride by whole warps. Span k covers elements
+// [k * kWarpSpan, (k + 1) * kWarpSpan) and mask words [k * kElementwiseUnroll, (k + 1) * kElementwiseUnroll);
+// lane l takes elements k * kWarpSpan + j * 32 + l for j < kElementwiseUnroll. The loop bound depends on the
+// warp index only, so all 32 lanes run the same iterations and may call warp collectives inside.
+// Requires blockDim.x to be a multiple of 32.
+template <bool kChannelsLast>
+class ElementwiseSpans {
+ public:
+  FUSEDRES_DEVICE_INLINE explicit ElementwiseSpans(const BnActShape& sh)
+      : ix_(sh.channel_of_index),
+        lane_(static_cast<int>(threadIdx.x) % kWarpSize),
+        span_((int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize),
+        span_stride_(int64_t(gridDim.x) * blockDim.x / kWarpSize),
+        end_(sh.warp_spans),
+        pos_(ix_.at(span_ * kWarpSpan + lane_)),
+        span_step_(ix_.at(span_stride_ * kWarpSpan)),
+        lane_step_(ix_.at(kWarpSize)) {}
+
+  FUSEDRES_DEVICE_INLINE bool active() const { return span_ < end_; }
+  FUSEDRES_DEVICE_INLINE void next() {
+    span_ += span_stride_;
+    ix_.advance(pos_, span_step_);
+  }
+  FUSEDRES_DEVICE_INLINE int lane() const { return lane_; }
+  // Linear index of this lane's element j: first_index() + j * kWarpSize.
+  FUSEDRES_DEVICE_INLINE int64_t first_index() const { return span_ * kWarpSpan + lane_; }
+  // Index of the mask word this lane stores (lanes < kElementwiseUnroll store one word each).
+  FUSEDRES_DEVICE_INLINE int64_t lane_word() const { return span_ * kElementwiseUnroll + lane_; }
+  // Channels of this lane's kElementwiseUnroll elements.
+  FUSEDRES_DEVICE_INLINE void channels(int64_t (&channel)[kElementwiseUnroll]) const {
+    DivModCursor p = pos_;
+#pragma unroll
+    for (int j = 0; j < kElementwiseUnroll; ++j) {
+      channel[j] = kChannelsLast ? p.r : p.q;
+      ix_.advance(p, lane_step_);
+    }
+  }
+
+ private:
+  DivModIndexer ix_;
+  int lane_;
+  int64_t span_, span_stride_, end_;
+  DivModCursor pos_, span_step_, lane_step_;
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Per-channel reductions
+// ---------------------------------------------------------------------------------------------------------
+
+// Forward partials, each [P][C]: Welford state of chunk p of channel c at p * C + c.
+template <typename acc_t>
+struct WelfordPartials {
+  acc_t* mean;
+  acc_t* m2;
+  acc_t* n;
+  FUSEDRES_DEVICE_INLINE void store(int64_t i, const WelfordStats<acc_t>& s) const {
+    mean[i] = s.mean;
+    m2[i] = s.m2;
+    n[i] = s.n;
+  }
+  FUSEDRES_DEVICE_INLINE WelfordStats<acc_t> load(int64_t i) const { return {mean[i], m2[i], n[i]}; }
+};
+
+// Backward partials, each [P][C]: sum of dz and of dz * (x - mean) over chunk p of channel c.
+template <typename acc_t>
+struct GradSumPartials {
+  acc_t* sum_dz;
+  acc_t* sum_dz_xmu;
+  FUSEDRES_DEVICE_INLINE void store(int64_t i, const SumPair<acc_t>& s) const {
+    sum_dz[i] = s.first;
+    sum_dz_xmu[i] = s.second;
+  }
+  FUSEDRES_DEVICE_INLINE SumPair<acc_t> load(int64_t i) const { return {sum_dz[i], sum_dz_xmu[i]}; }
+};
+
+// A reduction Op for the reduce kernels provides
+//   State      reduced type (see reduce.cuh)          Value    what one load yields
+//   Channel    per-channel constants, loaded once     Partials where the per-block results go
+//   Channel channel(int64_t c) const;  Value load(const Channel&, int64_t offset) const;
+//   static void accumulate(State&, const Value&);     Partials partials;
+// Loads and accumulation are separate so that kReduceUnroll loads are issued before the dependent updates.
+
+// Forward training statistics of x.
+template <typename scalar_t, typename acc_t>
+struct BnActStatsOp {
+  using State = WelfordStats<acc_t>;
+  using Value = acc_t;
+  struct Channel {};
+  const scalar_t* x;
+  WelfordPartials<acc_t> partials;
+
+  FUSEDRES_DEVICE_INLINE Channel channel(int64_t) const { return {}; }
+  FUSEDRES_DEVICE_INLINE Value load(const Channel&, int64_t off) const { return to_acc(x[off]); }
+  static FUSEDRES_DEVICE_INLINE void accumulate(State& s, const Value& v) { welford_push(s, v); }
+};
+
+// Backward sums: dz = act'(dy) from the mask bit; sum dz and sum dz * (x - mean). The invstd factor of
+// xhat = (x - mean) * invstd is applied once per channel in the finalize kernel instead of per element.
+template <typename scalar_t, typename acc_t>
+struct BnActGradSumsOp {
+  using State = SumPair<acc_t>;
+  using Value = SumPair<acc_t>;  // (dz, x - mean)
+  struct Channel {
+    acc_t mean;
+  };
+  const scalar_t* grad_out;
+  const scalar_t* x;
+  const uint32_t* mask;  // nullptr for activations without a mask
+  const acc_t* mean;
+  int act;
+  acc_t negative_slope;
+  GradSumPartials<acc_t> partials;
+
+  FUSEDRES_DEVICE_INLINE Channel channel(int64_t c) const { return {mean[c]}; }
+  FUSEDRES_DEVICE_INLINE Value load(const Channel& ch, int64_t off) const {
+    const bool positive = mask != nullptr && mask_bit(mask, off);
+    const acc_t dz = math::act_backward(to_acc(grad_out[off]), positive, act, negative_slope);
+    return {dz, to_acc(x[off]) - ch.mean};
+  }
+  static FUSEDRES_DEVICE_INLINE void accumulate(State& s, const Value& v) {
+    s.first += v.first;
+    s.second += v.first * v.second;
+  }
+};
+
+// Accumulates the values m = first, first + stride, ... < end of one channel into `state`, where `walker`
+// (positioned at `first`, advancing by `stride`) gives each value's memory offset.
+template <typename Op, typename Walker>
+FUSEDRES_DEVICE_INLINE void accumulate_channel_range(const Op& op, const typename Op::Channel& ch, int64_t first,
+                                                     int64_t end, int64_t stride, Walker& walker,
+                                                     typename Op::State& state) {
+  for (int64_t m = first; m < end; m += kReduceUnroll * stride) {
+    typename Op::Value v[kReduceUnroll];
+#pragma unroll
+    for (int j = 0; j < kReduceUnroll; ++j) {
+      v[j] = typename Op::Value{};
+      if (m + j * stride < end) v[j] = op.load(ch, walker.offset());
+      walker.advance();
+    }
+#pragma unroll
+    for (int j = 0; j < kReduceUnroll; ++j) {
+      if (m + j * stride < end) Op::accumulate(state, v[j]);
+    }
+  }
+}
+
+// NCHW: block (c, p) reduces chunk p of channel c; its values are runs of S contiguous elements, read by
+// consecutive threads. Requires blockDim.x to be a multiple of 32 (at most kNchwReduceMaxThreads).
+template <typename Op>
+__global__ void __launch_bounds__(kNchwReduceMaxThreads) bn_act_reduce_nchw_kernel(const Op op, const BnActShape sh) {
+  using State = typename Op::State;
+  STATIC_SHARED(State, warp_partials, kMaxWarpsPerBlock);
+  const int64_t c = blockIdx.x;
+  const int64_t p = blockIdx.y;
+  const int64_t begin = p * sh.chunk;
+  const int64_t end = min_i64(sh.M, begin + sh.chunk);
+  const int64_t first = begin + threadIdx.x;
+  NchwChannelWalker walker(sh, c, first, blockDim.x);
+  State state{};
+  accumulate_channel_range(op, op.channel(c), first, end, blockDim.x, walker, state);
+  state = block_reduce(state, warp_partials);
+  if (threadIdx.x == 0) op.partials.store(p * sh.C + c, state);
+}
+
+// channels_last: rows of C contiguous values. Block (t, p) reduces chunk p of the blockDim.x channels of tile t:
+// threadIdx.x picks the channel (consecutive lanes read consecutive addresses of a row), threadIdx.y strides over
+// the rows; the per-channel results are then merged over threadIdx.y. Requires blockDim.y to be a power of two
+// and blockDim.x * blockDim.y <= kChannelsLastReduceThreads.
+template <typename Op>
+__global__ void __launch_bounds__(kChannelsLastReduceThreads)
+    bn_act_reduce_channels_last_kernel(const Op op, const BnActShape sh) {
+  using State = typename Op::State;
+  STATIC_SHARED(State, column_partials, kChannelsLastReduceThreads);
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t p = blockIdx.y;
+  const int64_t begin = p * sh.chunk;
+  const int64_t end = min_i64(sh.M, begin + sh.chunk);
+  State state{};
+  if (c < sh.C) {
+    const int64_t first = begin + threadIdx.y;
+    ChannelsLastChannelWalker walker(sh, c, first, blockDim.y);
+    accumulate_channel_range(op, op.channel(c), first, end, blockDim.y, walker, state);
+  }
+  // Threads of channels past C take part with the identity: column_reduce contains barriers.
+  state = column_reduce(state, column_partials);
+  if (threadIdx.y == 0 && c < sh.C) op.partials.store(p * sh.C + c, state);
+}
+
+// Merges partials 0 .. num_partials - 1 of channel c = blockIdx.x * blockDim.x + threadIdx.x in a fixed order
+// (threadIdx.y takes every blockDim.y-th partial, then a column tree). Valid in threads with threadIdx.y == 0;
+// every thread of the block must call it.
+template <typename Partials, typename State>
+FUSEDRES_DEVICE_INLINE State merge_channel_partials(const Partials& partials, int64_t num_partials, int64_t C,
+                                                    State* column_partials) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  State state{};
+  if (c < C) {
+    for (int64_t p = threadIdx.y; p < num_partials; p += blockDim.y) state = merge(state, partials.load(p * C + c));
+  }
+  return column_reduce(state, column_partials);
+}
+
+// Per-channel results of the forward statistics, each [C].
+template <typename acc_t>
+struct BnActChannelStats {
+  acc_t* mean;
+  acc_t* invstd;
+  acc_t* var;  // biased batch variance, for the running-statistics update
+  acc_t* scale;
+  acc_t* shift;
+};
+
+// Training: merges the P Welford partials of each channel; var = m2 / M, invstd = 1 / sqrt(var + eps).
+// Block kFinalizeTile x kFinalizeRows, grid ceil(C / kFinalizeTile).
+template <typename acc_t>
+__global__ void __launch_bounds__(kFinalizeTile * kFinalizeRows)
+    bn_act_stats_finalize_kernel(const WelfordPartials<acc_t> partials, const BnActShape sh, const acc_t eps,
+                                 const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
+                                 const BnActChannelStats<acc_t> out) {
+  STATIC_SHARED(WelfordStats<acc_t>, column_partials, kFinalizeTile * kFinalizeRows);
+  const WelfordStats<acc_t> s = merge_channel_partials(partials, sh.partials, sh.C, column_partials);
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (threadIdx.y != 0 || c >= sh.C) return;
+  const acc_t var = s.m2 / static_cast<acc_t>(sh.M);
+  const acc_t invstd = acc_t(1) / acc_sqrt(var + eps);
+  out.mean[c] = s.mean;
+  out.invstd[c] = invstd;
+  out.var[c] = var;
+  bn_scale_shift(weight[c], bias[c], s.mean, invstd, out.scale[c], out.shift[c]);
+}
+
+// Eval: scale and shift from the running statistics (mean, invstd computed by bn_act_eval_stats). 1-D grid.
+template <typename acc_t>
+__global__ void __launch_bounds__(kChannelThreads)
+    bn_act_eval_scale_shift_kernel(const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
+                                   const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
+                                   acc_t* __restrict__ scale, acc_t* __restrict__ shift, const int64_t C) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c < C) bn_scale_shift(weight[c], bias[c], mean[c], invstd[c], scale[c], shift[c]);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward elementwise
+// ---------------------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t>
+struct BnActForwardArgs {
+  const scalar_t* x;
+  const scalar_t* residual;  // nullptr: no residual
+  const acc_t* scale;        // [C]
+  const acc_t* shift;        // [C]
+  scalar_t* y;
+  uint32_t* mask;  // mask_words words, or nullptr for activations without a mask
+  int act;
+  acc_t negative_slope;
+};
+
+// y = act(z), z = x * scale[c] + shift[c] (+ r), and the mask bit z > 0 of every element, one 32-bit word per
+// 32 consecutive elements built with __ballot_sync. Every mask word, including those past the last element, is
+// written exactly once, so the buffer needs no zeroing. 1-D blocks of a multiple of 32 threads.
+template <typename scalar_t, typename acc_t, bool kChannelsLast>
+__global__ void __launch_bounds__(kElementwiseThreads)
+    bn_act_forward_elementwise_kernel(const BnActForwardArgs<scalar_t, acc_t> a, const BnActShape sh) {
+  for (ElementwiseSpans<kChannelsLast> spans(sh); spans.active(); spans.next()) {
+    int64_t channel[kElementwiseUnroll];
+    spans.channels(channel);
+    const int64_t first = spans.first_index();
+    acc_t z[kElementwiseUnroll];
+    bool valid[kElementwiseUnroll];
+#pragma unroll
+    for (int j = 0; j < kElementwiseUnroll; ++j) {
+      const int64_t i = first + j * kWarpSize;
+      valid[j] = i < sh.numel;
+      z[j] = acc_t(0);
+      if (valid[j]) {
+        z[j] = to_acc(a.x[i]) * a.scale[channel[j]] + a.shift[channel[j]];
+        if (a.residual != nullptr) z[j] += to_acc(a.residual[i]);
+      }
+    }
+    uint32_t word = 0;  // lane j < kElementwiseUnroll keeps the word of group j
+#pragma unroll
+    for (int j = 0; j < kElementwiseUnroll; ++j) {
+      const int64_t i = first + j * kWarpSize;
+      if (valid[j]) a.y[i] = from_acc<scalar_t>(math::act_forward(z[j], a.act, a.negative_slope));
+      if (a.mask != nullptr) {  // kernel argument: the same in every lane
+        // All 32 lanes vote (the span loop is warp-uniform); lanes past numel vote 0, so the bits of the
+        // partial last word and of the spare word are 0.
+        const uint32_t bits = __ballot_sync(kFullWarpMask, valid[j] && math::act_mask_bit(z[j]));
+        if (spans.lane() == j) word = bits;
+      }
+    }
+    if (a.mask != nullptr && spans.lane() < kElementwiseUnroll && spans.lane_word() < sh.mask_words) {
+      a.mask[spans.lane_word()] = word;  // lanes 0..3 store 4 consecutive words
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------------------
+
+// Per-channel results of the backward reduction, each [C].
+template <typename acc_t>
+struct BnActGradChannelCoeffs {
+  acc_t* sum_dz;        // grad_bias before the dtype cast; nullptr when not needed
+  acc_t* sum_dz_xhat;   // grad_weight before the dtype cast; nullptr when not needed
+  acc_t* k;             // w * invstd
+  acc_t* mean_dz;       // sum_dz / M
+  acc_t* mean_dz_xhat;  // sum_dz_xhat / M
+};
+
+// Merges the first num_partials gradient partials of each channel (0: no reduction was run, the sums are 0)
+// and derives what bn_act_backward_elementwise_kernel needs. Block kFinalizeTile x kFinalizeRows.
+template <typename acc_t>
+__global__ void __launch_bounds__(kFinalizeTile * kFinalizeRows)
+    bn_act_backward_finalize_kernel(const GradSumPartials<acc_t> partials, const int64_t num_partials,
+                                    const BnActShape sh, const acc_t* __restrict__ invstd,
+                                    const acc_t* __restrict__ weight, const BnActGradChannelCoeffs<acc_t> out) {
+  STATIC_SHARED(SumPair<acc_t>, column_partials, kFinalizeTile * kFinalizeRows);
+  const SumPair<acc_t> s = merge_channel_partials(partials, num_partials, sh.C, column_partials);
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (threadIdx.y != 0 || c >= sh.C) return;
+  const acc_t istd = invstd[c];
+  const acc_t sum_dz = s.first;
+  const acc_t sum_dz_xhat = s.second * istd;
+  const acc_t M = static_cast<acc_t>(sh.M);
+  if (out.sum_dz != nullptr) out.sum_dz[c] = sum_dz;
+  if (out.sum_dz_xhat != nullptr) out.sum_dz_xhat[c] = sum_dz_xhat;
+  out.k[c] = weight[c] * istd;
+  out.mean_dz[c] = sum_dz / M;
+  out.mean_dz_xhat[c] = sum_dz_xhat / M;
+}
+
+template <typename scalar_t, typename acc_t>
+struct BnActBackwardArgs {
+  const scalar_t* grad_out;
+  const scalar_t* x;
+  const uint32_t* mask;  // nullptr for activations without a mask
+  const acc_t* mean;     // [C] save_mean
+  const acc_t* invstd;   // [C] save_invstd
+  BnActGradChannelCoeffs<acc_t> coeffs;
+  scalar_t* grad_input;     // nullptr: not requested
+  scalar_t* grad_residual;  // nullptr: not requested
+  int act;
+  acc_t negative_slope;
+  bool training;  // false: statistics are constants, dx = dz * w * invstd
+};
+
+// dz = act'(z) * dy from the mask; grad_residual = dz; grad_input = bn_grad_input(dz, xhat, ...) in training,
+// dz * k in eval. Same span walk as the forward (no collectives here, but one index path for both).
+template <typename scalar_t, typename acc_t, bool kChannelsLast>
+__global__ void __launch_bounds__(kElementwiseThreads)
+    bn_act_backward_elementwise_kernel(const BnActBackwardArgs<scalar_t, acc_t> a, const BnActShape sh) {
+  const bool need_x = a.training && a.grad_input != nullptr;
+  for (ElementwiseSpans<kChannelsLast> spans(sh); spans.active(); spans.next()) {
+    int64_t channel[kElementwiseUnroll];
+    spans.channels(channel);
+    const int64_t first = spans.first_index();
+    acc_t dz[kElementwiseUnroll], xv[kElementwiseUnroll];
+#pragma unroll
+    for (int j = 0; j < kElementwiseUnroll; ++j) {
+      const int64_t i = first + j * kWarpSize;
+      dz[j] = acc_t(0);
+      xv[j] = acc_t(0);
+      if (i < sh.numel) {
+        const bool positive = a.mask != nullptr && mask_bit(a.mask, i);
+        dz[j] = math::act_backward(to_acc(a.grad_out[i]), positive, a.act, a.negative_slope);
+        if (need_x) xv[j] = to_acc(a.x[i]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kElementwiseUnroll; ++j) {
+      const int64_t i = first + j * kWarpSize;
+      if (i >= sh.numel) continue;
+      const int64_t c = channel[j];
+      if (a.grad_residual != nullptr) a.grad_residual[i] = from_acc<scalar_t>(dz[j]);
+      if (a.grad_input != nullptr) {
+        acc_t dx;
+        if (a.training) {
+          const acc_t xhat = (xv[j] - a.mean[c]) * a.invstd[c];
+          dx = math::bn_grad_input(dz[j], xhat, a.coeffs.k[c], a.coeffs.mean_dz[c], a.coeffs.mean_dz_xhat[c]);
+        } else {
+          dx = dz[j] * a.coeffs.k[c];
+        }
+        a.grad_input[i] = from_acc<scalar_t>(dx);
+      }
+    }
+  }
+}
+
+}  // namespace gpu
+}  // namespace fusedres

@@ -1,0 +1,166 @@
+// Host-side launch sequences of bn_act: which kernels run, in which order, with which launch shapes
+// (bn_act_launch_config) and on which buffers. No ATen: the launchers (bn_act_forward.cu, bn_act_backward.cu)
+// allocate, check and call these functions, and the emulator tests (tests/cuda_emu/emu_bn_act.cpp) call exactly
+// the same functions on host buffers, so the sequence itself is tested without a GPU.
+//
+// Define FUSEDRES_LAUNCH_CHECK() before including this header: C10_CUDA_KERNEL_LAUNCH_CHECK() in the launchers;
+// the emulator build gets a no-op from cuda_compat.cuh (emu::launch throws on a bad launch).
+#pragma once
+
+#include <cstdint>
+
+#include "bn_act_kernels.cuh"
+#include "cuda_compat.cuh"
+
+#ifndef FUSEDRES_LAUNCH_CHECK
+#error "define FUSEDRES_LAUNCH_CHECK() (e.g. as C10_CUDA_KERNEL_LAUNCH_CHECK()) before including bn_act_launch.cuh"
+#endif
+
+namespace fusedres {
+namespace gpu {
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------------------
+
+// Workspace of the forward, in acc_t elements: scale, shift [C]; training adds the biased batch variance [C]
+// (at bn_act_forward_var_offset, for the running-statistics update) and the Welford partials 3 x [P][C].
+FUSEDRES_HOST_DEVICE_INLINE int64_t bn_act_forward_workspace_elems(const BnActLaunch& L, bool training) {
+  const int64_t C = L.shape.C;
+  return training ? 3 * C + 3 * L.shape.partials * C : 2 * C;
+}
+FUSEDRES_HOST_DEVICE_INLINE int64_t bn_act_forward_var_offset(const BnActLaunch& L) { return 2 * L.shape.C; }
+
+template <typename scalar_t, typename acc_t>
+struct BnActForwardBuffers {
+  const scalar_t* x;         // numel, dense in the layout of L
+  const scalar_t* residual;  // numel, or nullptr
+  const acc_t* weight;       // [C]
+  const acc_t* bias;         // [C]
+  acc_t* save_mean;          // [C]: written in training; in eval, the running mean (read)
+  acc_t* save_invstd;        // [C]: written in training; in eval, 1 / sqrt(running_var + eps) (read)
+  scalar_t* y;               // numel
+  uint32_t* mask;            // L.shape.mask_words words (all written), or nullptr for activations without a mask
+  acc_t* workspace;          // bn_act_forward_workspace_elems(L, training), uninitialised
+};
+
+// Training: statistics reduction -> finalize (mean, invstd, var, scale, shift) -> elementwise.
+// Eval: scale/shift from the given statistics -> elementwise. Requires L.shape.numel > 0.
+template <typename scalar_t, typename acc_t>
+void bn_act_forward_launch(const BnActLaunch& L, const BnActForwardBuffers<scalar_t, acc_t>& b, bool training,
+                           acc_t eps, int act, acc_t negative_slope, cudaStream_t stream) {
+  const int64_t C = L.shape.C;
+  acc_t* scale = b.workspace;
+  acc_t* shift = b.workspace + C;
+  if (training) {
+    const int64_t partial_elems = L.shape.partials * C;
+    acc_t* part = b.workspace + 3 * C;
+    const WelfordPartials<acc_t> partials{part, part + partial_elems, part + 2 * partial_elems};
+    const BnActStatsOp<scalar_t, acc_t> op{b.x, partials};
+    if (L.channels_last) {
+      KERNEL_LAUNCH((bn_act_reduce_channels_last_kernel<BnActStatsOp<scalar_t, acc_t>>), L.reduce_grid,
+                    L.reduce_block, 0, stream, op, L.shape);
+    } else {
+      KERNEL_LAUNCH((bn_act_reduce_nchw_kernel<BnActStatsOp<scalar_t, acc_t>>), L.reduce_grid, L.reduce_block, 0,
+                    stream, op, L.shape);
+    }
+    FUSEDRES_LAUNCH_CHECK();
+    const BnActChannelStats<acc_t> stats{b.save_mean, b.save_invstd, b.workspace + bn_act_forward_var_offset(L),
+                                         scale, shift};
+    KERNEL_LAUNCH((bn_act_stats_finalize_kernel<acc_t>), L.finalize_grid, L.finalize_block, 0, stream, partials,
+                  L.shape, eps, b.weight, b.bias, stats);
+    FUSEDRES_LAUNCH_CHECK();
+  } else {
+    KERNEL_LAUNCH((bn_act_eval_scale_shift_kernel<acc_t>), L.channel_grid, L.channel_block, 0, stream, b.save_mean,
+                  b.save_invstd, b.weight, b.bias, scale, shift, C);
+    FUSEDRES_LAUNCH_CHECK();
+  }
+
+  const BnActForwardArgs<scalar_t, acc_t> args{b.x, b.residual, scale, shift, b.y, b.mask, act, negative_slope};
+  if (L.channels_last) {
+    KERNEL_LAUNCH((bn_act_forward_elementwise_kernel<scalar_t, acc_t, true>), L.elementwise_grid,
+                  L.elementwise_block, 0, stream, args, L.shape);
+  } else {
+    KERNEL_LAUNCH((bn_act_forward_elementwise_kernel<scalar_t, acc_t, false>), L.elementwise_grid,
+                  L.elementwise_block, 0, stream, args, L.shape);
+  }
+  FUSEDRES_LAUNCH_CHECK();
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------------------
+
+// Per-channel sums are needed for the parameter gradients and for the training-mode input gradient.
+FUSEDRES_HOST_DEVICE_INLINE bool bn_act_backward_needs_sums(bool training, bool want_input, bool want_weight,
+                                                            bool want_bias) {
+  return want_weight || want_bias || (training && want_input);
+}
+
+// Workspace of the backward, in acc_t elements: k, mean_dz, mean_dz_xhat [C]; with sums, the partials 2 x [P][C].
+FUSEDRES_HOST_DEVICE_INLINE int64_t bn_act_backward_workspace_elems(const BnActLaunch& L, bool need_sums) {
+  const int64_t C = L.shape.C;
+  return 3 * C + (need_sums ? 2 * L.shape.partials * C : 0);
+}
+
+template <typename scalar_t, typename acc_t>
+struct BnActBackwardBuffers {
+  const scalar_t* grad_out;  // numel, dense in the layout of L
+  const scalar_t* x;         // numel
+  const uint32_t* mask;      // the forward's mask words, or nullptr for activations without a mask
+  const acc_t* mean;         // [C] save_mean
+  const acc_t* invstd;       // [C] save_invstd
+  const acc_t* weight;       // [C]
+  scalar_t* grad_input;      // numel, or nullptr: not requested
+  scalar_t* grad_residual;   // numel, or nullptr: not requested
+  acc_t* sum_dz;             // [C] (grad_bias in acc_t); non-null exactly when bn_act_backward_needs_sums
+  acc_t* sum_dz_xhat;        // [C] (grad_weight in acc_t); non-null exactly when bn_act_backward_needs_sums
+  acc_t* workspace;          // bn_act_backward_workspace_elems(L, need_sums), uninitialised
+};
+
+// [gradient sums reduction -> ] finalize (sums, dx coefficients) -> elementwise (grad_input / grad_residual).
+// Requires L.shape.numel > 0 and at least one output requested.
+template <typename scalar_t, typename acc_t>
+void bn_act_backward_launch(const BnActLaunch& L, const BnActBackwardBuffers<scalar_t, acc_t>& b, bool training,
+                            int act, acc_t negative_slope, cudaStream_t stream) {
+  const int64_t C = L.shape.C;
+  const bool need_sums = b.sum_dz != nullptr;
+  const bool need_elementwise = b.grad_input != nullptr || b.grad_residual != nullptr;
+  const int64_t partial_elems = need_sums ? L.shape.partials * C : 0;
+  acc_t* ws = b.workspace;
+  const BnActGradChannelCoeffs<acc_t> coeffs{b.sum_dz, b.sum_dz_xhat, ws, ws + C, ws + 2 * C};
+  const GradSumPartials<acc_t> partials{ws + 3 * C, ws + 3 * C + partial_elems};
+
+  if (need_sums) {
+    const BnActGradSumsOp<scalar_t, acc_t> op{b.grad_out, b.x, b.mask, b.mean, act, negative_slope, partials};
+    if (L.channels_last) {
+      KERNEL_LAUNCH((bn_act_reduce_channels_last_kernel<BnActGradSumsOp<scalar_t, acc_t>>), L.reduce_grid,
+                    L.reduce_block, 0, stream, op, L.shape);
+    } else {
+      KERNEL_LAUNCH((bn_act_reduce_nchw_kernel<BnActGradSumsOp<scalar_t, acc_t>>), L.reduce_grid, L.reduce_block, 0,
+                    stream, op, L.shape);
+    }
+    FUSEDRES_LAUNCH_CHECK();
+  }
+  if (need_sums || b.grad_input != nullptr) {
+    // Without sums (eval, input gradient only) this only computes k = w * invstd.
+    KERNEL_LAUNCH((bn_act_backward_finalize_kernel<acc_t>), L.finalize_grid, L.finalize_block, 0, stream, partials,
+                  need_sums ? L.shape.partials : int64_t(0), L.shape, b.invstd, b.weight, coeffs);
+    FUSEDRES_LAUNCH_CHECK();
+  }
+  if (need_elementwise) {
+    const BnActBackwardArgs<scalar_t, acc_t> args{b.grad_out,      b.x,           b.mask, b.mean, b.invstd, coeffs,
+                                                  b.grad_input,    b.grad_residual, act,  negative_slope, training};
+    if (L.channels_last) {
+      KERNEL_LAUNCH((bn_act_backward_elementwise_kernel<scalar_t, acc_t, true>), L.elementwise_grid,
+                    L.elementwise_block, 0, stream, args, L.shape);
+    } else {
+      KERNEL_LAUNCH((bn_act_backward_elementwise_kernel<scalar_t, acc_t, false>), L.elementwise_grid,
+                    L.elementwise_block, 0, stream, args, L.shape);
+    }
+    FUSEDRES_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace gpu
+}  // namespace fusedres

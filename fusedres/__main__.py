@@ -1,0 +1,55 @@
+"""``python -m fusedres bench [...]`` (see fusedres/bench.py) and ``python -m fusedres info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _info() -> int:
+    import platform
+
+    import torch
+
+    import fusedres
+
+    facts = fusedres.info() if hasattr(fusedres, "info") else {"torch_version": torch.__version__}
+    facts = {
+        "fusedres_version": getattr(fusedres, "__version__", None),
+        **facts,
+        "python": platform.python_version(),
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    width = max(map(len, facts))
+    for key, value in facts.items():
+        print(f"{key.ljust(width)}  {json.dumps(value) if not isinstance(value, str) else value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fusedres", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="{bench,info}")
+    from fusedres import bench
+
+    bench.add_arguments(
+        sub.add_parser(
+            "bench",
+            help="fused vs eager vs torch.compile timing report",
+            description=bench.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    sub.add_parser("info", help="what this build of fusedres can do")
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        return bench.main(args)
+    if args.command == "info":
+        return _info()
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+// Test library: the bn_act CUDA launch sequences (csrc/cuda/bn_act_launch.cuh, the very functions the .cu
+// launchers call) run under the CUDA emulator (cuda_emu.h) on host buffers. Built by g++ at test time
+// (tests/test_cuda_emulated.py) without torch headers and called through ctypes.
+//
+// Conventions of the C interface: dtype 0 float32, 1 float64, 2 float16, 3 bfloat16 (the last two only when
+// emu_has_half()); per-channel arrays (weight, bias, statistics, parameter gradients) are in the accumulation
+// type (float64 for float64, else float32); element buffers are dense in the given layout; optional outputs are
+// nullptr when not wanted. Entry points return 0, or 1 after an emulator error (emu_last_error()).
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "cuda/bn_act_launch.cuh"
+
+namespace {
+
+namespace gpu = fusedres::gpu;
+
+std::string g_error;
+
+template <typename acc_t>
+std::vector<acc_t> poisoned(int64_t n) {  // unwritten workspace reads show up as NaN
+  return std::vector<acc_t>(static_cast<size_t>(n > 0 ? n : 1), std::numeric_limits<acc_t>::quiet_NaN());
+}
+
+template <typename scalar_t, typename acc_t>
+void forward(const gpu::BnActLaunch& L, int training, int act, double eps, double slope, const void* x,
+             const void* residual, const void* weight, const void* bias, void* save_mean, void* save_invstd, void* y,
+             void* mask, void* batch_var) {
+  std::vector<acc_t> ws = poisoned<acc_t>(gpu::bn_act_forward_workspace_elems(L, training != 0));
+  const gpu::BnActForwardBuffers<scalar_t, acc_t> b{static_cast<const scalar_t*>(x),
+                                                    static_cast<const scalar_t*>(residual),
+                                                    static_cast<const acc_t*>(weight),
+                                                    static_cast<const acc_t*>(bias),
+                                                    static_cast<acc_t*>(save_mean),
+                                                    static_cast<acc_t*>(save_invstd),
+                                                    static_cast<scalar_t*>(y),
+                                                    static_cast<uint32_t*>(mask),
+                                                    ws.data()};
+  gpu::bn_act_forward_launch(L, b, training != 0, static_cast<acc_t>(eps), act, static_cast<acc_t>(slope), nullptr);
+  if (training && batch_var != nullptr) {
+    std::memcpy(batch_var, ws.data() + gpu::bn_act_forward_var_offset(L), sizeof(acc_t) * L.shape.C);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void backward(const gpu::BnActLaunch& L, int training, int act, double slope, const void* grad_out, const void* x,
+              const void* mask, const void* mean, const void* invstd, const void* weight, void* grad_input,
+              void* grad_residual, void* grad_weight, void* grad_bias) {
+  const int64_t C = L.shape.C;
+  const bool need_sums = gpu::bn_act_backward_needs_sums(training != 0, grad_input != nullptr,
+                                                         grad_weight != nullptr, grad_bias != nullptr);
+  std::vector<acc_t> ws = poisoned<acc_t>(gpu::bn_act_backward_workspace_elems(L, need_sums));
+  std::vector<acc_t> sum_dz = poisoned<acc_t>(C), sum_dz_xhat = poisoned<acc_t>(C);
+  const gpu::BnActBackwardBuffers<scalar_t, acc_t> b{static_cast<const scalar_t*>(grad_out),
+                                                     static_cast<const scalar_t*>(x),
+                                                     static_cast<const uint32_t*>(mask),
+                                                     static_cast<const acc_t*>(mean),
+                                                     static_cast<const acc_t*>(invstd),
+                                                     static_cast<const acc_t*>(weight),
+                                                     static_cast<scalar_t*>(grad_input),
+                                                     static_cast<scalar_t*>(grad_residual),
+                                                     need_sums ? sum_dz.data() : nullptr,
+                                                     need_sums ? sum_dz_xhat.data() : nullptr,
+                                                     ws.data()};
+  gpu::bn_act_backward_launch(L, b, training != 0, act, static_cast<acc_t>(slope), nullptr);
+  if (grad_weight != nullptr) std::memcpy(grad_weight, sum_dz_xhat.data(), sizeof(acc_t) * C);
+  if (grad_bias != nullptr) std::memcpy(grad_bias, sum_dz.data(), sizeof(acc_t) * C);
+}
+
+// Runs f<scalar_t, acc_t>() for the dtype code; returns 0, or 1 with g_error set.
+template <typename F>
+int dispatch(int dtype, F&& f) {
+  g_error.clear();
+  try {
+    switch (dtype) {
+      case 0: f(float{}, float{}); return 0;
+      case 1: f(double{}, double{}); return 0;
+#ifdef FUSEDRES_HAVE_CUDA_HALF
+      case 2: f(__half{}, float{}); return 0;
+      case 3: f(__nv_bfloat16{}, float{}); return 0;
+#endif
+      default: g_error = "unsupported dtype code " + std::to_string(dtype); return 1;
+    }
+  } catch (const std::exception& e) {
+    g_error = e.what();
+    return 1;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int emu_has_half() {
+#ifdef FUSEDRES_HAVE_CUDA_HALF
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// order: 0 ascending, 1 descending, 2 random (with seed). Resets fault injection.
+void emu_configure(int order, unsigned seed) {
+  emu::Config& c = emu::config();
+  c.order = order == 1 ? emu::Order::Descending : order == 2 ? emu::Order::Random : emu::Order::Ascending;
+  c.seed = seed;
+  c.drop_sync_file.clear();
+  c.drop_sync_line = 0;
+}
+
+// Makes the __syncthreads() at line `line` of the file whose path ends with `file_suffix` a no-op.
+void emu_drop_sync(const char* file_suffix, int line) {
+  emu::config().drop_sync_file = file_suffix != nullptr ? file_suffix : "";
+  emu::config().drop_sync_line = line;
+}
+
+const char* emu_last_error() { return g_error.c_str(); }
+
+// Kernels launched so far, one "count<TAB>kernel expression" line each, into buf (NUL-terminated when it fits);
+// returns the length needed without the NUL.
+int64_t emu_launch_log(char* buf, int64_t len) {
+  std::string s;
+  for (const auto& [name, count] : emu::launch_log()) s += std::to_string(count) + "\t" + name + "\n";
+  if (buf != nullptr && len > static_cast<int64_t>(s.size())) std::memcpy(buf, s.c_str(), s.size() + 1);
+  return static_cast<int64_t>(s.size());
+}
+
+// Launch shapes as the launchers compute them, into out[0..7]: P, reduce block x and y, elementwise grid, mask words,
+// reduce grid x, warp spans, elementwise block.
+void emu_launch_config(int64_t N, int64_t C, int64_t S, int channels_last, int has_mask, int num_sms, int64_t* out) {
+  const gpu::BnActLaunch L = gpu::bn_act_launch_config(N, C, S, channels_last != 0, has_mask != 0, num_sms);
+  out[0] = L.shape.partials;
+  out[1] = L.reduce_block.x;
+  out[2] = L.reduce_block.y;
+  out[3] = L.elementwise_grid.x;
+  out[4] = L.shape.mask_words;
+  out[5] = L.reduce_grid.x;
+  out[6] = L.shape.warp_spans;
+  out[7] = L.elementwise_block.x;
+}
+
+// Forward (bn_act_forward's kernels). Training writes save_mean, save_invstd and batch_var (biased, may be
+// nullptr); eval reads save_mean / save_invstd (running mean, 1/sqrt(running_var + eps)). mask: nullptr for
+// identity, else mask_bytes(numel) bytes, 4-byte aligned.
+int emu_bn_act_forward(int dtype, int64_t N, int64_t C, int64_t S, int channels_last, int num_sms, int training,
+                       int act, double eps, double negative_slope, const void* x, const void* residual,
+                       const void* weight, const void* bias, void* save_mean, void* save_invstd, void* y, void* mask,
+                       void* batch_var) {
+  const gpu::BnActLaunch L =
+      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+  return dispatch(dtype, [&](auto s, auto a) {
+    forward<decltype(s), decltype(a)>(L, training, act, eps, negative_slope, x, residual, weight, bias, save_mean,
+                                      save_invstd, y, mask, batch_var);
+  });
+}
+
+// Backward (bn_act_backward's kernels): the outputs that are not nullptr are computed.
+int emu_bn_act_backward(int dtype, int64_t N, int64_t C, int64_t S, int channels_last, int num_sms, int training,
+                        int act, double negative_slope, const void* grad_out, const void* x, const void* mask,
+                        const void* mean, const void* invstd, const void* weight, void* grad_input,
+                        void* grad_residual, void* grad_weight, void* grad_bias) {
+  const gpu::BnActLaunch L =
+      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+  return dispatch(dtype, [&](auto s, auto a) {
+    backward<decltype(s), decltype(a)>(L, training, act, negative_slope, grad_out, x, mask, mean, invstd, weight,
+                                       grad_input, grad_residual, grad_weight, grad_bias);
+  });
+}
+
+}  // extern "C"
