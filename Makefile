@@ -4,9 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-# Torch's CUDA guess from PATH can be wrong: point it at the toolkit that owns nvcc (empty when there is none).
-NVCC := $(shell command -v nvcc 2>/dev/null)
-export CUDA_HOME ?= $(if $(NVCC),$(patsubst %/bin/nvcc,%,$(realpath $(NVCC))),)
+# CUDA_HOME: setup.py asks nvcc for its toolkit root when CUDA_HOME is unset (torch's PATH guess can be wrong).
 export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 

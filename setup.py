@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -19,18 +20,39 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _is_toolkit(home: str | None) -> bool:
+    return bool(home) and os.path.exists(os.path.join(home, "bin", "nvcc")) and (
+        os.path.isdir(os.path.join(home, "lib64")) or os.path.isdir(os.path.join(home, "lib"))
+    )
+
+
 def _find_cuda_home() -> str | None:
-    """Where the toolkit lives: CUDA_HOME if set, else the root of the nvcc on PATH (resolving links)."""
+    """The toolkit root: CUDA_HOME if it is one, else the root nvcc itself reports (TOP= in its dry run).
+
+    Asking nvcc matters: the nvcc on PATH may be a wrapper script or a link outside the toolkit (here
+    /usr/local/bin/nvcc execs /usr/local/cuda-13.0/bin/nvcc), so the PATH-based guess torch makes would
+    point at /usr/local and the link would not find libcudart.
+    """
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+    if _is_toolkit(home):
         return home
-    nvcc = shutil.which("nvcc")
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
     if nvcc is None:
-        for cand in ("/usr/local/cuda",):
-            if os.path.exists(os.path.join(cand, "bin", "nvcc")):
-                return cand
         return None
-    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    try:
+        out = subprocess.run(
+            [nvcc, "-v", "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )
+        for line in (out.stdout + out.stderr).splitlines():
+            if line.startswith("#$ TOP="):
+                top = os.path.realpath(line.split("=", 1)[1].strip())
+                if _is_toolkit(top):
+                    return top
+    except (OSError, subprocess.SubprocessError):
+        pass
+    guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return guess if _is_toolkit(guess) else None
 
 
 def _nvidia_pip_includes() -> list[str]:
