@@ -28,7 +28,9 @@ if [[ -z "${CUDA_HOME:-}" ]]; then
   NVCC=$(command -v nvcc || true)
   [[ -z "$NVCC" && -x /usr/local/cuda/bin/nvcc ]] && NVCC=/usr/local/cuda/bin/nvcc
   [[ -n "$NVCC" ]] || die "nvcc not found (put it on PATH or set CUDA_HOME)"
-  CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$NVCC")")")
+  # Ask nvcc for its toolkit root: the nvcc on PATH may be a wrapper script outside the toolkit.
+  TOP=$("$NVCC" -v --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
+  CUDA_HOME=$(readlink -f "${TOP:-$(dirname "$(dirname "$(readlink -f "$NVCC")")")}")
 fi
 export CUDA_HOME
 "$CUDA_HOME/bin/nvcc" --version | tail -n 2
