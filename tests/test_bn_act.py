@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import warnings
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -219,6 +221,26 @@ def grad_input_scale(case: Case, training: bool) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # Parity with the float64 reference
 # ----------------------------------------------------------------------------------------------------------------
+
+
+# Outputs of 16 MB and more are written with non-temporal stores, 64-byte aligned after a scalar head: sizes that
+# reach that path, with planes / rows that start aligned (S = 96*96, C = 64) and misaligned (S = 49, C = 701).
+@native
+@pytest.mark.parametrize(
+    "shape,layout",
+    [
+        ((8, 64, 96, 96), "contiguous"),
+        ((64, 1340, 7, 7), "contiguous"),
+        ((8, 64, 96, 96), "channels_last"),
+        ((6000, 701), "contiguous"),
+    ],
+    ids=["nchw-aligned", "nchw-misaligned", "channels_last-aligned", "rows-misaligned"],
+)
+def test_large_outputs_streaming_stores(shape, layout):
+    assert math.prod(shape) * 4 >= 16 * 1024 * 1024
+    check_parity(
+        Case(shape, torch.float32, layout, residual=True, seed=5, extra_steps=0), torch.float32, layout, True, "relu"
+    )
 
 
 @native

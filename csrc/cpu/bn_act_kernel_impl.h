@@ -697,8 +697,10 @@ void forward_typed(const BnActForwardArgs& a) {
     BitWriter bw(a.mask, r0 * C, r1 * C);
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t off = row * C;
-      forward_run<T, ACT, RES, true>(x + off, RES ? r + off : nullptr, y + off, C, scale.data(), shift.data(), slope, &bw);
+      forward_run<T, ACT, RES, true>(x + off, RES ? r + off : nullptr, y + off, C, scale.data(), shift.data(), slope,
+                                     &bw, stream);
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -804,8 +806,9 @@ void backward_typed(const BnActBackwardArgs& a) {
       for (int64_t row = r0; row < r1; ++row) {
         const int64_t off = row * C;
         backward_elementwise_run<T, ACT, true, TRAIN, DX, DR>(dy + off, x + off, DX ? dx + off : nullptr,
-                                                              DR ? dr + off : nullptr, C, &br, k, slope);
+                                                              DR ? dr + off : nullptr, C, &br, k, slope, stream);
       }
+      if (stream) stream_fence();
     });
   }
 }
