@@ -8,9 +8,8 @@ PyTorch's own same-dtype path (plus a float32-level slack for cases where that e
 from __future__ import annotations
 
 import itertools
-import warnings
-
 import math
+import warnings
 
 import pytest
 import torch
