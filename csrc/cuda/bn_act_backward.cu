@@ -1,37 +1,17 @@
 // CUDA launcher of bn_act_backward: checks and parameters from the host helpers shared with the CPU backend
 // (bn_act_host.cpp), kernels and launch shapes from bn_act_kernels.cuh, the sequence of launches from
 // bn_act_launch.cuh (shared with the emulator tests). The forward is in bn_act_forward.cu.
-#include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <array>
 #include <cstdint>
 #include <optional>
 #include <tuple>
-#include <type_traits>
 
 #include "bn_act.h"
-#define FUSEDRES_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
+#include "cuda/launcher_common.h"
 #include "cuda/bn_act_launch.cuh"
 
 namespace fusedres {
 namespace {
-
-// The kernels are written against CUDA's own half types (bn_act_kernels.cuh has no c10); c10::Half and
-// c10::BFloat16 have the same size and bit layout, so data pointers are reinterpreted.
-template <typename T>
-using kernel_scalar_t =
-    std::conditional_t<std::is_same_v<T, at::Half>, __half,
-                       std::conditional_t<std::is_same_v<T, at::BFloat16>, __nv_bfloat16, T>>;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
