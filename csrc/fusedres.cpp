@@ -24,6 +24,25 @@ TORCH_LIBRARY(fusedres, m) {
       "bn_act_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor save_mean, Tensor save_invstd, "
       "Tensor mask, bool training, str activation, float negative_slope, bool[4] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+
+  // Highway gate (csrc/common/highway_math.h): y = act(transform) * sigmoid(gate) + carry * (1 - sigmoid(gate)),
+  // or, with carry_gate, y = act(transform) * sigmoid(gate) + carry * sigmoid(carry_gate). All operands have the
+  // same shape and dtype; the output is dense in transform's suggested memory format. activation: "relu", "tanh",
+  // "sigmoid" or "identity".
+  m.def("highway_forward(Tensor transform, Tensor gate, Tensor carry, Tensor? carry_gate, str activation) -> Tensor");
+  // Gradients w.r.t. (transform, gate, carry, carry_gate) as selected by output_mask (others: empty [0] tensors),
+  // each dense in transform's suggested memory format. Recomputes the sigmoid and activation from the inputs.
+  m.def(
+      "highway_backward(Tensor grad_out, Tensor transform, Tensor gate, Tensor carry, Tensor? carry_gate, "
+      "str activation, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Packed form: `projected` holds [transform, gate] (free_carry: [transform, gate, carry_gate]) concatenated
+  // along `dim` (the output of one Linear(d, 2d) / conv to 2C channels); the parts are read in place.
+  m.def(
+      "highway_packed_forward(Tensor projected, Tensor carry, int dim, bool free_carry, str activation) -> Tensor");
+  // Returns (grad_projected, grad_carry) per output_mask; grad_projected is dense like projected.
+  m.def(
+      "highway_packed_backward(Tensor grad_out, Tensor projected, Tensor carry, int dim, bool free_carry, "
+      "str activation, bool[2] output_mask) -> (Tensor, Tensor)");
 }
 
 namespace {
