@@ -1,5 +1,7 @@
 """``python -m fusedres bench``: fused BatchNorm + residual + activation against eager PyTorch and torch.compile.
 
+The highway gate rows and the highway_mlp training step follow the bn_act table (fusedres/bench_highway.py).
+
 What it measures, per shape x layout (NCHW, channels_last) x residual (on, off) x direction:
 
 * ``fwd``      training forward with autograd recording (inputs require grad, as in a training step);
@@ -955,13 +957,20 @@ def main(args: argparse.Namespace) -> int:
             rows += _measure_group(shape, layout, residual, settings, copy["gbps"], progress)
     finally:
         progress.close()
-    wall = time.perf_counter() - t_start
     load = _overall_load(rows)
 
     print()
     print(render_table(rows))
     print()
     _print_footer(rows, machine, copy, load)
+    sys.stdout.flush()
+
+    from fusedres import bench_highway
+
+    highway_rows, highway_step = bench_highway.run(settings, copy["gbps"])
+    print()
+    bench_highway.print_report(highway_rows, highway_step, copy["gbps"])
+    wall = time.perf_counter() - t_start
     print(f"wall time {wall:.0f} s")
 
     if args.json:
@@ -974,8 +983,16 @@ def main(args: argparse.Namespace) -> int:
             "noise_check": noise,
             "other_load_pct": load,
             "null_reasons": {} if load is not None else {"other_load_pct": "/proc/stat not readable"},
-            "method": {"timing": TIMING_METHOD, "gbps": GBPS_METHOD, "saved_bytes": SAVED_BYTES_METHOD},
+            "method": {
+                "timing": TIMING_METHOD,
+                "gbps": GBPS_METHOD,
+                "saved_bytes": SAVED_BYTES_METHOD,
+                "highway_gbps": bench_highway.GBPS_METHOD,
+                "highway_saved_bytes": bench_highway.SAVED_BYTES_METHOD,
+            },
             "bn_act": rows,
+            "highway": highway_rows,
+            "highway_mlp_step": highway_step,
             "wall_s": wall,
         }
         with open(args.json, "w") as f:

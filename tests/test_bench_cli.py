@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusedres import bench
+from fusedres import bench, bench_highway
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_FIGURES = (
@@ -117,6 +117,51 @@ def test_bench_quick_json_sections(quick_report) -> None:
 
     assert "noise check:" in stdout and "copy" in stdout and "MALLOC_MMAP_MAX_=0" in stdout
     assert "ref/fused" in stdout and "compile/fused" in stdout
+
+
+@pytest.mark.slow
+def test_bench_quick_json_highway(quick_report) -> None:
+    report, stdout = quick_report
+    for section in ("highway", "highway_mlp_step"):
+        assert section in report, f"missing section {section}"
+    rows = report["highway"]
+    configs = {(tuple(r["shape"]), r["form"], r["direction"]) for r in rows}
+    hb = bench_highway
+    assert configs == {(s, f, d) for s in hb.TINY_SHAPES for f in hb.FORMS for d in hb.DIRECTIONS}
+    problems: list[str] = []
+    for row in rows:
+        where = f"highway {row['shape']} {row['form']} {row['direction']}"
+        assert row["dtype"] == "float32" and row["op"] == "highway"
+        assert row["rounds"] >= 1 and row["floor_bytes"] == bench_highway.floor_bytes(
+            torch.Size(row["shape"]).numel(), row["direction"]
+        )
+        for key in ROW_FIGURES:
+            assert key in row, f"{where}: {key} missing"
+            sub: list[str] = []
+            _check_figures(row[key], key, row["null_reasons"], sub, nonneg=key in (*COUNTS, "saved_bytes"))
+            problems += [f"{where}: {p}" for p in sub]
+        assert set(row["times_ms"]) == set(bench.IMPLS)
+        assert row["times_ms"]["fused"] is not None and row["times_ms"]["reference"] is not None, where
+        # --quick compiles only the packed form.
+        assert (row["times_ms"]["compiled"] is None) == (row["form"] == "split"), where
+        assert row["saved_bytes"]["fused"] == 0, where  # the fused op saves only its inputs
+    step = report["highway_mlp_step"]
+    assert step["op"] == "highway_mlp_step" and step["depth"] == bench_highway.MLP_STEP_TINY["depth"]
+    for key in ("times_ms", "times_ms_spread", "ratios", "page_faults_per_call", "compile_s", "load"):
+        sub = []
+        _check_figures(step[key], key, step["null_reasons"], sub, nonneg=key in COUNTS)
+        problems += [f"highway_mlp_step: {p}" for p in sub]
+    assert step["times_ms"]["fused"] is not None and step["times_ms"]["compiled"] is None
+    assert not problems, "\n".join(problems)
+    assert "highway gate" in stdout and "highway_mlp training step" in stdout
+
+
+def test_highway_floor_bytes() -> None:
+    n = 1024
+    assert bench_highway.floor_bytes(n, "fwd") == 4 * 4 * n  # read h, g, x; write y
+    assert bench_highway.floor_bytes(n, "fwd+bwd") == 11 * 4 * n  # + read dy, h, g, x; write dh, dg, dx
+    with pytest.raises(ValueError, match="direction must be one of"):
+        bench_highway.floor_bytes(n, "eval")
 
 
 def test_info_runs() -> None:

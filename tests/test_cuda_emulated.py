@@ -60,23 +60,23 @@ def _cuda_include() -> str | None:
     return None
 
 
-def _compile(cxx: str, flags: list[str], cache_dir: Path) -> tuple[Path | None, str]:
+def _compile(cxx: str, flags: list[str], cache_dir: Path, source: Path) -> tuple[Path | None, str]:
     digest = hashlib.sha256(" ".join([cxx, *flags]).encode())
-    for src in sorted([LIB_SOURCE, *EMU_DIR.glob("*.h"), *CUDA_SRC.glob("*.cuh"), *(ROOT / "csrc/common").glob("*.h")]):
+    for src in sorted([source, *EMU_DIR.glob("*.h"), *CUDA_SRC.glob("*.cuh"), *(ROOT / "csrc/common").glob("*.h")]):
         digest.update(src.name.encode() + src.read_bytes())
-    out = cache_dir / f"emu_bn_act-{digest.hexdigest()[:16]}.so"
+    out = cache_dir / f"{source.stem}-{digest.hexdigest()[:16]}.so"
     if out.exists():
         return out, ""
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    proc = subprocess.run([cxx, *flags, str(LIB_SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+    proc = subprocess.run([cxx, *flags, str(source), "-o", str(tmp)], capture_output=True, text=True)
     if proc.returncode != 0:
         return None, proc.stderr[-6000:]
     os.replace(tmp, out)  # atomic: concurrent sessions never load a half-written library
     return out, ""
 
 
-def _build_library(cache_dir: Path) -> Path:
-    """g++ build of emu_bn_act.cpp, cached by a hash of the compiler, flags and every header it includes."""
+def _build_library(cache_dir: Path, source: Path = LIB_SOURCE) -> Path:
+    """g++ build of a test library (emu_bn_act.cpp by default), cached by a hash of the compiler, flags, sources."""
     if not sys.platform.startswith("linux"):
         pytest.skip("the CUDA emulator (fibers with a hand-written context switch / ucontext) needs Linux")
     cxx = os.environ.get("CXX", "g++")
@@ -86,11 +86,11 @@ def _build_library(cache_dir: Path) -> Path:
     flags += ["-I", str(EMU_DIR), "-I", str(ROOT / "csrc")]
     inc = _cuda_include()
     if inc:  # host-usable cuda_fp16.h / cuda_bf16.h: the half kernels too; without them float and double only
-        out, err = _compile(cxx, [*flags, "-I", inc], cache_dir)
+        out, err = _compile(cxx, [*flags, "-I", inc], cache_dir, source)
         if out is not None:
             return out
         warnings.warn(f"emulator build with the CUDA headers of {inc} failed, retrying without half types:\n{err}")
-    out, err = _compile(cxx, flags, cache_dir)
+    out, err = _compile(cxx, flags, cache_dir, source)
     if out is None:
         pytest.fail(f"building the emulator test library failed:\n{err}")
     return out
@@ -404,39 +404,77 @@ def test_missing_barrier_is_caught(emu, site):
 # ------------------------------------------------------------------------------------------------ coverage
 
 
-def _kernel_sources() -> list[str]:
-    """csrc/cuda/*.cuh without // comments."""
-    return [re.sub(r"//[^\n]*", "", path.read_text()) for path in sorted(CUDA_SRC.glob("*.cuh"))]
+# Each kernel header of csrc/cuda and the header of its launch sequences, with the test file that runs them under the
+# emulator and checks that every kernel and launch site ran (a header with a __global__ kernel that is not listed
+# here fails test_every_kernel_header_has_an_emulated_test).
+EMULATED_HEADERS = {
+    "bn_act_kernels.cuh": ("bn_act_launch.cuh", "test_cuda_emulated.py"),
+    "highway_kernels.cuh": ("highway_launch.cuh", "test_cuda_emulated_highway.py"),
+}
 
 
-def _global_kernels() -> set[str]:
-    names = set()
-    for text in _kernel_sources():
+def _kernel_sources(names: list[str] | None = None) -> list[str]:
+    """csrc/cuda/*.cuh (or the named headers) without // comments."""
+    paths = sorted(CUDA_SRC.glob("*.cuh")) if names is None else [CUDA_SRC / n for n in names]
+    return [re.sub(r"//[^\n]*", "", path.read_text()) for path in paths]
+
+
+def _global_kernels(names: list[str] | None = None) -> set[str]:
+    names_found = set()
+    for text in _kernel_sources(names):
         for m in re.finditer(r"__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(", text):
-            names.add(m.group(1))
-    return names
+            names_found.add(m.group(1))
+    return names_found
+
+
+def _launch_sites(names: list[str] | None = None) -> set[str]:
+    """The kernel expressions of every KERNEL_LAUNCH((kernel<...>), ...) site, whitespace removed."""
+    return {re.sub(r"\s+", "", m.group(1)) for text in _kernel_sources(names)
+            for m in re.finditer(r"KERNEL_LAUNCH\((\([^()]*\))", text)}
+
+
+def assert_all_launched(log: dict[str, int], kernel_header: str, min_kernels: int, min_sites: int) -> None:
+    """Every __global__ kernel of kernel_header and every launch site of its launch header is in the launch log."""
+    kernels = _global_kernels([kernel_header])
+    assert len(kernels) >= min_kernels, f"parsing {kernel_header} found only {sorted(kernels)}"
+    launched = {m.group(1) for expr in log for m in [re.search(r"(\w+_kernel)\b", expr)] if m}
+    missing = kernels - launched
+    assert not missing, f"__global__ kernels never run under the emulator: {sorted(missing)}"
+    # Every launch site too (each template instantiation pattern the launchers use).
+    sites = _launch_sites([EMULATED_HEADERS[kernel_header][0]])
+    assert len(sites) >= min_sites, f"parsing the KERNEL_LAUNCH sites found only {sorted(sites)}"
+    unlaunched = sites - {re.sub(r"\s+", "", expr) for expr in log}
+    assert not unlaunched, f"launch sites never run under the emulator: {sorted(unlaunched)}"
+
+
+def test_every_kernel_header_has_an_emulated_test():
+    """Each csrc/cuda header with a __global__ kernel or a launch site is covered by an emulated test file."""
+    with_kernels = {p.name for p in CUDA_SRC.glob("*.cuh") if _global_kernels([p.name])}
+    unlisted = with_kernels - set(EMULATED_HEADERS)
+    assert not unlisted, f"kernel headers without an emulated test (add them to EMULATED_HEADERS): {sorted(unlisted)}"
+    with_sites = {p.name for p in CUDA_SRC.glob("*.cuh") if _launch_sites([p.name])}
+    listed_launch = {launch for launch, _ in EMULATED_HEADERS.values()}
+    assert with_sites <= listed_launch, f"launch headers not covered: {sorted(with_sites - listed_launch)}"
+    for header, (launch, test_file) in EMULATED_HEADERS.items():
+        assert (CUDA_SRC / header).exists() and (CUDA_SRC / launch).exists(), (header, launch)
+        test_path = ROOT / "tests" / test_file
+        assert test_path.exists(), f"{header}: the emulated test {test_file} is missing"
+        assert "assert_all_launched(" in test_path.read_text() and header in test_path.read_text(), \
+            f"{test_file} does not check that every kernel of {header} ran (assert_all_launched)"
+    # All kernels of csrc/cuda are split among the listed headers.
+    assert _global_kernels() == set().union(*(_global_kernels([h]) for h in EMULATED_HEADERS))
 
 
 def test_every_kernel_is_emulated(emu):
-    """Each __global__ kernel of csrc/cuda/*.cuh, and each KERNEL_LAUNCH site, ran under the emulator.
+    """Each __global__ kernel of bn_act_kernels.cuh, and each KERNEL_LAUNCH site of bn_act_launch.cuh, ran.
 
     Runs the smallest forward/backward of every (layout, training, dtype) of the tests above, then reads the
-    emulator's launch log (which also holds the launches of every test that ran before in this session).
+    emulator's launch log (which also holds the launches of every test that ran before in this session). The other
+    kernel headers are checked the same way by their own test files (EMULATED_HEADERS).
     """
-    kernels = _global_kernels()
-    assert len(kernels) >= 7, f"parsing csrc/cuda/*.cuh found only {sorted(kernels)}"
     for cl in (False, True):
         for training in (True, False):
             for dtype in (torch.float32, torch.float64):
                 _run_forward(emu, SHAPES[0], cl, training, "relu", True, dtype, "asc")
                 _run_backward(emu, SHAPES[0], cl, training, "relu", dtype, "asc")
-    log = emu.launch_log()
-    launched = {m.group(1) for expr in log for m in [re.search(r"(\w+_kernel)\b", expr)] if m}
-    missing = kernels - launched
-    assert not missing, f"__global__ kernels never run under the emulator: {sorted(missing)}"
-    # Every launch site too (each template instantiation pattern the launchers use).
-    sites = {re.sub(r"\s+", "", m.group(1)) for text in _kernel_sources()
-             for m in re.finditer(r"KERNEL_LAUNCH\((\([^()]*\))", text)}
-    assert len(sites) >= 9, f"parsing the KERNEL_LAUNCH sites found only {sorted(sites)}"
-    unlaunched = sites - {re.sub(r"\s+", "", expr) for expr in log}
-    assert not unlaunched, f"launch sites never run under the emulator: {sorted(unlaunched)}"
+    assert_all_launched(emu.launch_log(), "bn_act_kernels.cuh", min_kernels=7, min_sites=9)

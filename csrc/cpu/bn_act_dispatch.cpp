@@ -1,37 +1,9 @@
-// Chooses the CPU kernel build for this machine once, from ATen's own capability (which honours the
-// ATEN_CPU_CAPABILITY environment variable), so our kernels and ATen's use the same instruction set.
-#include <ATen/Version.h>
-
-#include <string>
-
+// Picks the bn_act kernel build for this machine's capability (cpu/cpu_capability.h).
 #include "cpu/bn_act_kernel.h"
+#include "cpu/cpu_capability.h"
 
 namespace fusedres {
 namespace cpu {
-namespace {
-
-enum class Cap { kDefault, kAVX2, kAVX512 };
-
-Cap detect() {
-#if defined(__x86_64__)
-  const std::string cap = at::get_cpu_capability();
-  if (cap == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-    return Cap::kAVX512;
-  }
-  if ((cap == "AVX512" || cap == "AVX2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    return Cap::kAVX2;
-  }
-#endif
-  return Cap::kDefault;
-}
-
-Cap capability() {
-  static const Cap cap = detect();
-  return cap;
-}
-
-}  // namespace
 
 BnActForwardFn bn_act_forward_dispatch() {
   switch (capability()) {

@@ -1,5 +1,6 @@
 """Pure-PyTorch reference implementations of the fusedres ops (test oracles and fallbacks)."""
 
 from fusedres.reference.bn_act import ACTIVATIONS, batch_norm_act
+from fusedres.reference.highway import HIGHWAY_ACTIVATIONS, highway, highway_packed
 
-__all__ = ["ACTIVATIONS", "batch_norm_act"]
+__all__ = ["ACTIVATIONS", "HIGHWAY_ACTIVATIONS", "batch_norm_act", "highway", "highway_packed"]

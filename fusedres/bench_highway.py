@@ -1,0 +1,488 @@
+"""The highway part of ``python -m fusedres bench`` (and the cases of benchmarks/bench_highway.py).
+
+Per shape x input form x direction, three implementations of the coupled highway gate
+``y = act(h) * sigmoid(g) + x * (1 - sigmoid(g))`` with ReLU:
+
+* ``fused``      :func:`fusedres.highway` (split: three tensors) / :func:`fusedres.highway_packed` (packed: the
+  single ``[transform | gate]`` output of one projection, read through strides);
+* ``reference``  eager :mod:`fusedres.reference.highway` with the same signature;
+* ``compiled``   ``torch.compile(reference, dynamic=False, fullgraph=True)``, compiled once per configuration.
+
+Shapes: (4096, 1024) packs along the last dimension (a Linear(1024, 2048)), (256, 64, 32, 32) along the channels (a
+conv to 128 channels). Directions: ``fwd`` (training forward, inputs require grad) and ``fwd+bwd`` (+
+``torch.autograd.grad`` of every input). Minimal bytes (DESIGN.md section 2, coupled): forward 4 tensor passes
+(read h, g, x; write y), backward 7 (read dy, h, g, x; write dh, dg, dx): fwd+bwd 11.
+
+Plus one training step of ``highway_mlp(1024, 1024, depth=20, 10)`` at batch 256 (SGD, cross-entropy), fused vs
+reference (vs torch.compile of the reference model unless --quick). It is dominated by the 20 Linear(1024, 2048)
+matmuls, which fusing the gate does not change.
+
+Measured with the same alternating rounds, noise check and allocator setting as the bn_act rows (fusedres/bench.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fusedres import _native
+from fusedres import bench as _bench
+
+__all__ = [
+    "DIRECTIONS",
+    "FORMS",
+    "HighwayCase",
+    "HighwayMLPStep",
+    "MLP_STEP",
+    "SHAPES",
+    "floor_bytes",
+    "measure_highway",
+    "measure_mlp_step",
+    "render_table",
+]
+
+SHAPES: tuple[tuple[int, ...], ...] = ((4096, 1024), (256, 64, 32, 32))
+TINY_SHAPES: tuple[tuple[int, ...], ...] = ((8, 6), (2, 3, 4, 5))
+DIRECTIONS = ("fwd", "fwd+bwd")
+FORMS = ("split", "packed")
+IMPLS = _bench.IMPLS
+RATIOS = _bench.RATIOS
+MLP_STEP: dict[str, int] = {"in_features": 1024, "hidden": 1024, "depth": 20, "num_classes": 10, "batch": 256}
+MLP_STEP_TINY: dict[str, int] = {"in_features": 12, "hidden": 16, "depth": 2, "num_classes": 4, "batch": 8}
+
+GBPS_METHOD = (
+    "minimal bytes (DESIGN.md section 2, coupled gate) / median time; fwd: 4 tensor passes (read h, g, x; write y); "
+    "fwd+bwd: 11 (+ read dy, h, g, x; write dh, dg, dx); the same for the packed form"
+)
+SAVED_BYTES_METHOD = (
+    "bytes autograd saves for backward in one training forward (fusedres.bench.saved_bytes), excluding the "
+    "inputs' own storages: the fused op saves only its inputs (0 extra bytes)"
+)
+
+
+def floor_bytes(numel: int, direction: str, elem_size: int = 4) -> int:
+    """Minimal bytes of one coupled highway call (DESIGN.md section 2) on ``numel`` output elements."""
+    passes = {"fwd": 4, "fwd+bwd": 11}.get(direction)
+    if passes is None:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    return passes * numel * elem_size
+
+
+def packed_dim(shape: Sequence[int]) -> int:
+    """-1 for (N, F) (a Linear's output), 1 for (N, C, H, W) (a conv's channels)."""
+    return -1 if len(shape) == 2 else 1
+
+
+def _functional(impl: str, packed: bool, dim: int) -> Callable[..., Tensor]:
+    """fused or reference highway with positional tensor arguments: (projected, carry) or (transform, gate, carry)."""
+    # The packages re-export the functionals under the module's own name: import from the modules explicitly.
+    if impl == "fused":
+        from fusedres.ops.highway import highway, highway_packed
+    else:
+        from fusedres.reference.highway import highway, highway_packed
+    if packed:
+        return lambda projected, carry: highway_packed(projected, carry, dim=dim)
+    return lambda transform, gate, carry: highway(transform, gate, carry)
+
+
+def fused_unavailable(device: str) -> str | None:
+    """Why the fused highway cannot be measured on ``device`` (None: it can)."""
+    if not _native.native_loaded:
+        return f"not measured: fusedres._C did not load ({_native.native_error})"
+    if not _native.has_kernel(device, op="fusedres::highway_forward"):
+        return f"not measured: fusedres has no native {device} highway kernel (it would run the reference)"
+    return None
+
+
+class HighwayCase:
+    """Inputs of one highway configuration and the calls that benchmark it.
+
+    Args:
+        shape: of transform, gate, carry and the output; (N, F) packs along -1, (N, C, H, W) along 1.
+        packed: True: one ``projected`` tensor of twice the size along the packed dim + carry; False: three tensors.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        packed: bool,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+    ) -> None:
+        self.shape, self.packed, self.device, self.dtype = tuple(shape), packed, device, dtype
+        self.dim = packed_dim(self.shape)
+        gen = torch.Generator().manual_seed(seed)
+
+        def full(s: Sequence[int]) -> Tensor:
+            return torch.randn(tuple(s), generator=gen, dtype=dtype).to(device)
+
+        if packed:
+            pshape = list(self.shape)
+            pshape[self.dim] *= 2
+            self.inputs: tuple[Tensor, ...] = (full(pshape).requires_grad_(), full(self.shape).requires_grad_())
+        else:
+            self.inputs = tuple(full(self.shape).requires_grad_() for _ in range(3))
+        self.dy = full(self.shape)
+        self.numel = self.dy.numel()
+
+    @property
+    def form(self) -> str:
+        return "packed" if self.packed else "split"
+
+    def functional(self, impl: str) -> Callable[..., Tensor]:
+        """"fused" or "reference" taking this case's tensors positionally."""
+        return _functional(impl, self.packed, self.dim)
+
+    def compiled(self) -> Callable[..., Tensor]:
+        """``torch.compile`` of the reference (static shapes, full graph: a graph break fails loudly)."""
+        return torch.compile(self.functional("reference"), dynamic=False, fullgraph=True)
+
+    def call(self, direction: str, fn: Callable[..., Tensor]) -> Callable[[], object]:
+        inputs, dy = self.inputs, self.dy
+        if direction == "fwd":
+            return lambda: fn(*inputs)
+        if direction == "fwd+bwd":
+            return lambda: torch.autograd.grad(fn(*inputs), inputs, dy)
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+
+    def floor_bytes(self, direction: str) -> int:
+        return floor_bytes(self.numel, direction, self.dy.element_size())
+
+
+class HighwayMLPStep:
+    """One SGD training step (zero_grad, forward, cross-entropy, backward, step) of highway_mlp, three ways.
+
+    The fused, reference and compiled models start from the same weights (the reference's state_dict).
+    """
+
+    def __init__(self, config: dict[str, int], device: str = "cpu", seed: int = 0) -> None:
+        from fusedres.models import highway_mlp
+
+        self.config = dict(config)
+        c = self.config
+        torch.manual_seed(seed)
+        self.models: dict[str, nn.Module] = {
+            "reference": highway_mlp(c["in_features"], c["hidden"], c["depth"], c["num_classes"], fused=False)
+        }
+        self.models["fused"] = highway_mlp(c["in_features"], c["hidden"], c["depth"], c["num_classes"], fused=True)
+        self.models["fused"].load_state_dict(self.models["reference"].state_dict())
+        self.models["compiled"] = copy.deepcopy(self.models["reference"])
+        for m in self.models.values():
+            m.to(device)
+        gen = torch.Generator().manual_seed(seed + 1)
+        self.x = torch.randn(c["batch"], c["in_features"], generator=gen).to(device)
+        self.target = torch.randint(0, c["num_classes"], (c["batch"],), generator=gen).to(device)
+
+    def step_fn(self, name: str) -> Callable[[], object]:
+        model = self.models[name]
+        forward = torch.compile(model, dynamic=False, fullgraph=True) if name == "compiled" else model
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+        x, target = self.x, self.target
+
+        def step() -> Tensor:
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(forward(x), target)
+            loss.backward()
+            opt.step()
+            return loss
+
+        return step
+
+
+def _fill_figures(
+    row: dict[str, Any],
+    times: dict[str, list[float]],
+    faults: dict[str, float],
+    reasons: dict[str, str],
+    floor: int | None,
+    copy_gbps: float | None,
+) -> None:
+    """times_ms, spreads, GB/s, page faults, ratios and %copy of one row (null entries explained)."""
+    sections = ["times_ms", "times_ms_spread", "page_faults_per_call", "ratios"]
+    if floor is not None:
+        sections += ["gbps", "pct_copy_bandwidth"]
+    for section in sections:
+        row[section] = {}
+    for name in IMPLS:
+        spread = _bench._spread(times[name]) if name in times else None
+        reason = reasons.get(name)
+        _bench._set(row, "times_ms", name, spread and spread["median"] * 1e3, reason)
+        _bench._set(
+            row, "times_ms_spread", name, spread and {k: v * 1e3 for k, v in spread.items() if k != "median"}, reason
+        )
+        _bench._set(row, "page_faults_per_call", name, faults.get(name), reason)
+        if floor is not None:
+            _bench._set(row, "gbps", name, spread and floor / spread["median"] / 1e9, reason)
+    for label, num, den in RATIOS:
+        both = num in times and den in times
+        missing = num if num not in times else den
+        stats = _bench.ratio_stats(times, num, den) if both else None
+        _bench._set(row, "ratios", label, stats, f"{missing} not measured")
+    if floor is not None:
+        gb = row["gbps"]["fused"]
+        _bench._set(
+            row,
+            "pct_copy_bandwidth",
+            "fused",
+            gb and copy_gbps and 100.0 * gb / copy_gbps,
+            reasons.get("fused", "copy bandwidth not measured"),
+        )
+
+
+def _time_fns(
+    fns: dict[str, Callable[[], object]],
+    settings: _bench.Settings,
+    reasons: dict[str, str],
+    fixed_rounds: int | None = None,
+) -> tuple[dict[str, list[float]], dict[str, float], int, dict[str, float] | None]:
+    """Alternating measurement after two untimed calls of each function; failures go to reasons.
+
+    Rounds: --repeat, else ``fixed_rounds``, else as many as fit the budget (from the second untimed call's time).
+    """
+    times: dict[str, list[float]] = {}
+    faults: dict[str, float] = {}
+    rounds = 0
+    load = _bench.OtherLoad()
+    try:
+        for fn in fns.values():
+            fn()
+        rounds = (
+            settings.repeat
+            or fixed_rounds
+            or _bench._auto_rounds(fns, settings.budget_s, settings.min_rounds, settings.max_rounds, settings.device)
+        )
+        warmup = 1 if settings.repeat or fixed_rounds else 0  # _auto_rounds made the second untimed call
+        times, faults = _bench.measure_alternating(fns, rounds=rounds, warmup=warmup, device=settings.device)
+    except Exception as exc:  # noqa: BLE001 - reported in the row
+        reasons.update(dict.fromkeys(fns, f"measurement failed: {_bench._err(exc)}"))
+    return times, faults, rounds, load.percent()
+
+
+def _set_load(row: dict[str, Any], other: dict[str, float] | None) -> None:
+    row["load"] = {}
+    for key, src in (("other_cpu_pct", "other"), ("steal_cpu_pct", "steal"), ("wall_s", "wall_s")):
+        _bench._set(row, "load", key, other and other[src], "/proc/stat not readable")
+
+
+def shapes_for(settings: _bench.Settings) -> tuple[tuple[int, ...], ...]:
+    return TINY_SHAPES if settings.tiny else SHAPES
+
+
+def measure_highway(
+    shape: tuple[int, ...], packed: bool, settings: _bench.Settings, copy_gbps: float, progress: Any
+) -> list[dict[str, Any]]:
+    """Both directions of one (shape, form) configuration: one row each."""
+    device = settings.device
+    case = HighwayCase(shape, packed, device=device)
+    fns_of: dict[str, Callable[..., Tensor]] = {}
+    missing: dict[str, str] = {}
+    compile_s: float | None = None
+    reason = fused_unavailable(device)
+    if reason is None:
+        fns_of["fused"] = case.functional("fused")
+    else:
+        missing["fused"] = reason
+    fns_of["reference"] = case.functional("reference")
+    if settings.quick and not packed:
+        missing["compiled"] = "not measured (skipped: --quick compiles only the packed form)"
+    else:
+        torch._dynamo.reset()
+        fn = case.compiled()
+        try:
+            t0 = time.perf_counter()
+            case.call("fwd+bwd", fn)()
+            _bench._sync(device)
+            compile_s = time.perf_counter() - t0
+            fns_of["compiled"] = fn
+        except Exception as exc:  # noqa: BLE001 - any compile failure is reported, not raised
+            missing["compiled"] = f"torch.compile failed: {_bench._err(exc)}"
+
+    saved: dict[str, Any] = {}
+    for name in IMPLS:
+        if name not in fns_of:
+            saved[name] = missing[name]
+            continue
+        try:
+            saved[name] = _bench.saved_bytes(case.call("fwd", fns_of[name]), case.inputs)  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001
+            saved[name] = f"not measured: {_bench._err(exc)}"
+
+    rows = []
+    for direction in DIRECTIONS:
+        progress.step(f"highway {list(shape)} {case.form} {direction}")
+        reasons = dict(missing)
+        fns = {name: case.call(direction, fn) for name, fn in fns_of.items()}
+        times, faults, rounds, other = _time_fns(fns, settings, reasons)
+        fb = case.floor_bytes(direction)
+        row: dict[str, Any] = {
+            "op": "highway",
+            "shape": list(shape),
+            "dtype": str(case.dtype).replace("torch.", ""),
+            "form": case.form,
+            "packed_dim": case.dim if packed else None,
+            "coupled": True,
+            "activation": "relu",
+            "direction": direction,
+            "device": device,
+            "rounds": rounds,
+            "floor_bytes": fb,
+            "compile_s": compile_s,
+            "null_reasons": {},
+        }
+        if compile_s is None:
+            row["null_reasons"]["compile_s"] = missing.get("compiled", "not compiled")
+        if not packed:
+            row["null_reasons"]["packed_dim"] = "split form: three separate tensors"
+        _fill_figures(row, times, faults, reasons, fb, copy_gbps)
+        row["saved_bytes"] = {}
+        for name in IMPLS:
+            entry = saved[name]
+            _bench._set(row, "saved_bytes", name, entry["total"] if isinstance(entry, dict) else None, str(entry))
+        _set_load(row, other)
+        rows.append(row)
+    del case, fns, fns_of
+    gc.collect()
+    return rows
+
+
+def measure_mlp_step(settings: _bench.Settings, progress: Any) -> dict[str, Any]:
+    """One row: the highway_mlp SGD training step, fused vs reference (vs compiled unless --quick)."""
+    config = MLP_STEP_TINY if settings.tiny else MLP_STEP
+    device = settings.device
+    progress.step(f"highway_mlp step depth {config['depth']} width {config['hidden']} batch {config['batch']}")
+    case = HighwayMLPStep(config, device=device)
+    reasons: dict[str, str] = {}
+    fns: dict[str, Callable[[], object]] = {}
+    reason = fused_unavailable(device)
+    if reason is None:
+        fns["fused"] = case.step_fn("fused")
+    else:
+        reasons["fused"] = reason
+    fns["reference"] = case.step_fn("reference")
+    compile_s = None
+    if settings.quick:
+        reasons["compiled"] = "not measured (skipped: --quick)"
+    else:
+        torch._dynamo.reset()
+        fn = case.step_fn("compiled")
+        try:
+            t0 = time.perf_counter()
+            fn()
+            _bench._sync(device)
+            compile_s = time.perf_counter() - t0
+            fns["compiled"] = fn
+        except Exception as exc:  # noqa: BLE001
+            reasons["compiled"] = f"torch.compile failed: {_bench._err(exc)}"
+    # A full-size step takes seconds on 2 cores (20 Linear(1024, 2048) forward and backward): a fixed, small number
+    # of rounds keeps the default run within budget.
+    times, faults, rounds, other = _time_fns(fns, settings, reasons, fixed_rounds=2 if settings.quick else 4)
+    row: dict[str, Any] = {
+        "op": "highway_mlp_step",
+        **config,
+        "dtype": "float32",
+        "optimizer": "SGD(lr=1e-4), cross-entropy, zero_grad + forward + backward + step",
+        "device": device,
+        "rounds": rounds,
+        "compile_s": compile_s,
+        "null_reasons": {},
+    }
+    if compile_s is None:
+        row["null_reasons"]["compile_s"] = reasons.get("compiled", "not compiled")
+    _fill_figures(row, times, faults, reasons, None, None)
+    _set_load(row, other)
+    del case, fns
+    gc.collect()
+    return row
+
+
+def render_table(rows: list[dict[str, Any]]) -> str:
+    """The aligned plain-text table of the highway rows."""
+    head = [
+        "shape",
+        "input",
+        "dir",
+        "fused ms",
+        "ref ms",
+        "compile ms",
+        "ref/fused [IQR]",
+        "compile/fused [IQR]",
+        "fused GB/s",
+        "ref GB/s",
+        "%copy",
+        "saved MB f/r/c",
+        "other CPU",
+    ]
+    body = []
+    for row in rows:
+        t, gb, sb = row["times_ms"], row["gbps"], row["saved_bytes"]
+        pct = row["pct_copy_bandwidth"]["fused"]
+        body.append(
+            [
+                "x".join(map(str, row["shape"])),
+                row["form"] if row["packed_dim"] is None else f"packed dim {row['packed_dim']}",
+                row["direction"],
+                _bench._fmt_ms(t["fused"]),
+                _bench._fmt_ms(t["reference"]),
+                _bench._fmt_ms(t["compiled"]),
+                _bench._fmt_ratio(row["ratios"]["reference/fused"]),
+                _bench._fmt_ratio(row["ratios"]["compiled/fused"]),
+                "-" if gb["fused"] is None else f"{gb['fused']:.1f}",
+                "-" if gb["reference"] is None else f"{gb['reference']:.1f}",
+                "-" if pct is None else f"{pct:.0f}%",
+                "/".join(_bench._fmt_mb(sb[n]) for n in IMPLS),
+                "-" if row["load"]["other_cpu_pct"] is None else f"{row['load']['other_cpu_pct']:.0f}%",
+            ]
+        )
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+    left = {0, 1, 2}
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(head), "  ".join("-" * w for w in widths), *(line(r) for r in body)])
+
+
+def render_mlp_step(row: dict[str, Any]) -> str:
+    t = row["times_ms"]
+    return (
+        f"highway_mlp training step (depth {row['depth']}, width {row['hidden']}, batch {row['batch']}, SGD): "
+        f"fused {_bench._fmt_ms(t['fused'])} ms, ref {_bench._fmt_ms(t['reference'])} ms, "
+        f"compile {_bench._fmt_ms(t['compiled'])} ms; ref/fused {_bench._fmt_ratio(row['ratios']['reference/fused'])}, "
+        f"compile/fused {_bench._fmt_ratio(row['ratios']['compiled/fused'])}; {row['rounds']} rounds"
+    )
+
+
+def run(settings: _bench.Settings, copy_gbps: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """All highway rows and the MLP step row (printing progress to stderr)."""
+    groups = [(s, packed) for s in shapes_for(settings) for packed in (False, True)]
+    progress = _bench._Progress(total=len(groups) * len(DIRECTIONS) + 1, desc="highway")
+    rows: list[dict[str, Any]] = []
+    try:
+        for shape, packed in groups:
+            rows += measure_highway(shape, packed, settings, copy_gbps, progress)
+        step = measure_mlp_step(settings, progress)
+    finally:
+        progress.close()
+    return rows, step
+
+
+def print_report(rows: list[dict[str, Any]], step: dict[str, Any], copy_gbps: float) -> None:
+    print("highway gate (coupled, ReLU), float32: fused vs eager reference vs torch.compile(reference)")
+    print(render_table(rows))
+    print(render_mlp_step(step))
+    print(
+        "split = transform, gate, carry as three tensors; packed = [transform | gate] of one projection read in "
+        "place along the given dim."
+    )
+    print(f"GB/s: {GBPS_METHOD}; %copy = fused GB/s / {copy_gbps:.1f} GB/s.")
+    print(f"saved MB: {SAVED_BYTES_METHOD}.")
+    if os.environ.get("FUSEDRES_BENCH_TINY") == "1":
+        print("(FUSEDRES_BENCH_TINY=1: tiny shapes)")
