@@ -1,21 +1,13 @@
 """pytest-benchmark setup for benchmarks/bench_*.py (run: ``pytest benchmarks --benchmark-only``).
 
-Collects ``bench_*.py`` files (not matched by pytest's default ``test_*.py``), says in the header and in the
+``bench_*.py`` files are collected through ``python_files`` in pyproject.toml. Says in the header and in the
 machine info which glibc allocator setting the figures were taken under (DESIGN.md section 6) and records the
 measured copy bandwidth next to them.
 """
 
 from __future__ import annotations
 
-import pytest
-
 from fusedres import bench
-
-
-def pytest_collect_file(file_path, parent):
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
-        return pytest.Module.from_parent(parent, path=file_path)
-    return None
 
 
 def pytest_report_header(config) -> list[str]:
