@@ -30,6 +30,7 @@
 
 #include "common/bn_act_math.h"
 #include "cpu/bn_act_kernel.h"
+#include "cpu/vec_io.h"
 
 namespace fusedres {
 namespace cpu {
@@ -48,70 +49,6 @@ constexpr int64_t kReduceBlock = 2048;
 constexpr int64_t kRowBlockBytes = 256 * 1024;
 // Elements below which a parallel loop runs on the calling thread.
 constexpr int64_t kParallelGrain = 32768;
-
-template <typename T>
-using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-// ---------------------------------------------------------------------------------------------------
-// Loads and stores of one vector of acc_t (float or double) from T (float, double, BFloat16, Half).
-template <typename T>
-struct VecIO {
-  using acc_t = acc_type_t<T>;
-  using V = Vectorized<acc_t>;
-  static constexpr int W = V::size();
-  static V load(const T* p) {
-    if constexpr (std::is_same_v<T, acc_t>) {
-      return V::loadu(p);
-    } else {
-      V out;
-      at::vec::load_to_float<T>(p, out);
-      return out;
-    }
-  }
-  static void store(T* p, const V& v) {
-    if constexpr (std::is_same_v<T, acc_t>) {
-      v.store(p);
-    } else {
-      at::vec::convert_from_float<T>(v, v).store(p, W);
-    }
-  }
-};
-
-// Non-temporal stores for outputs much larger than the caches: they skip the read-for-ownership a normal
-// store costs, so writing y (forward) or dx and dresidual (backward) moves half the bytes.
-constexpr int64_t kStreamBytes = 16 * 1024 * 1024;
-
-template <typename T>
-constexpr bool can_stream() {
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  return std::is_same_v<T, float> || std::is_same_v<T, double>;
-#else
-  return false;
-#endif
-}
-
-// p must be 64-byte aligned.
-template <typename T, typename V>
-inline void store_stream(T* p, const V& v) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) _mm512_stream_ps(p, v);
-  else if constexpr (std::is_same_v<T, double>) _mm512_stream_pd(p, v);
-  else v.store(p);
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(p, v);
-  else if constexpr (std::is_same_v<T, double>) _mm256_stream_pd(p, v);
-  else v.store(p);
-#else
-  v.store(p);
-#endif
-}
-
-// Orders this thread's non-temporal stores before whatever reads the output next.
-inline void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  _mm_sfence();
-#endif
-}
 
 // Elements to handle one by one so that p + result is 64-byte aligned (all of them if it never is).
 template <typename T>

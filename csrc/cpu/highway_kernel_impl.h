@@ -31,6 +31,7 @@
 
 #include "common/highway_math.h"
 #include "cpu/highway_kernel.h"
+#include "cpu/vec_io.h"
 
 namespace fusedres {
 namespace cpu {
@@ -48,46 +49,6 @@ constexpr int64_t kChunk = 16384;
 // Elements below which the whole call runs on the calling thread.
 constexpr int64_t kParallelGrain = 32768;
 
-template <typename T>
-using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-// Loads and stores of one vector of acc_t (float or double) from T (float, double, BFloat16, Half).
-template <typename T>
-struct VecIO {
-  using acc_t = acc_type_t<T>;
-  using V = Vectorized<acc_t>;
-  static constexpr int W = V::size();
-  static V load(const T* p) {
-    if constexpr (std::is_same_v<T, acc_t>) {
-      return V::loadu(p);
-    } else {
-      V out;
-      at::vec::load_to_float<T>(p, out);
-      return out;
-    }
-  }
-  static void store(T* p, const V& v) {
-    if constexpr (std::is_same_v<T, acc_t>) {
-      v.store(p);
-    } else {
-      at::vec::convert_from_float<T>(v, v).store(p, W);
-    }
-  }
-};
-
-// Non-temporal stores for outputs much larger than the caches: they skip the read-for-ownership a normal store
-// costs, so writing the output (forward) or the gradients (backward) moves fewer bytes (cf. bn_act).
-constexpr int64_t kStreamBytes = 16 * 1024 * 1024;
-
-template <typename T>
-constexpr bool can_stream() {
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  return std::is_same_v<T, float> || std::is_same_v<T, double>;
-#else
-  return false;
-#endif
-}
-
 // Bytes a streamed vector store must be aligned to.
 constexpr int64_t kVecBytes =
 #if defined(CPU_CAPABILITY_AVX512)
@@ -100,23 +61,10 @@ constexpr int64_t kVecBytes =
 template <bool STREAM, typename T, typename V>
 inline void store_out(T* p, const V& v) {
   if constexpr (STREAM && can_stream<T>()) {
-#if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (std::is_same_v<T, float>) _mm512_stream_ps(p, v);
-    else _mm512_stream_pd(p, v);
-#elif defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(p, v);
-    else _mm256_stream_pd(p, v);
-#endif
+    store_stream(p, v);
   } else {
     VecIO<T>::store(p, v);
   }
-}
-
-// Orders this thread's non-temporal stores before whatever reads the outputs next.
-inline void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  _mm_sfence();
-#endif
 }
 
 // Elements [c0, c0 + head) to handle one by one so that every non-null output of `outs` is kVecBytes-aligned
