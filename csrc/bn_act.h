@@ -41,6 +41,18 @@ BnActGeom check_bn_act_backward(const at::Tensor& grad_out, const at::Tensor& in
                                 const std::optional<at::Tensor>& weight, const at::Tensor& save_mean,
                                 const at::Tensor& save_invstd, const at::Tensor& mask, int act);
 
+// Checks of the building-block ops (csrc/fusedres.cpp). Each returns the geometry; nothing is modified.
+BnActGeom check_bn_stats(const at::Tensor& input);
+BnActGeom check_bn_act_elemt(const at::Tensor& input, const std::optional<at::Tensor>& residual,
+                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& mean, const at::Tensor& invstd, int act);
+// bn_act_backward_reduce: check_bn_act_backward without a weight.
+// bn_act_backward_elemt: check_bn_act_backward plus sum_dz / sum_dz_xhat ([C] acc dtype) and count >= 1.
+BnActGeom check_bn_act_backward_elemt(const at::Tensor& grad_out, const at::Tensor& input,
+                                      const std::optional<at::Tensor>& weight, const at::Tensor& save_mean,
+                                      const at::Tensor& save_invstd, const at::Tensor& mask, const at::Tensor& sum_dz,
+                                      const at::Tensor& sum_dz_xhat, int64_t count, int act);
+
 // Accumulation dtype: double for double inputs, float otherwise. save_mean / save_invstd use it.
 at::ScalarType bn_act_acc_type(at::ScalarType input_dtype);
 

@@ -26,6 +26,14 @@ void check_channel_vector(const std::optional<at::Tensor>& t, const char* name, 
               "), got ", t->device());
 }
 
+// A [C] per-channel vector of the accumulation dtype on input's device (save_mean, sums, ...).
+void check_acc_vector(const at::Tensor& t, const char* name, const at::Tensor& input, int64_t C) {
+  const auto acc = bn_act_acc_type(input.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.numel() == C && t.scalar_type() == acc && t.device() == input.device(), name,
+              " must be a 1-D ", acc, " tensor with ", C, " elements on ", input.device(), ", got ", t.scalar_type(),
+              " of shape ", t.sizes(), " on ", t.device());
+}
+
 BnActGeom geometry_of(const at::Tensor& input) {
   BnActGeom g;
   g.N = input.size(0);
@@ -48,11 +56,12 @@ int parse_activation(c10::string_view activation) {
                     std::string(activation.data(), activation.size()), "'");
 }
 
-BnActGeom check_bn_act_forward(const at::Tensor& input, const std::optional<at::Tensor>& residual,
-                               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                               const std::optional<at::Tensor>& running_mean,
-                               const std::optional<at::Tensor>& running_var, bool training, double momentum,
-                               double eps, int act) {
+namespace {
+
+// The checks bn_act_forward and bn_act_elemt share: input, residual, weight and bias.
+BnActGeom check_input_residual_params(const at::Tensor& input, const std::optional<at::Tensor>& residual,
+                                      const std::optional<at::Tensor>& weight,
+                                      const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(input.dim() >= 2 && input.dim() <= 5,
               "input must have 2 to 5 dimensions ((N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W)), got ",
               input.dim(), " dimensions of shape ", input.sizes());
@@ -70,6 +79,17 @@ BnActGeom check_bn_act_forward(const at::Tensor& input, const std::optional<at::
   }
   check_channel_vector(weight, "weight", input, g.C);
   check_channel_vector(bias, "bias", input, g.C);
+  return g;
+}
+
+}  // namespace
+
+BnActGeom check_bn_act_forward(const at::Tensor& input, const std::optional<at::Tensor>& residual,
+                               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& running_mean,
+                               const std::optional<at::Tensor>& running_var, bool training, double momentum,
+                               double eps, int act) {
+  const BnActGeom g = check_input_residual_params(input, residual, weight, bias);
   check_channel_vector(running_mean, "running_mean", input, g.C);
   check_channel_vector(running_var, "running_var", input, g.C);
   const bool has_rm = running_mean.has_value() && running_mean->defined();
@@ -100,17 +120,38 @@ BnActGeom check_bn_act_backward(const at::Tensor& grad_out, const at::Tensor& in
   TORCH_CHECK(grad_out.device() == input.device(), "grad_out must be on the same device as input");
   const BnActGeom g = geometry_of(input);
   check_channel_vector(weight, "weight", input, g.C);
-  const auto acc = bn_act_acc_type(input.scalar_type());
-  for (const auto* t : {&save_mean, &save_invstd}) {
-    TORCH_CHECK(t->dim() == 1 && t->numel() == g.C && t->scalar_type() == acc && t->device() == input.device(),
-                t == &save_mean ? "save_mean" : "save_invstd", " must be a 1-D ", acc, " tensor with ", g.C,
-                " elements on ", input.device(), ", got ", t->scalar_type(), " of shape ", t->sizes());
-  }
+  check_acc_vector(save_mean, "save_mean", input, g.C);
+  check_acc_vector(save_invstd, "save_invstd", input, g.C);
   const int64_t want = math::act_has_mask(act) ? math::mask_bytes(g.numel()) : 0;
   TORCH_CHECK(mask.scalar_type() == at::kByte && mask.dim() == 1 && mask.numel() == want &&
                   mask.device() == input.device(),
               "mask must be the uint8 tensor of ", want, " bytes returned by bn_act_forward, got ",
               mask.scalar_type(), " of shape ", mask.sizes());
+  return g;
+}
+
+BnActGeom check_bn_stats(const at::Tensor& input) {
+  return check_input_residual_params(input, std::nullopt, std::nullopt, std::nullopt);
+}
+
+BnActGeom check_bn_act_elemt(const at::Tensor& input, const std::optional<at::Tensor>& residual,
+                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& mean, const at::Tensor& invstd, int act) {
+  (void)act;
+  const BnActGeom g = check_input_residual_params(input, residual, weight, bias);
+  check_acc_vector(mean, "mean", input, g.C);
+  check_acc_vector(invstd, "invstd", input, g.C);
+  return g;
+}
+
+BnActGeom check_bn_act_backward_elemt(const at::Tensor& grad_out, const at::Tensor& input,
+                                      const std::optional<at::Tensor>& weight, const at::Tensor& save_mean,
+                                      const at::Tensor& save_invstd, const at::Tensor& mask, const at::Tensor& sum_dz,
+                                      const at::Tensor& sum_dz_xhat, int64_t count, int act) {
+  const BnActGeom g = check_bn_act_backward(grad_out, input, weight, save_mean, save_invstd, mask, act);
+  check_acc_vector(sum_dz, "sum_dz", input, g.C);
+  check_acc_vector(sum_dz_xhat, "sum_dz_xhat", input, g.C);
+  TORCH_CHECK(count >= 1, "count must be at least 1 (values per channel the sums were taken over), got ", count);
   return g;
 }
 

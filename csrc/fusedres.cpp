@@ -25,6 +25,48 @@ TORCH_LIBRARY(fusedres, m) {
       "Tensor mask, bool training, str activation, float negative_slope, bool[4] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
 
+  // The same op in its building blocks (DESIGN.md section 7), for synchronised BatchNorm and for statistics
+  // computed once and reused (dense blocks). Same kernels, same numerics, same mask contract as above.
+  //   bn_stats: per-channel batch mean and biased variance of input [N, C, *], each [C] in the accumulation
+  //   dtype (float64 for float64 input, else float32); shifted two-pass sums, stable for a large mean.
+  m.def("bn_stats(Tensor input) -> (Tensor, Tensor)");
+  //   bn_act_elemt: the normalise half: act((input - mean) * invstd * weight + bias + residual) with given
+  //   per-channel mean / invstd (acc dtype [C]). Returns (output, mask) exactly as bn_act_forward does.
+  m.def(
+      "bn_act_elemt(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
+      "str activation, float negative_slope) -> (Tensor, Tensor)");
+  //   bn_act_backward_reduce: per-channel (sum_dz, sum_dz_xhat), acc dtype [C], dz = grad_out * act'(z),
+  //   xhat = (input - save_mean) * save_invstd.
+  m.def(
+      "bn_act_backward_reduce(Tensor grad_out, Tensor input, Tensor save_mean, Tensor save_invstd, Tensor mask, "
+      "str activation, float negative_slope) -> (Tensor, Tensor)");
+  //   bn_act_backward_elemt: training-form input gradient from sums taken over `count` values per channel
+  //   (all ranks' for SyncBN): grad_input = w * invstd * (dz - sum_dz / count - xhat * sum_dz_xhat / count),
+  //   grad_residual = dz. output_mask = (input, residual); gradients not asked for are empty [0] tensors.
+  m.def(
+      "bn_act_backward_elemt(Tensor grad_out, Tensor input, Tensor? weight, Tensor save_mean, Tensor save_invstd, "
+      "Tensor mask, Tensor sum_dz, Tensor sum_dz_xhat, int count, str activation, float negative_slope, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
+
+  // act(batch_norm(cat(inputs, 1))) without building the concatenation (DESIGN.md section 3). The inputs agree
+  // in N, spatial size, dtype and device and may differ in channels; C = sum of their channels. Returns
+  // (output [N, C, *] dense in inputs[0]'s suggested memory format, save_mean [C], save_invstd [C], mask):
+  //   mask  uint8: one segment per input, segment j = mask_bytes(inputs[j].numel()) bytes, bit i = element i of
+  //         inputs[j] in its dense memory order (the output's format); [0] for identity.
+  //   batch_mean / batch_var: optional precomputed batch statistics of the concatenation ([C] acc dtype, biased
+  //         variance), training only: used instead of reducing the inputs (a dense block computes each feature
+  //         map's statistics once, with bn_stats); the running statistics are updated from them.
+  m.def(
+      "dense_bn_act_forward(Tensor[] inputs, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, Tensor? batch_mean, Tensor? batch_var, bool training, float momentum, float eps, "
+      "str activation, float negative_slope) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Gradients of dense_bn_act_forward: (grad_inputs, grad_weight, grad_bias). grad_inputs[j] is dense like
+  // inputs[j] when input_mask[j], else an empty [0] tensor; param_mask = (weight, bias).
+  m.def(
+      "dense_bn_act_backward(Tensor grad_out, Tensor[] inputs, Tensor? weight, Tensor save_mean, "
+      "Tensor save_invstd, Tensor mask, bool training, str activation, float negative_slope, bool[] input_mask, "
+      "bool[2] param_mask) -> (Tensor[], Tensor, Tensor)");
+
   // Highway gate (csrc/common/highway_math.h): y = act(transform) * sigmoid(gate) + carry * (1 - sigmoid(gate)),
   // or, with carry_gate, y = act(transform) * sigmoid(gate) + carry * sigmoid(carry_gate). All operands have the
   // same shape and dtype; the output is dense in transform's suggested memory format. activation: "relu", "tanh",

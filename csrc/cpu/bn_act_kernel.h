@@ -22,13 +22,17 @@ struct BnActForwardArgs {
   double eps;
   const void* x;
   const void* residual;  // may be null
-  void* y;
+  void* y;               // null in training: statistics only (mean, invstd, var), nothing else is written
+  int64_t y_ld;          // 0: y is dense like x; else y's leading dimension (y is a channel slice of a wider
+                         // tensor): NCHW y(n, c, s) = y[n * y_ld + c * S + s], channels_last y[(n * S + s) * y_ld + c]
   uint8_t* mask;         // zero-filled, math::mask_bytes(numel) bytes; null for identity
   const void* weight;    // acc_t[C]
   const void* bias;      // acc_t[C]
   void* mean;            // acc_t[C]: written in training, read in eval
   void* invstd;          // acc_t[C]: written in training, read in eval
   void* var;             // acc_t[C]: biased batch variance, written in training
+  int64_t stream_bytes;  // 0: this call's output size decides non-temporal stores; else the size of the whole
+                         // output this call writes a part of (the dense op writes the concatenation input by input)
 };
 
 struct BnActBackwardArgs {
@@ -39,6 +43,7 @@ struct BnActBackwardArgs {
   int act;
   double negative_slope;
   const void* dy;
+  int64_t dy_ld;         // 0: dy is dense like x; else its leading dimension (as y_ld of the forward)
   const void* x;
   const uint8_t* mask;   // null for identity
   const void* mean;      // acc_t[C]
@@ -48,6 +53,11 @@ struct BnActBackwardArgs {
   void* dresidual;       // null when not wanted
   void* sum_dz;          // acc_t[C], null when the reduction is not needed
   void* sum_dz_xhat;     // acc_t[C], null when the reduction is not needed
+  // sums_given: sum_dz / sum_dz_xhat are inputs (taken over `count` values per channel, e.g. across ranks):
+  // no reduction runs and the training-form dx uses them with `count` instead of N * S.
+  bool sums_given;
+  int64_t count;
+  int64_t stream_bytes;  // as in BnActForwardArgs, for dx / dresidual
 };
 
 using BnActForwardFn = void (*)(const BnActForwardArgs&);

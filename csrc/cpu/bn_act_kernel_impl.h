@@ -274,7 +274,21 @@ void forward_run(const T* x, const T* r, T* y, int64_t len, const acc_type_t<T>*
       IO::store(y + i, z);
     }
   }
-  for (; i < len; ++i) one(i);
+  if (const int n = static_cast<int>(len - i); n > 0) {  // the tail as one partial vector (zero lanes beyond n)
+    const V s = PER_ELEM ? V::loadu(scale + i, n) : vscale;
+    const V b = PER_ELEM ? V::loadu(shift + i, n) : vshift;
+    V z = at::vec::fmadd(IO::load_n(x + i, n), s, b);
+    if constexpr (RES) z = z + IO::load_n(r + i, n);
+    if constexpr (ACT == kReLU) {
+      bw->append(gt_zero_bits(z) & ((1u << n) - 1u), n);
+      z = at::vec::maximum(z, zero);
+    } else if constexpr (ACT == kLeakyReLU) {
+      const uint32_t bits = gt_zero_bits(z) & ((1u << n) - 1u);
+      bw->append(bits, n);
+      z = select_bits(bits, z, z * vslope);
+    }
+    IO::store_n(y + i, z, n);
+  }
 }
 
 // dz = dy * act'(z) for one vector, from the mask bits.
@@ -284,6 +298,17 @@ inline V dz_vec(const V& dy, BitReader* br, const V& vslope) {
     return dy;
   } else {
     const uint32_t bits = br->take(V::size());
+    return select_bits(bits, dy, ACT == kReLU ? V(0) : dy * vslope);
+  }
+}
+
+// dz for the first n (< V::size()) lanes of a partial vector (dy's other lanes are zero, and so are dz's).
+template <int ACT, typename V>
+inline V dz_vec_n(const V& dy, BitReader* br, const V& vslope, int n) {
+  if constexpr (ACT == kIdentity) {
+    return dy;
+  } else {
+    const uint32_t bits = br->take(n);
     return select_bits(bits, dy, ACT == kReLU ? V(0) : dy * vslope);
   }
 }
@@ -315,12 +340,13 @@ void backward_reduce_run(const T* dy, const T* x, int64_t len, BitReader* br, ac
       a = a + dz;
       b = at::vec::fmadd(dz, IO::load(x + i) - vmean, b);
     }
-    acc_t sa = hsum(a), sb = hsum(b);
-    for (; i < stop; ++i) {
-      const acc_t dz = dz_scalar<ACT>(static_cast<acc_t>(dy[i]), br, slope);
-      sa += dz;
-      sb += dz * (static_cast<acc_t>(x[i]) - mean);
+    if (const int n = static_cast<int>(stop - i); n > 0) {  // lanes beyond n: dz = 0, so they add nothing
+      const V dz = dz_vec_n<ACT>(IO::load_n(dy + i, n), br, vslope, n);
+      a = a + dz;
+      b = at::vec::fmadd(dz, IO::load_n(x + i, n) - vmean, b);
+      i = stop;
     }
+    const acc_t sa = hsum(a), sb = hsum(b);
     sum_dz += static_cast<double>(sa);
     sum_dzxc += static_cast<double>(sb);
   }
@@ -387,7 +413,21 @@ void backward_elementwise_run(const T* dy, const T* x, T* dx, T* dr, int64_t len
       }
     }
   }
-  for (; i < len; ++i) one(i);
+  if (const int n = static_cast<int>(len - i); n > 0) {  // the tail as one partial vector
+    const V dz = dz_vec_n<ACT>(IO::load_n(dy + i, n), br, vslope, n);
+    if constexpr (DR) IO::store_n(dr + i, dz, n);
+    if constexpr (DX) {
+      const V a = PER_ELEM ? V::loadu(k.a + i, n) : va;
+      if constexpr (TRAIN) {
+        const V mean = PER_ELEM ? V::loadu(k.mean + i, n) : vmean;
+        const V mdz = PER_ELEM ? V::loadu(k.mdz + i, n) : vmdz;
+        const V q = PER_ELEM ? V::loadu(k.q + i, n) : vq;
+        IO::store_n(dx + i, a * (dz - mdz) - (IO::load_n(x + i, n) - mean) * q, n);
+      } else {
+        IO::store_n(dx + i, a * dz, n);
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -421,8 +461,8 @@ inline int64_t rows_per_block(int64_t C, int64_t elem_size) {
 enum ColumnOp { kStats0, kStats1, kGrad };
 
 template <typename T, int OP, int ACT, int G>
-inline void column_group(const T* x, const T* dy, const uint8_t* mask, int64_t row0, int64_t nrows, int64_t C,
-                         int64_t j, const acc_type_t<T>* center, acc_type_t<T> slope, acc_type_t<T>* s1,
+inline void column_group(const T* x, const T* dy, int64_t dy_ld, const uint8_t* mask, int64_t row0, int64_t nrows,
+                         int64_t C, int64_t j, const acc_type_t<T>* center, acc_type_t<T> slope, acc_type_t<T>* s1,
                          acc_type_t<T>* s2) {
   using IO = VecIO<T>;
   using V = typename IO::V;
@@ -439,7 +479,7 @@ inline void column_group(const T* x, const T* dy, const uint8_t* mask, int64_t r
     for (int g = 0; g < G; ++g) {
       const V d = IO::load(x + off + g * W) - c[g];
       if constexpr (OP == kGrad) {
-        V dz = IO::load(dy + off + g * W);
+        V dz = IO::load(dy + (row0 + r) * dy_ld + j + g * W);
         if constexpr (ACT != kIdentity) {
           dz = select_bits(read_bits(mask, off + g * W, W), dz, ACT == kReLU ? V(0) : dz * vslope);
         }
@@ -457,32 +497,44 @@ inline void column_group(const T* x, const T* dy, const uint8_t* mask, int64_t r
   }
 }
 
+// The last C - j (< W) channels as one partial vector per row (masked loads; the other lanes stay zero).
+template <typename T, int OP, int ACT>
+inline void column_tail(const T* x, const T* dy, int64_t dy_ld, const uint8_t* mask, int64_t row0, int64_t nrows,
+                        int64_t C, int64_t j, const acc_type_t<T>* center, acc_type_t<T> slope, acc_type_t<T>* s1,
+                        acc_type_t<T>* s2) {
+  using IO = VecIO<T>;
+  using V = typename IO::V;
+  const int n = static_cast<int>(C - j);
+  const V c = V::loadu(center + j, n), vslope(slope);
+  V a1(0), a2(0);
+  for (int64_t r = 0; r < nrows; ++r) {
+    const int64_t off = (row0 + r) * C + j;
+    const V d = IO::load_n(x + off, n) - c;
+    if constexpr (OP == kGrad) {
+      V dz = IO::load_n(dy + (row0 + r) * dy_ld + j, n);
+      if constexpr (ACT != kIdentity) {
+        dz = select_bits(read_bits(mask, off, n), dz, ACT == kReLU ? V(0) : dz * vslope);
+      }
+      a1 = a1 + dz;
+      a2 = at::vec::fmadd(dz, d, a2);
+    } else {
+      a1 = a1 + d;
+      if constexpr (OP == kStats1) a2 = at::vec::fmadd(d, d, a2);
+    }
+  }
+  (V::loadu(s1 + j, n) + a1).store(s1 + j, n);
+  if constexpr (OP != kStats0) (V::loadu(s2 + j, n) + a2).store(s2 + j, n);
+}
+
 template <typename T, int OP, int ACT = kIdentity>
-void column_reduce(const T* x, const T* dy, const uint8_t* mask, int64_t row0, int64_t nrows, int64_t C,
-                   const acc_type_t<T>* center, acc_type_t<T> slope, acc_type_t<T>* s1, acc_type_t<T>* s2) {
+void column_reduce(const T* x, const T* dy, int64_t dy_ld, const uint8_t* mask, int64_t row0, int64_t nrows,
+                   int64_t C, const acc_type_t<T>* center, acc_type_t<T> slope, acc_type_t<T>* s1, acc_type_t<T>* s2) {
   using acc_t = acc_type_t<T>;
   constexpr int W = VecIO<T>::W;
   int64_t j = 0;
-  for (; j + 4 * W <= C; j += 4 * W) column_group<T, OP, ACT, 4>(x, dy, mask, row0, nrows, C, j, center, slope, s1, s2);
-  for (; j + W <= C; j += W) column_group<T, OP, ACT, 1>(x, dy, mask, row0, nrows, C, j, center, slope, s1, s2);
-  for (; j < C; ++j) {
-    acc_t a1 = 0, a2 = 0;
-    for (int64_t r = 0; r < nrows; ++r) {
-      const int64_t off = (row0 + r) * C + j;
-      const acc_t d = static_cast<acc_t>(x[off]) - center[j];
-      if constexpr (OP == kGrad) {
-        acc_t dz = static_cast<acc_t>(dy[off]);
-        if constexpr (ACT != kIdentity) dz = math::act_backward(dz, read_bits(mask, off, 1) != 0u, ACT, slope);
-        a1 += dz;
-        a2 += dz * d;
-      } else {
-        a1 += d;
-        a2 += d * d;
-      }
-    }
-    s1[j] += a1;
-    if constexpr (OP != kStats0) s2[j] += a2;
-  }
+  for (; j + 4 * W <= C; j += 4 * W) column_group<T, OP, ACT, 4>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2);
+  for (; j + W <= C; j += W) column_group<T, OP, ACT, 1>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2);
+  if (j < C) column_tail<T, OP, ACT>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2);
 }
 
 // Batch mean and biased variance of a channels_last tensor. Per row block (sized to stay in L2), two
@@ -509,13 +561,13 @@ void stats_channels_last(const T* x, int64_t rows, int64_t C, double* mean_out, 
         const int64_t b1 = std::min(r1, b0 + block), nb = b1 - b0;
         for (int64_t j = 0; j < C; ++j) center[j] = static_cast<acc_t>(x[b0 * C + j]);
         std::fill(s1.begin(), s1.end(), acc_t(0));
-        column_reduce<T, kStats0>(x, nullptr, nullptr, b0 + 1, nb - 1, C, center.data(), acc_t(0), s1.data(), nullptr);
+        column_reduce<T, kStats0>(x, nullptr, 0, nullptr, b0 + 1, nb - 1, C, center.data(), acc_t(0), s1.data(), nullptr);
         for (int64_t j = 0; j < C; ++j) {
           center[j] = static_cast<acc_t>(static_cast<double>(center[j]) + static_cast<double>(s1[j]) / nb);
         }
         std::fill(s1.begin(), s1.end(), acc_t(0));
         std::fill(s2.begin(), s2.end(), acc_t(0));
-        column_reduce<T, kStats1>(x, nullptr, nullptr, b0, nb, C, center.data(), acc_t(0), s1.data(), s2.data());
+        column_reduce<T, kStats1>(x, nullptr, 0, nullptr, b0, nb, C, center.data(), acc_t(0), s1.data(), s2.data());
         const double tot = static_cast<double>(count + nb);
         for (int64_t j = 0; j < C; ++j) {
           const double d1 = static_cast<double>(s1[j]);
@@ -561,7 +613,14 @@ void forward_typed(const BnActForwardArgs& a) {
   acc_t* var = static_cast<acc_t*>(a.var);
   const acc_t slope = static_cast<acc_t>(a.negative_slope);
   const int64_t N = a.N, C = a.C, S = a.S, M = N * S;
-  const bool stream = N * C * S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+  // Leading dimension of y: between consecutive n (NCHW) or rows (channels_last); y may be a channel slice.
+  const int64_t y_ld = a.y_ld != 0 ? a.y_ld : (a.channels_last ? C : C * S);
+  // Non-temporal stores for outputs far larger than the caches, but not into channels_last rows shared with
+  // other calls (partial cache lines would be written back piecemeal).
+  const int64_t out_bytes = a.stream_bytes > 0 ? a.stream_bytes : N * C * S * static_cast<int64_t>(sizeof(T));
+  const bool stream = out_bytes >= kStreamBytes && !(a.channels_last && y_ld != C);
+  const bool stats_only = y == nullptr;
+  TORCH_INTERNAL_ASSERT(!stats_only || a.training, "bn_act forward kernel: y may be null only in training");
 
   if (!a.channels_last) {
     if (a.training) {
@@ -579,13 +638,14 @@ void forward_typed(const BnActForwardArgs& a) {
           mean[c] = static_cast<acc_t>(mu);
           var[c] = static_cast<acc_t>(v);
           invstd[c] = static_cast<acc_t>(is);
+          if (stats_only) continue;
           const acc_t scale = static_cast<acc_t>(static_cast<double>(w[c]) * is);
           const acc_t shift = static_cast<acc_t>(static_cast<double>(b[c]) - mu * static_cast<double>(scale));
           for (int64_t n = 0; n < N; ++n) {
             const int64_t off = (n * C + c) * S;
             BitWriter bw(a.mask, off, off + S);
-            forward_run<T, ACT, RES, false>(x + off, RES ? r + off : nullptr, y + off, S, &scale, &shift, slope, &bw,
-                                            stream);
+            forward_run<T, ACT, RES, false>(x + off, RES ? r + off : nullptr, y + n * y_ld + c * S, S, &scale, &shift,
+                                            slope, &bw, stream);
           }
         }
         if (stream) stream_fence();
@@ -600,9 +660,9 @@ void forward_typed(const BnActForwardArgs& a) {
       at::parallel_for(0, N * C, grain, [&](int64_t p0, int64_t p1) {
         BitWriter bw(a.mask, p0 * S, p1 * S);
         for (int64_t p = p0; p < p1; ++p) {
-          const int64_t c = p % C, off = p * S;
-          forward_run<T, ACT, RES, false>(x + off, RES ? r + off : nullptr, y + off, S, &scale[c], &shift[c], slope,
-                                          &bw, stream);
+          const int64_t n = p / C, c = p % C, off = p * S;
+          forward_run<T, ACT, RES, false>(x + off, RES ? r + off : nullptr, y + n * y_ld + c * S, S, &scale[c],
+                                          &shift[c], slope, &bw, stream);
         }
         if (stream) stream_fence();
       });
@@ -623,6 +683,7 @@ void forward_typed(const BnActForwardArgs& a) {
       scale[c] = static_cast<acc_t>(static_cast<double>(w[c]) * is);
       shift[c] = static_cast<acc_t>(static_cast<double>(b[c]) - mu[c] * static_cast<double>(scale[c]));
     }
+    if (stats_only) return;
   } else {
     for (int64_t c = 0; c < C; ++c) {
       scale[c] = w[c] * invstd[c];
@@ -634,8 +695,8 @@ void forward_typed(const BnActForwardArgs& a) {
     BitWriter bw(a.mask, r0 * C, r1 * C);
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t off = row * C;
-      forward_run<T, ACT, RES, true>(x + off, RES ? r + off : nullptr, y + off, C, scale.data(), shift.data(), slope,
-                                     &bw, stream);
+      forward_run<T, ACT, RES, true>(x + off, RES ? r + off : nullptr, y + row * y_ld, C, scale.data(), shift.data(),
+                                     slope, &bw, stream);
     }
     if (stream) stream_fence();
   });
@@ -653,10 +714,24 @@ void backward_typed(const BnActBackwardArgs& a) {
   const acc_t* w = static_cast<const acc_t*>(a.weight);
   acc_t* sum_dz = static_cast<acc_t*>(a.sum_dz);
   acc_t* sum_dzxhat = static_cast<acc_t*>(a.sum_dz_xhat);
-  const bool reduce = sum_dz != nullptr;
+  // sums_given: the sums are inputs (over a.count values, e.g. all ranks' of a synchronised BatchNorm).
+  const bool reduce = sum_dz != nullptr && !a.sums_given;
   const acc_t slope = static_cast<acc_t>(a.negative_slope);
-  const int64_t N = a.N, C = a.C, S = a.S, M = N * S;
-  const bool stream = N * C * S * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+  const int64_t N = a.N, C = a.C, S = a.S;
+  const int64_t M = N * S;  // rows (channels_last) or values per channel held here
+  // Values per channel the means are taken over: all ranks' when the sums are given.
+  const double count = static_cast<double>(a.sums_given ? a.count : M);
+  const int64_t dy_ld = a.dy_ld != 0 ? a.dy_ld : (a.channels_last ? C : C * S);
+  TORCH_INTERNAL_ASSERT(!a.sums_given || (sum_dz != nullptr && sum_dzxhat != nullptr && a.count > 0),
+                        "bn_act backward kernel: sums_given needs both sums and count > 0");
+  // The given sums as the kernel uses them: sum dz and sum dz * (x - mean) = sum_dz_xhat / invstd.
+  auto given_sums = [&](int64_t c, double* sdz, double* sdzxc) {
+    *sdz = static_cast<double>(sum_dz[c]);
+    *sdzxc = static_cast<double>(sum_dzxhat[c]) / static_cast<double>(invstd[c]);
+  };
+  // dx and dresidual are dense even when dy is a slice.
+  const bool stream =
+      (a.stream_bytes > 0 ? a.stream_bytes : N * C * S * static_cast<int64_t>(sizeof(T))) >= kStreamBytes;
   constexpr bool kElementwise = DX || DR;
 
   // Per-channel coefficients of the elementwise pass, from the channel's reduction (training) or not (eval).
@@ -664,8 +739,8 @@ void backward_typed(const BnActBackwardArgs& a) {
     const double is = static_cast<double>(invstd[c]);
     const double k = static_cast<double>(w[c]) * is;
     *ka = static_cast<acc_t>(k);
-    *kmdz = static_cast<acc_t>(sdz / static_cast<double>(M));
-    *kq = static_cast<acc_t>(k * is * is * sdzxc / static_cast<double>(M));
+    *kmdz = static_cast<acc_t>(sdz / count);
+    *kq = static_cast<acc_t>(k * is * is * sdzxc / count);
   };
 
   if (!a.channels_last) {
@@ -673,11 +748,12 @@ void backward_typed(const BnActBackwardArgs& a) {
     at::parallel_for(0, C, channel_grain(M), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         double sdz = 0, sdzxc = 0;
+        if (a.sums_given) given_sums(c, &sdz, &sdzxc);
         if (reduce) {
           for (int64_t n = 0; n < N; ++n) {
             const int64_t off = (n * C + c) * S;
             BitReader br(a.mask, off);
-            backward_reduce_run<T, ACT>(dy + off, x + off, S, &br, mean[c], slope, sdz, sdzxc);
+            backward_reduce_run<T, ACT>(dy + n * dy_ld + c * S, x + off, S, &br, mean[c], slope, sdz, sdzxc);
           }
           sum_dz[c] = static_cast<acc_t>(sdz);
           sum_dzxhat[c] = static_cast<acc_t>(sdzxc * static_cast<double>(invstd[c]));
@@ -689,8 +765,9 @@ void backward_typed(const BnActBackwardArgs& a) {
           for (int64_t n = 0; n < N; ++n) {
             const int64_t off = (n * C + c) * S;
             BitReader br(a.mask, off);
-            backward_elementwise_run<T, ACT, false, TRAIN, DX, DR>(dy + off, x + off, DX ? dx + off : nullptr,
-                                                                   DR ? dr + off : nullptr, S, &br, k, slope, stream);
+            backward_elementwise_run<T, ACT, false, TRAIN, DX, DR>(dy + n * dy_ld + c * S, x + off,
+                                                                   DX ? dx + off : nullptr, DR ? dr + off : nullptr,
+                                                                   S, &br, k, slope, stream);
           }
         }
       }
@@ -701,6 +778,9 @@ void backward_typed(const BnActBackwardArgs& a) {
 
   // channels_last: per-chunk partial reductions over row blocks (acc_t per block, double per chunk).
   std::vector<double> sdz(C, 0.0), sdzxc(C, 0.0);
+  if (a.sums_given) {
+    for (int64_t c = 0; c < C; ++c) given_sums(c, &sdz[c], &sdzxc[c]);
+  }
   if (reduce) {
     const int64_t chunks = num_row_chunks(M, C);
     std::vector<double> pdz(chunks * C, 0.0), pdzx(chunks * C, 0.0);
@@ -714,7 +794,7 @@ void backward_typed(const BnActBackwardArgs& a) {
           const int64_t b1 = std::min(r1, b0 + block);
           std::fill(bdz.begin(), bdz.end(), acc_t(0));
           std::fill(bdzx.begin(), bdzx.end(), acc_t(0));
-          column_reduce<T, kGrad, ACT>(x, dy, a.mask, b0, b1 - b0, C, mean, slope, bdz.data(), bdzx.data());
+          column_reduce<T, kGrad, ACT>(x, dy, dy_ld, a.mask, b0, b1 - b0, C, mean, slope, bdz.data(), bdzx.data());
           for (int64_t j = 0; j < C; ++j) {
             pdz[ch * C + j] += static_cast<double>(bdz[j]);
             pdzx[ch * C + j] += static_cast<double>(bdzx[j]);
@@ -742,7 +822,7 @@ void backward_typed(const BnActBackwardArgs& a) {
       BitReader br(a.mask, r0 * C);
       for (int64_t row = r0; row < r1; ++row) {
         const int64_t off = row * C;
-        backward_elementwise_run<T, ACT, true, TRAIN, DX, DR>(dy + off, x + off, DX ? dx + off : nullptr,
+        backward_elementwise_run<T, ACT, true, TRAIN, DX, DR>(dy + row * dy_ld, x + off, DX ? dx + off : nullptr,
                                                               DR ? dr + off : nullptr, C, &br, k, slope, stream);
       }
       if (stream) stream_fence();

@@ -14,6 +14,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
@@ -48,6 +49,27 @@ struct VecIO {
       v.store(p);
     } else {
       at::vec::convert_from_float<T>(v, v).store(p, W);
+    }
+  }
+  // The first n values (0 < n < W) at p; the other lanes are zero. Masked loads/stores where the ISA has them
+  // (Vectorized<float/double>::loadu(p, n) on AVX-512), so short rows and run tails stay vectorised.
+  static V load_n(const T* p, int n) {
+    if constexpr (std::is_same_v<T, acc_t>) {
+      return V::loadu(p, n);
+    } else {
+      T tmp[W] = {};
+      std::memcpy(tmp, p, static_cast<size_t>(n) * sizeof(T));
+      return load(tmp);
+    }
+  }
+  // Stores the first n values (0 < n < W) of v at p.
+  static void store_n(T* p, const V& v, int n) {
+    if constexpr (std::is_same_v<T, acc_t>) {
+      v.store(p, n);
+    } else {
+      T tmp[W];
+      store(tmp, v);
+      std::memcpy(p, tmp, static_cast<size_t>(n) * sizeof(T));
     }
   }
 };

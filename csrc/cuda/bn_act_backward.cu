@@ -75,6 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
     TORCH_INTERNAL_ASSERT(c10::CppTypeToScalarType<acc_t>::value == acc);
     const gpu::BnActBackwardBuffers<kscalar_t, acc_t> buffers{
         reinterpret_cast<const kscalar_t*>(dy.const_data_ptr<scalar_t>()),
+        /*grad_out_ld=*/0,
         reinterpret_cast<const kscalar_t*>(x.const_data_ptr<scalar_t>()),
         has_mask ? reinterpret_cast<const uint32_t*>(mask_words.const_data_ptr<uint8_t>()) : nullptr,
         mean.const_data_ptr<acc_t>(),

@@ -72,7 +72,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cuda(
         params.second.const_data_ptr<acc_t>(),
         save_mean.mutable_data_ptr<acc_t>(),
         save_invstd.mutable_data_ptr<acc_t>(),
+        /*var=*/nullptr,
         reinterpret_cast<kscalar_t*>(output.mutable_data_ptr<scalar_t>()),
+        /*y_ld=*/0,
         has_mask ? reinterpret_cast<uint32_t*>(mask.mutable_data_ptr<uint8_t>()) : nullptr,
         workspace.mutable_data_ptr<acc_t>()};
     gpu::bn_act_forward_launch(L, buffers, training, static_cast<acc_t>(eps), act, static_cast<acc_t>(negative_slope),

@@ -21,7 +21,11 @@
 //   bn_act_eval_scale_shift_kernel     eval: scale, shift from the running-statistics mean and invstd
 //   bn_act_forward_elementwise_kernel  y = act(x * scale + shift (+ r)) and the packed mask bits
 //   bn_act_backward_finalize_kernel    merges the gradient partials -> sum dz, sum dz * xhat, dx coefficients
+//   bn_act_backward_given_sums_kernel  dx coefficients from given sums over `count` values (bn_act_backward_elemt)
 //   bn_act_backward_elementwise_kernel dz = act'(dy); grad_input and/or grad_residual
+//
+// The output y of the forward and grad_out of the backward may be a channel slice of a wider (N, C_total, S)
+// tensor (dense_bn_act_*: input j of a virtual concatenation): LeadingDim maps their linear index.
 //
 // Scalars: float, double, __half and __nv_bfloat16 (the launchers map c10::Half / c10::BFloat16 onto the
 // last two; the layouts are identical). acc_t is double for double and float otherwise.
@@ -111,6 +115,24 @@ FUSEDRES_HOST_DEVICE_INLINE DivModIndexer make_divmod_indexer(int64_t D, int64_t
   D = D > 0 ? D : 1;
   E = E > 0 ? E : 1;
   return {D, E, 1.0 / static_cast<double>(D), 1.0 / static_cast<double>(E)};
+}
+
+// Offset of element i (linear index in the dense (N, C, S) layout) in a tensor whose consecutive "outer" blocks of
+// D = C * S (NCHW: one n) or D = C (channels_last: one row) elements lie `ld` apart instead of D: a channel slice
+// of a wider tensor. offset = i + (i / D) * (ld - D); extra == 0 (dense) is the identity without a division.
+struct LeadingDim {
+  int64_t D, extra;
+  double inv_D;
+  FUSEDRES_HOST_DEVICE_INLINE int64_t operator()(int64_t i) const {
+    return extra == 0 ? i : i + floor_div_by_reciprocal(i, D, inv_D) * extra;
+  }
+};
+
+// ld == 0 or ld == the dense value: the identity.
+FUSEDRES_HOST_DEVICE_INLINE LeadingDim make_leading_dim(int64_t C, int64_t S, bool channels_last, int64_t ld) {
+  int64_t D = channels_last ? C : C * S;
+  D = D > 0 ? D : 1;
+  return {D, ld == 0 ? 0 : ld - D, 1.0 / static_cast<double>(D)};
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -351,6 +373,7 @@ struct BnActGradSumsOp {
     acc_t mean;
   };
   const scalar_t* grad_out;
+  LeadingDim grad_out_ld;  // grad_out may be a channel slice of a wider tensor
   const scalar_t* x;
   const uint32_t* mask;  // nullptr for activations without a mask
   const acc_t* mean;
@@ -361,7 +384,7 @@ struct BnActGradSumsOp {
   FUSEDRES_DEVICE_INLINE Channel channel(int64_t c) const { return {mean[c]}; }
   FUSEDRES_DEVICE_INLINE Value load(const Channel& ch, int64_t off) const {
     const bool positive = mask != nullptr && mask_bit(mask, off);
-    const acc_t dz = math::act_backward(to_acc(grad_out[off]), positive, act, negative_slope);
+    const acc_t dz = math::act_backward(to_acc(grad_out[grad_out_ld(off)]), positive, act, negative_slope);
     return {dz, to_acc(x[off]) - ch.mean};
   }
   static FUSEDRES_DEVICE_INLINE void accumulate(State& s, const Value& v) {
@@ -452,8 +475,8 @@ template <typename acc_t>
 struct BnActChannelStats {
   acc_t* mean;
   acc_t* invstd;
-  acc_t* var;  // biased batch variance, for the running-statistics update
-  acc_t* scale;
+  acc_t* var;    // biased batch variance, for the running-statistics update
+  acc_t* scale;  // nullptr (and shift too): statistics only (bn_stats), weight and bias are not read
   acc_t* shift;
 };
 
@@ -473,7 +496,7 @@ __global__ void __launch_bounds__(kFinalizeTile * kFinalizeRows)
   out.mean[c] = s.mean;
   out.invstd[c] = invstd;
   out.var[c] = var;
-  bn_scale_shift(weight[c], bias[c], s.mean, invstd, out.scale[c], out.shift[c]);
+  if (out.scale != nullptr) bn_scale_shift(weight[c], bias[c], s.mean, invstd, out.scale[c], out.shift[c]);
 }
 
 // Eval: scale and shift from the running statistics (mean, invstd computed by bn_act_eval_stats). 1-D grid.
@@ -497,7 +520,8 @@ struct BnActForwardArgs {
   const acc_t* scale;        // [C]
   const acc_t* shift;        // [C]
   scalar_t* y;
-  uint32_t* mask;  // mask_words words, or nullptr for activations without a mask
+  LeadingDim y_ld;  // y may be a channel slice of a wider tensor
+  uint32_t* mask;   // mask_words words, or nullptr for activations without a mask
   int act;
   acc_t negative_slope;
 };
@@ -528,7 +552,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
 #pragma unroll
     for (int j = 0; j < kElementwiseUnroll; ++j) {
       const int64_t i = first + j * kWarpSize;
-      if (valid[j]) a.y[i] = from_acc<scalar_t>(math::act_forward(z[j], a.act, a.negative_slope));
+      if (valid[j]) a.y[a.y_ld(i)] = from_acc<scalar_t>(math::act_forward(z[j], a.act, a.negative_slope));
       if (a.mask != nullptr) {  // kernel argument: the same in every lane
         // All 32 lanes vote (the span loop is warp-uniform); lanes past numel vote 0, so the bits of the
         // partial last word and of the spare word are 0.
@@ -551,7 +575,7 @@ template <typename acc_t>
 struct BnActGradChannelCoeffs {
   acc_t* sum_dz;        // grad_bias before the dtype cast; nullptr when not needed
   acc_t* sum_dz_xhat;   // grad_weight before the dtype cast; nullptr when not needed
-  acc_t* k;             // w * invstd
+  acc_t* k;             // w * invstd; nullptr (and the two below too): sums only, the weight is not read
   acc_t* mean_dz;       // sum_dz / M
   acc_t* mean_dz_xhat;  // sum_dz_xhat / M
 };
@@ -573,14 +597,32 @@ __global__ void __launch_bounds__(kFinalizeTile * kFinalizeRows)
   const acc_t M = static_cast<acc_t>(sh.M);
   if (out.sum_dz != nullptr) out.sum_dz[c] = sum_dz;
   if (out.sum_dz_xhat != nullptr) out.sum_dz_xhat[c] = sum_dz_xhat;
+  if (out.k == nullptr) return;
   out.k[c] = weight[c] * istd;
   out.mean_dz[c] = sum_dz / M;
   out.mean_dz_xhat[c] = sum_dz_xhat / M;
 }
 
+// bn_act_backward_elemt: the dx coefficients from sums taken elsewhere over `count` values per channel (all
+// ranks' of a synchronised BatchNorm): k = w * invstd, mean_dz = sum_dz / count, mean_dz_xhat = sum_dz_xhat /
+// count. 1-D grid over channels.
+template <typename acc_t>
+__global__ void __launch_bounds__(kChannelThreads)
+    bn_act_backward_given_sums_kernel(const acc_t* __restrict__ sum_dz, const acc_t* __restrict__ sum_dz_xhat,
+                                      const acc_t count, const acc_t* __restrict__ invstd,
+                                      const acc_t* __restrict__ weight, const BnActGradChannelCoeffs<acc_t> out,
+                                      const int64_t C) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  out.k[c] = weight[c] * invstd[c];
+  out.mean_dz[c] = sum_dz[c] / count;
+  out.mean_dz_xhat[c] = sum_dz_xhat[c] / count;
+}
+
 template <typename scalar_t, typename acc_t>
 struct BnActBackwardArgs {
   const scalar_t* grad_out;
+  LeadingDim grad_out_ld;  // grad_out may be a channel slice of a wider tensor
   const scalar_t* x;
   const uint32_t* mask;  // nullptr for activations without a mask
   const acc_t* mean;     // [C] save_mean
@@ -611,7 +653,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
       xv[j] = acc_t(0);
       if (i < sh.numel) {
         const bool positive = a.mask != nullptr && mask_bit(a.mask, i);
-        dz[j] = math::act_backward(to_acc(a.grad_out[i]), positive, a.act, a.negative_slope);
+        dz[j] = math::act_backward(to_acc(a.grad_out[a.grad_out_ld(i)]), positive, a.act, a.negative_slope);
         if (need_x) xv[j] = to_acc(a.x[i]);
       }
     }

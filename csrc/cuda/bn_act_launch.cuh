@@ -1,7 +1,16 @@
 // Host-side launch sequences of bn_act: which kernels run, in which order, with which launch shapes
-// (bn_act_launch_config) and on which buffers. No ATen: the launchers (bn_act_forward.cu, bn_act_backward.cu)
-// allocate, check and call these functions, and the emulator tests (tests/cuda_emu/emu_bn_act.cpp) call exactly
-// the same functions on host buffers, so the sequence itself is tested without a GPU.
+// (bn_act_launch_config) and on which buffers. No ATen: the launchers (bn_act_forward.cu, bn_act_backward.cu, and
+// bn_act_split.cu / dense.cu for the building-block ops and, through dense_launch.cuh, the dense ops) allocate,
+// check and call these functions, and the emulator tests (tests/cuda_emu/emu_bn_act.cpp) call exactly the same
+// functions on host buffers, so the sequence itself is tested without a GPU.
+//
+// Sequences (launches in order):
+//   bn_act_forward_launch, training     reduce, stats finalize, forward elementwise   (bn_act_forward training)
+//                          statistics only (y == nullptr): reduce, stats finalize       (bn_stats)
+//                          eval         eval scale/shift, forward elementwise         (eval, bn_act_elemt)
+//   bn_act_backward_launch              [reduce,] [backward finalize,] [backward elementwise]
+//                          sums only (no gradient buffers): reduce, backward finalize  (bn_act_backward_reduce)
+//   bn_act_backward_elemt_launch        given-sums coefficients, backward elementwise (bn_act_backward_elemt)
 //
 // Define FUSEDRES_LAUNCH_CHECK() before including this header: C10_CUDA_KERNEL_LAUNCH_CHECK() in the launchers;
 // the emulator build gets a no-op from cuda_compat.cuh (emu::launch throws on a bad launch).
@@ -39,17 +48,23 @@ struct BnActForwardBuffers {
   const acc_t* bias;         // [C]
   acc_t* save_mean;          // [C]: written in training; in eval, the running mean (read)
   acc_t* save_invstd;        // [C]: written in training; in eval, 1 / sqrt(running_var + eps) (read)
-  scalar_t* y;               // numel
+  acc_t* var;                // [C] biased batch variance (training), or nullptr: kept in the workspace at
+                             // bn_act_forward_var_offset(L)
+  scalar_t* y;               // numel; nullptr in training: statistics only (no elementwise pass, no mask)
+  int64_t y_ld;              // 0: y dense like x; else y is a channel slice of a wider tensor with this leading
+                             // dimension: NCHW y(n, c, s) = y[n * y_ld + c * S + s], channels_last y[m * y_ld + c]
   uint32_t* mask;            // L.shape.mask_words words (all written), or nullptr for activations without a mask
   acc_t* workspace;          // bn_act_forward_workspace_elems(L, training), uninitialised
 };
 
-// Training: statistics reduction -> finalize (mean, invstd, var, scale, shift) -> elementwise.
-// Eval: scale/shift from the given statistics -> elementwise. Requires L.shape.numel > 0.
+// Training: statistics reduction -> finalize (mean, invstd, var, scale, shift) -> elementwise; with y == nullptr
+// only the statistics (mean, invstd, var; weight and bias are not read). Eval: scale/shift from the given
+// statistics -> elementwise. Requires L.shape.numel > 0.
 template <typename scalar_t, typename acc_t>
 void bn_act_forward_launch(const BnActLaunch& L, const BnActForwardBuffers<scalar_t, acc_t>& b, bool training,
                            acc_t eps, int act, acc_t negative_slope, cudaStream_t stream) {
   const int64_t C = L.shape.C;
+  const bool stats_only = b.y == nullptr;
   acc_t* scale = b.workspace;
   acc_t* shift = b.workspace + C;
   if (training) {
@@ -65,18 +80,21 @@ void bn_act_forward_launch(const BnActLaunch& L, const BnActForwardBuffers<scala
                     stream, op, L.shape);
     }
     FUSEDRES_LAUNCH_CHECK();
-    const BnActChannelStats<acc_t> stats{b.save_mean, b.save_invstd, b.workspace + bn_act_forward_var_offset(L),
-                                         scale, shift};
+    const BnActChannelStats<acc_t> stats{b.save_mean, b.save_invstd,
+                                         b.var != nullptr ? b.var : b.workspace + bn_act_forward_var_offset(L),
+                                         stats_only ? nullptr : scale, stats_only ? nullptr : shift};
     KERNEL_LAUNCH((bn_act_stats_finalize_kernel<acc_t>), L.finalize_grid, L.finalize_block, 0, stream, partials,
                   L.shape, eps, b.weight, b.bias, stats);
     FUSEDRES_LAUNCH_CHECK();
+    if (stats_only) return;
   } else {
     KERNEL_LAUNCH((bn_act_eval_scale_shift_kernel<acc_t>), L.channel_grid, L.channel_block, 0, stream, b.save_mean,
                   b.save_invstd, b.weight, b.bias, scale, shift, C);
     FUSEDRES_LAUNCH_CHECK();
   }
 
-  const BnActForwardArgs<scalar_t, acc_t> args{b.x, b.residual, scale, shift, b.y, b.mask, act, negative_slope};
+  const LeadingDim y_ld = make_leading_dim(C, L.shape.S, L.channels_last, b.y_ld);
+  const BnActForwardArgs<scalar_t, acc_t> args{b.x, b.residual, scale, shift, b.y, y_ld, b.mask, act, negative_slope};
   if (L.channels_last) {
     KERNEL_LAUNCH((bn_act_forward_elementwise_kernel<scalar_t, acc_t, true>), L.elementwise_grid,
                   L.elementwise_block, 0, stream, args, L.shape);
@@ -105,12 +123,13 @@ FUSEDRES_HOST_DEVICE_INLINE int64_t bn_act_backward_workspace_elems(const BnActL
 
 template <typename scalar_t, typename acc_t>
 struct BnActBackwardBuffers {
-  const scalar_t* grad_out;  // numel, dense in the layout of L
+  const scalar_t* grad_out;  // numel, dense in the layout of L (grad_out_ld == 0) or a channel slice
+  int64_t grad_out_ld;       // 0, or grad_out's leading dimension (as y_ld of BnActForwardBuffers)
   const scalar_t* x;         // numel
   const uint32_t* mask;      // the forward's mask words, or nullptr for activations without a mask
   const acc_t* mean;         // [C] save_mean
   const acc_t* invstd;       // [C] save_invstd
-  const acc_t* weight;       // [C]
+  const acc_t* weight;       // [C]; may be nullptr when no gradient buffer is given (sums only)
   scalar_t* grad_input;      // numel, or nullptr: not requested
   scalar_t* grad_residual;   // numel, or nullptr: not requested
   acc_t* sum_dz;             // [C] (grad_bias in acc_t); non-null exactly when bn_act_backward_needs_sums
@@ -118,7 +137,22 @@ struct BnActBackwardBuffers {
   acc_t* workspace;          // bn_act_backward_workspace_elems(L, need_sums), uninitialised
 };
 
+// The backward elementwise kernel in L's layout.
+template <typename scalar_t, typename acc_t>
+void bn_act_backward_elementwise(const BnActLaunch& L, const BnActBackwardArgs<scalar_t, acc_t>& args,
+                                 cudaStream_t stream) {
+  if (L.channels_last) {
+    KERNEL_LAUNCH((bn_act_backward_elementwise_kernel<scalar_t, acc_t, true>), L.elementwise_grid,
+                  L.elementwise_block, 0, stream, args, L.shape);
+  } else {
+    KERNEL_LAUNCH((bn_act_backward_elementwise_kernel<scalar_t, acc_t, false>), L.elementwise_grid,
+                  L.elementwise_block, 0, stream, args, L.shape);
+  }
+  FUSEDRES_LAUNCH_CHECK();
+}
+
 // [gradient sums reduction -> ] finalize (sums, dx coefficients) -> elementwise (grad_input / grad_residual).
+// Sums only (bn_act_backward_reduce): no gradient buffers, the finalize writes sum_dz / sum_dz_xhat alone.
 // Requires L.shape.numel > 0 and at least one output requested.
 template <typename scalar_t, typename acc_t>
 void bn_act_backward_launch(const BnActLaunch& L, const BnActBackwardBuffers<scalar_t, acc_t>& b, bool training,
@@ -128,11 +162,15 @@ void bn_act_backward_launch(const BnActLaunch& L, const BnActBackwardBuffers<sca
   const bool need_elementwise = b.grad_input != nullptr || b.grad_residual != nullptr;
   const int64_t partial_elems = need_sums ? L.shape.partials * C : 0;
   acc_t* ws = b.workspace;
-  const BnActGradChannelCoeffs<acc_t> coeffs{b.sum_dz, b.sum_dz_xhat, ws, ws + C, ws + 2 * C};
+  const BnActGradChannelCoeffs<acc_t> coeffs =
+      need_elementwise ? BnActGradChannelCoeffs<acc_t>{b.sum_dz, b.sum_dz_xhat, ws, ws + C, ws + 2 * C}
+                       : BnActGradChannelCoeffs<acc_t>{b.sum_dz, b.sum_dz_xhat, nullptr, nullptr, nullptr};
   const GradSumPartials<acc_t> partials{ws + 3 * C, ws + 3 * C + partial_elems};
+  const LeadingDim grad_out_ld = make_leading_dim(C, L.shape.S, L.channels_last, b.grad_out_ld);
 
   if (need_sums) {
-    const BnActGradSumsOp<scalar_t, acc_t> op{b.grad_out, b.x, b.mask, b.mean, act, negative_slope, partials};
+    const BnActGradSumsOp<scalar_t, acc_t> op{b.grad_out, grad_out_ld, b.x,           b.mask,
+                                              b.mean,     act,         negative_slope, partials};
     if (L.channels_last) {
       KERNEL_LAUNCH((bn_act_reduce_channels_last_kernel<BnActGradSumsOp<scalar_t, acc_t>>), L.reduce_grid,
                     L.reduce_block, 0, stream, op, L.shape);
@@ -149,17 +187,37 @@ void bn_act_backward_launch(const BnActLaunch& L, const BnActBackwardBuffers<sca
     FUSEDRES_LAUNCH_CHECK();
   }
   if (need_elementwise) {
-    const BnActBackwardArgs<scalar_t, acc_t> args{b.grad_out,      b.x,           b.mask, b.mean, b.invstd, coeffs,
-                                                  b.grad_input,    b.grad_residual, act,  negative_slope, training};
-    if (L.channels_last) {
-      KERNEL_LAUNCH((bn_act_backward_elementwise_kernel<scalar_t, acc_t, true>), L.elementwise_grid,
-                    L.elementwise_block, 0, stream, args, L.shape);
-    } else {
-      KERNEL_LAUNCH((bn_act_backward_elementwise_kernel<scalar_t, acc_t, false>), L.elementwise_grid,
-                    L.elementwise_block, 0, stream, args, L.shape);
-    }
+    const BnActBackwardArgs<scalar_t, acc_t> args{b.grad_out,   grad_out_ld,     b.x,  b.mask, b.mean,
+                                                  b.invstd,     coeffs,          b.grad_input, b.grad_residual,
+                                                  act,          negative_slope,  training};
+    bn_act_backward_elementwise(L, args, stream);
+  }
+}
+
+// Workspace of bn_act_backward_elemt_launch, in acc_t elements: k, mean_dz, mean_dz_xhat [C].
+FUSEDRES_HOST_DEVICE_INLINE int64_t bn_act_backward_elemt_workspace_elems(const BnActLaunch& L) {
+  return 3 * L.shape.C;
+}
+
+// bn_act_backward_elemt: the training-form input gradient (and/or grad_residual = dz) from per-channel sums taken
+// over `count` values (b.sum_dz / b.sum_dz_xhat are read, not written): given-sums coefficients -> elementwise.
+// Requires L.shape.numel > 0, count >= 1 and at least one gradient buffer.
+template <typename scalar_t, typename acc_t>
+void bn_act_backward_elemt_launch(const BnActLaunch& L, const BnActBackwardBuffers<scalar_t, acc_t>& b,
+                                  int64_t count, int act, acc_t negative_slope, cudaStream_t stream) {
+  const int64_t C = L.shape.C;
+  acc_t* ws = b.workspace;
+  const BnActGradChannelCoeffs<acc_t> coeffs{nullptr, nullptr, ws, ws + C, ws + 2 * C};
+  if (b.grad_input != nullptr) {
+    KERNEL_LAUNCH((bn_act_backward_given_sums_kernel<acc_t>), L.channel_grid, L.channel_block, 0, stream, b.sum_dz,
+                  b.sum_dz_xhat, static_cast<acc_t>(count), b.invstd, b.weight, coeffs, C);
     FUSEDRES_LAUNCH_CHECK();
   }
+  const LeadingDim grad_out_ld = make_leading_dim(C, L.shape.S, L.channels_last, b.grad_out_ld);
+  const BnActBackwardArgs<scalar_t, acc_t> args{b.grad_out,   grad_out_ld,    b.x,  b.mask, b.mean,
+                                                b.invstd,     coeffs,         b.grad_input, b.grad_residual,
+                                                act,          negative_slope, /*training=*/true};
+  bn_act_backward_elementwise(L, args, stream);
 }
 
 }  // namespace gpu

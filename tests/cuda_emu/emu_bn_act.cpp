@@ -1,11 +1,13 @@
-// Test library: the bn_act CUDA launch sequences (csrc/cuda/bn_act_launch.cuh, the very functions the .cu
-// launchers call) run under the CUDA emulator (cuda_emu.h) on host buffers. Built by g++ at test time
+// Test library: the bn_act CUDA launch sequences (csrc/cuda/bn_act_launch.cuh and, for the dense ops,
+// csrc/cuda/dense_launch.cuh: the very functions the .cu launchers call) run under the CUDA emulator (cuda_emu.h)
+// on host buffers. Built by g++ at test time
 // (tests/test_cuda_emulated.py) without torch headers and called through ctypes.
 //
 // Conventions of the C interface: dtype 0 float32, 1 float64, 2 float16, 3 bfloat16 (the last two only when
 // emu_has_half()); per-channel arrays (weight, bias, statistics, parameter gradients) are in the accumulation
 // type (float64 for float64, else float32); element buffers are dense in the given layout; optional outputs are
-// nullptr when not wanted. Entry points return 0, or 1 after an emulator error (emu_last_error()).
+// nullptr when not wanted. Entry points return 0, or 1 after an emulator error (emu_last_error()). A leading
+// dimension argument (y_ld, dy_ld) of 0 means dense; else the buffer is a channel slice (see BnActForwardBuffers).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -14,7 +16,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda/bn_act_launch.cuh"
+#include "cuda/dense_launch.cuh"
 
 namespace {
 
@@ -38,7 +40,9 @@ void forward(const gpu::BnActLaunch& L, int training, int act, double eps, doubl
                                                     static_cast<const acc_t*>(bias),
                                                     static_cast<acc_t*>(save_mean),
                                                     static_cast<acc_t*>(save_invstd),
+                                                    nullptr,
                                                     static_cast<scalar_t*>(y),
+                                                    0,
                                                     static_cast<uint32_t*>(mask),
                                                     ws.data()};
   gpu::bn_act_forward_launch(L, b, training != 0, static_cast<acc_t>(eps), act, static_cast<acc_t>(slope), nullptr);
@@ -57,6 +61,7 @@ void backward(const gpu::BnActLaunch& L, int training, int act, double slope, co
   std::vector<acc_t> ws = poisoned<acc_t>(gpu::bn_act_backward_workspace_elems(L, need_sums));
   std::vector<acc_t> sum_dz = poisoned<acc_t>(C), sum_dz_xhat = poisoned<acc_t>(C);
   const gpu::BnActBackwardBuffers<scalar_t, acc_t> b{static_cast<const scalar_t*>(grad_out),
+                                                     0,
                                                      static_cast<const scalar_t*>(x),
                                                      static_cast<const uint32_t*>(mask),
                                                      static_cast<const acc_t*>(mean),
@@ -70,6 +75,113 @@ void backward(const gpu::BnActLaunch& L, int training, int act, double slope, co
   gpu::bn_act_backward_launch(L, b, training != 0, act, static_cast<acc_t>(slope), nullptr);
   if (grad_weight != nullptr) std::memcpy(grad_weight, sum_dz_xhat.data(), sizeof(acc_t) * C);
   if (grad_bias != nullptr) std::memcpy(grad_bias, sum_dz.data(), sizeof(acc_t) * C);
+}
+
+template <typename scalar_t, typename acc_t>
+void stats(const gpu::BnActLaunch& L, const void* x, void* mean, void* var) {
+  std::vector<acc_t> ws = poisoned<acc_t>(gpu::bn_act_forward_workspace_elems(L, true));
+  std::vector<acc_t> invstd = poisoned<acc_t>(L.shape.C);
+  const gpu::BnActForwardBuffers<scalar_t, acc_t> b{static_cast<const scalar_t*>(x),
+                                                    nullptr,
+                                                    nullptr,
+                                                    nullptr,
+                                                    static_cast<acc_t*>(mean),
+                                                    invstd.data(),
+                                                    static_cast<acc_t*>(var),
+                                                    nullptr,
+                                                    0,
+                                                    nullptr,
+                                                    ws.data()};
+  gpu::bn_act_forward_launch(L, b, true, acc_t(1), fusedres::math::kIdentity, acc_t(0), nullptr);
+}
+
+template <typename scalar_t, typename acc_t>
+void elemt(const gpu::BnActLaunch& L, int act, double slope, const void* x, const void* residual, const void* weight,
+           const void* bias, const void* mean, const void* invstd, void* y, int64_t y_ld, void* mask) {
+  std::vector<acc_t> ws = poisoned<acc_t>(gpu::bn_act_forward_workspace_elems(L, false));
+  const gpu::BnActForwardBuffers<scalar_t, acc_t> b{static_cast<const scalar_t*>(x),
+                                                    static_cast<const scalar_t*>(residual),
+                                                    static_cast<const acc_t*>(weight),
+                                                    static_cast<const acc_t*>(bias),
+                                                    const_cast<acc_t*>(static_cast<const acc_t*>(mean)),
+                                                    const_cast<acc_t*>(static_cast<const acc_t*>(invstd)),
+                                                    nullptr,
+                                                    static_cast<scalar_t*>(y),
+                                                    y_ld,
+                                                    static_cast<uint32_t*>(mask),
+                                                    ws.data()};
+  gpu::bn_act_forward_launch(L, b, false, acc_t(0), act, static_cast<acc_t>(slope), nullptr);
+}
+
+// bn_act_backward_reduce (count < 0: sums written) or bn_act_backward_elemt (count >= 1: sums read).
+template <typename scalar_t, typename acc_t>
+void backward_split(const gpu::BnActLaunch& L, int act, double slope, const void* grad_out, int64_t dy_ld,
+                    const void* x, const void* mask, const void* mean, const void* invstd, const void* weight,
+                    void* sum_dz, void* sum_dz_xhat, int64_t count, void* grad_input, void* grad_residual) {
+  const bool reduce = count < 0;
+  std::vector<acc_t> ws = poisoned<acc_t>(reduce ? gpu::bn_act_backward_workspace_elems(L, true)
+                                                 : gpu::bn_act_backward_elemt_workspace_elems(L));
+  const gpu::BnActBackwardBuffers<scalar_t, acc_t> b{static_cast<const scalar_t*>(grad_out),
+                                                     dy_ld,
+                                                     static_cast<const scalar_t*>(x),
+                                                     static_cast<const uint32_t*>(mask),
+                                                     static_cast<const acc_t*>(mean),
+                                                     static_cast<const acc_t*>(invstd),
+                                                     static_cast<const acc_t*>(weight),
+                                                     static_cast<scalar_t*>(grad_input),
+                                                     static_cast<scalar_t*>(grad_residual),
+                                                     static_cast<acc_t*>(sum_dz),
+                                                     static_cast<acc_t*>(sum_dz_xhat),
+                                                     ws.data()};
+  if (reduce) {
+    gpu::bn_act_backward_launch(L, b, true, act, static_cast<acc_t>(slope), nullptr);
+  } else {
+    gpu::bn_act_backward_elemt_launch(L, b, count, act, static_cast<acc_t>(slope), nullptr);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void dense_forward(const gpu::DenseLaunch& D, int reduce, int act, double eps, double slope, const void* const* xs,
+                   const void* weight, const void* bias, void* mean, void* invstd, void* var, void* y, void* mask) {
+  std::vector<acc_t> ws = poisoned<acc_t>(gpu::dense_forward_workspace_elems(D, reduce != 0));
+  std::vector<const scalar_t*> x(D.inputs.size());
+  for (size_t j = 0; j < x.size(); ++j) x[j] = static_cast<const scalar_t*>(xs[j]);
+  const gpu::DenseForwardBuffers<scalar_t, acc_t> b{x.data(),
+                                                    static_cast<const acc_t*>(weight),
+                                                    static_cast<const acc_t*>(bias),
+                                                    static_cast<acc_t*>(mean),
+                                                    static_cast<acc_t*>(invstd),
+                                                    static_cast<acc_t*>(var),
+                                                    static_cast<scalar_t*>(y),
+                                                    static_cast<uint32_t*>(mask),
+                                                    ws.data()};
+  gpu::dense_forward_launch(D, b, reduce != 0, static_cast<acc_t>(eps), act, static_cast<acc_t>(slope), nullptr);
+}
+
+template <typename scalar_t, typename acc_t>
+void dense_backward(const gpu::DenseLaunch& D, int training, int want_params, int act, double slope,
+                    const void* grad_out, const void* const* xs, const void* mask, const void* mean,
+                    const void* invstd, const void* weight, void* const* grad_inputs, void* sum_dz,
+                    void* sum_dz_xhat) {
+  const bool need_sums = sum_dz != nullptr;
+  std::vector<acc_t> ws = poisoned<acc_t>(gpu::dense_backward_workspace_elems(D, need_sums));
+  std::vector<const scalar_t*> x(D.inputs.size());
+  std::vector<scalar_t*> gi(D.inputs.size());
+  for (size_t j = 0; j < x.size(); ++j) {
+    x[j] = static_cast<const scalar_t*>(xs[j]);
+    gi[j] = static_cast<scalar_t*>(grad_inputs[j]);
+  }
+  const gpu::DenseBackwardBuffers<scalar_t, acc_t> b{static_cast<const scalar_t*>(grad_out),
+                                                     x.data(),
+                                                     static_cast<const uint32_t*>(mask),
+                                                     static_cast<const acc_t*>(mean),
+                                                     static_cast<const acc_t*>(invstd),
+                                                     static_cast<const acc_t*>(weight),
+                                                     gi.data(),
+                                                     static_cast<acc_t*>(sum_dz),
+                                                     static_cast<acc_t*>(sum_dz_xhat),
+                                                     ws.data()};
+  gpu::dense_backward_launch(D, b, training != 0, want_params != 0, act, static_cast<acc_t>(slope), nullptr);
 }
 
 // Runs f<scalar_t, acc_t>() for the dtype code; returns 0, or 1 with g_error set.
@@ -169,6 +281,94 @@ int emu_bn_act_backward(int dtype, int64_t N, int64_t C, int64_t S, int channels
   return dispatch(dtype, [&](auto s, auto a) {
     backward<decltype(s), decltype(a)>(L, training, act, negative_slope, grad_out, x, mask, mean, invstd, weight,
                                        grad_input, grad_residual, grad_weight, grad_bias);
+  });
+}
+
+// bn_stats: mean and biased variance (acc dtype [C]).
+int emu_bn_stats(int dtype, int64_t N, int64_t C, int64_t S, int channels_last, int num_sms, const void* x,
+                 void* mean, void* var) {
+  const gpu::BnActLaunch L = gpu::bn_act_launch_config(N, C, S, channels_last != 0, false, num_sms);
+  return dispatch(dtype, [&](auto s, auto a) { stats<decltype(s), decltype(a)>(L, x, mean, var); });
+}
+
+// bn_act_elemt: the eval-form forward with the given mean / invstd; y may be a channel slice (y_ld).
+int emu_bn_act_elemt(int dtype, int64_t N, int64_t C, int64_t S, int channels_last, int num_sms, int act,
+                     double negative_slope, const void* x, const void* residual, const void* weight, const void* bias,
+                     const void* mean, const void* invstd, void* y, int64_t y_ld, void* mask) {
+  const gpu::BnActLaunch L =
+      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+  return dispatch(dtype, [&](auto s, auto a) {
+    elemt<decltype(s), decltype(a)>(L, act, negative_slope, x, residual, weight, bias, mean, invstd, y, y_ld, mask);
+  });
+}
+
+// bn_act_backward_reduce: sum_dz, sum_dz_xhat written; grad_out may be a channel slice (dy_ld).
+int emu_bn_act_backward_reduce(int dtype, int64_t N, int64_t C, int64_t S, int channels_last, int num_sms, int act,
+                               double negative_slope, const void* grad_out, int64_t dy_ld, const void* x,
+                               const void* mask, const void* mean, const void* invstd, void* sum_dz,
+                               void* sum_dz_xhat) {
+  const gpu::BnActLaunch L =
+      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+  return dispatch(dtype, [&](auto s, auto a) {
+    backward_split<decltype(s), decltype(a)>(L, act, negative_slope, grad_out, dy_ld, x, mask, mean, invstd, nullptr,
+                                             sum_dz, sum_dz_xhat, -1, nullptr, nullptr);
+  });
+}
+
+// bn_act_backward_elemt: the gradients that are not nullptr, from the given sums over `count` values.
+int emu_bn_act_backward_elemt(int dtype, int64_t N, int64_t C, int64_t S, int channels_last, int num_sms, int act,
+                              double negative_slope, const void* grad_out, int64_t dy_ld, const void* x,
+                              const void* mask, const void* mean, const void* invstd, const void* weight,
+                              const void* sum_dz, const void* sum_dz_xhat, int64_t count, void* grad_input,
+                              void* grad_residual) {
+  const gpu::BnActLaunch L =
+      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+  return dispatch(dtype, [&](auto s, auto a) {
+    backward_split<decltype(s), decltype(a)>(L, act, negative_slope, grad_out, dy_ld, x, mask, mean, invstd, weight,
+                                             const_cast<void*>(sum_dz), const_cast<void*>(sum_dz_xhat), count,
+                                             grad_input, grad_residual);
+  });
+}
+
+// Dense launch shape, into out[0..1 + 2 * k]: total mask words, output leading dimension, then per input its mask
+// word offset and its channel offset.
+void emu_dense_launch_config(int64_t k, int64_t N, int64_t S, const int64_t* channels, int channels_last,
+                             int has_mask, int num_sms, int64_t* out) {
+  const gpu::DenseLaunch D = gpu::dense_launch_config(N, S, std::vector<int64_t>(channels, channels + k),
+                                                      channels_last != 0, has_mask != 0, num_sms);
+  out[0] = D.mask_words;
+  out[1] = D.output_ld;
+  for (int64_t j = 0; j < k; ++j) {
+    out[2 + 2 * j] = D.mask_word_offset[j];
+    out[3 + 2 * j] = D.channel_offset[j];
+  }
+}
+
+// dense_bn_act_forward's kernels: xs[j] dense (N, channels[j], S); reduce = 1: batch statistics written to
+// mean / invstd / var, else mean / invstd are read. y dense (N, sum channels, S); mask: all segments or nullptr.
+int emu_dense_forward(int dtype, int64_t k, int64_t N, int64_t S, const int64_t* channels, int channels_last,
+                      int num_sms, int reduce, int act, double eps, double negative_slope, const void* const* xs,
+                      const void* weight, const void* bias, void* mean, void* invstd, void* var, void* y, void* mask) {
+  const gpu::DenseLaunch D = gpu::dense_launch_config(N, S, std::vector<int64_t>(channels, channels + k),
+                                                      channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+  return dispatch(dtype, [&](auto s, auto a) {
+    dense_forward<decltype(s), decltype(a)>(D, reduce, act, eps, negative_slope, xs, weight, bias, mean, invstd, var,
+                                            y, mask);
+  });
+}
+
+// dense_bn_act_backward's kernels: grad_inputs[j] nullptr when not wanted; sum_dz / sum_dz_xhat [C] (nullptr when
+// no input needs them); want_params: every input's sums are computed.
+int emu_dense_backward(int dtype, int64_t k, int64_t N, int64_t S, const int64_t* channels, int channels_last,
+                       int num_sms, int training, int want_params, int act, double negative_slope,
+                       const void* grad_out, const void* const* xs, const void* mask, const void* mean,
+                       const void* invstd, const void* weight, void* const* grad_inputs, void* sum_dz,
+                       void* sum_dz_xhat) {
+  const gpu::DenseLaunch D = gpu::dense_launch_config(N, S, std::vector<int64_t>(channels, channels + k),
+                                                      channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+  return dispatch(dtype, [&](auto s, auto a) {
+    dense_backward<decltype(s), decltype(a)>(D, training, want_params, act, negative_slope, grad_out, xs, mask, mean,
+                                             invstd, weight, grad_inputs, sum_dz, sum_dz_xhat);
   });
 }
 
