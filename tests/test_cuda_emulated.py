@@ -68,7 +68,7 @@ def _compile(cxx: str, flags: list[str], cache_dir: Path, source: Path) -> tuple
     if out.exists():
         return out, ""
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    proc = subprocess.run([cxx, *flags, str(source), "-o", str(tmp)], capture_output=True, text=True)
+    proc = subprocess.run([cxx, *flags, str(source), "-o", str(tmp)], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return None, proc.stderr[-6000:]
     os.replace(tmp, out)  # atomic: concurrent sessions never load a half-written library
@@ -110,6 +110,15 @@ class EmuLib:
         lib.emu_launch_config.argtypes = [i64, i64, i64, i, i, i, ctypes.POINTER(i64)]
         lib.emu_bn_act_forward.argtypes = [i, i64, i64, i64, i, i, i, i, d, d] + [p] * 9
         lib.emu_bn_act_backward.argtypes = [i, i64, i64, i64, i, i, i, i, d] + [p] * 10
+        # The building-block and dense sequences (driven by test_cuda_emulated_split.py).
+        pi64, pp = ctypes.POINTER(i64), ctypes.POINTER(p)
+        lib.emu_bn_stats.argtypes = [i, i64, i64, i64, i, i, p, p, p]
+        lib.emu_bn_act_elemt.argtypes = [i, i64, i64, i64, i, i, i, d] + [p] * 7 + [i64, p]
+        lib.emu_bn_act_backward_reduce.argtypes = [i, i64, i64, i64, i, i, i, d, p, i64] + [p] * 6
+        lib.emu_bn_act_backward_elemt.argtypes = [i, i64, i64, i64, i, i, i, d, p, i64] + [p] * 7 + [i64, p, p]
+        lib.emu_dense_launch_config.argtypes = [i64, i64, i64, pi64, i, i, i, pi64]
+        lib.emu_dense_forward.argtypes = [i, i64, i64, i64, pi64, i, i, i, i, d, d, pp] + [p] * 7
+        lib.emu_dense_backward.argtypes = [i, i64, i64, i64, pi64, i, i, i, i, i, d, p, pp, p, p, p, p, pp, p, p]
         self.has_half = bool(lib.emu_has_half())
 
     def configure(self, order: str, seed: int = 0) -> None:
@@ -128,8 +137,16 @@ class EmuLib:
     def launch_config(self, N: int, C: int, S: int, cl: bool, num_sms: int) -> dict[str, int]:
         out = (ctypes.c_int64 * 8)()
         self.lib.emu_launch_config(N, C, S, int(cl), 1, num_sms, out)
-        keys = ("partials", "reduce_block_x", "reduce_block_y", "elementwise_grid", "mask_words", "reduce_grid_x",
-                "warp_spans", "elementwise_block")
+        keys = (
+            "partials",
+            "reduce_block_x",
+            "reduce_block_y",
+            "elementwise_grid",
+            "mask_words",
+            "reduce_grid_x",
+            "warp_spans",
+            "elementwise_block",
+        )
         return dict(zip(keys, out))
 
     def _check(self, rc: int) -> None:
@@ -137,14 +154,171 @@ class EmuLib:
             raise RuntimeError(self.lib.emu_last_error().decode())
 
     def forward(self, dtype, N, C, S, cl, num_sms, training, act, x, r, w, b, mean, invstd, y, mask, var) -> None:
-        self._check(self.lib.emu_bn_act_forward(
-            DTYPE_CODES[dtype], N, C, S, int(cl), num_sms, int(training), ACTS[act], EPS, SLOPE,
-            *map(_ptr, (x, r, w, b, mean, invstd, y, mask, var))))
+        self._check(
+            self.lib.emu_bn_act_forward(
+                DTYPE_CODES[dtype],
+                N,
+                C,
+                S,
+                int(cl),
+                num_sms,
+                int(training),
+                ACTS[act],
+                EPS,
+                SLOPE,
+                *map(_ptr, (x, r, w, b, mean, invstd, y, mask, var)),
+            )
+        )
 
     def backward(self, dtype, N, C, S, cl, num_sms, training, act, dy, x, mask, mean, invstd, w, gi, gr, gw, gb):
-        self._check(self.lib.emu_bn_act_backward(
-            DTYPE_CODES[dtype], N, C, S, int(cl), num_sms, int(training), ACTS[act], SLOPE,
-            *map(_ptr, (dy, x, mask, mean, invstd, w, gi, gr, gw, gb))))
+        self._check(
+            self.lib.emu_bn_act_backward(
+                DTYPE_CODES[dtype],
+                N,
+                C,
+                S,
+                int(cl),
+                num_sms,
+                int(training),
+                ACTS[act],
+                SLOPE,
+                *map(_ptr, (dy, x, mask, mean, invstd, w, gi, gr, gw, gb)),
+            )
+        )
+
+    def bn_stats(self, dtype, N, C, S, cl, num_sms, x, mean, var) -> None:
+        self._check(self.lib.emu_bn_stats(DTYPE_CODES[dtype], N, C, S, int(cl), num_sms, *map(_ptr, (x, mean, var))))
+
+    def elemt(self, dtype, N, C, S, cl, num_sms, act, x, r, w, b, mean, invstd, y, y_ld, mask) -> None:
+        self._check(
+            self.lib.emu_bn_act_elemt(
+                DTYPE_CODES[dtype],
+                N,
+                C,
+                S,
+                int(cl),
+                num_sms,
+                ACTS[act],
+                SLOPE,
+                *map(_ptr, (x, r, w, b, mean, invstd, y)),
+                y_ld,
+                _ptr(mask),
+            )
+        )
+
+    def backward_reduce(self, dtype, N, C, S, cl, num_sms, act, dy, dy_ld, x, mask, mean, invstd, sdz, sdzx) -> None:
+        self._check(
+            self.lib.emu_bn_act_backward_reduce(
+                DTYPE_CODES[dtype],
+                N,
+                C,
+                S,
+                int(cl),
+                num_sms,
+                ACTS[act],
+                SLOPE,
+                _ptr(dy),
+                dy_ld,
+                *map(_ptr, (x, mask, mean, invstd, sdz, sdzx)),
+            )
+        )
+
+    def backward_elemt(
+        self, dtype, N, C, S, cl, num_sms, act, dy, dy_ld, x, mask, mean, invstd, w, sdz, sdzx, count, gi, gr
+    ) -> None:
+        self._check(
+            self.lib.emu_bn_act_backward_elemt(
+                DTYPE_CODES[dtype],
+                N,
+                C,
+                S,
+                int(cl),
+                num_sms,
+                ACTS[act],
+                SLOPE,
+                _ptr(dy),
+                dy_ld,
+                *map(_ptr, (x, mask, mean, invstd, w, sdz, sdzx)),
+                count,
+                _ptr(gi),
+                _ptr(gr),
+            )
+        )
+
+    def dense_launch_config(self, N, S, channels, cl, has_mask, num_sms) -> dict:
+        k = len(channels)
+        out = (ctypes.c_int64 * (2 + 2 * k))()
+        self.lib.emu_dense_launch_config(k, N, S, (ctypes.c_int64 * k)(*channels), int(cl), int(has_mask), num_sms, out)
+        return {
+            "mask_words": out[0],
+            "output_ld": out[1],
+            "mask_word_offset": list(out[2::2]),
+            "channel_offset": list(out[3::2]),
+        }
+
+    def dense_forward(self, dtype, N, S, channels, cl, num_sms, reduce, act, xs, w, b, mean, invstd, var, y, mask):
+        k = len(channels)
+        self._check(
+            self.lib.emu_dense_forward(
+                DTYPE_CODES[dtype],
+                k,
+                N,
+                S,
+                (ctypes.c_int64 * k)(*channels),
+                int(cl),
+                num_sms,
+                int(reduce),
+                ACTS[act],
+                EPS,
+                SLOPE,
+                (ctypes.c_void_p * k)(*map(_ptr, xs)),
+                *map(_ptr, (w, b, mean, invstd, var, y, mask)),
+            )
+        )
+
+    def dense_backward(
+        self,
+        dtype,
+        N,
+        S,
+        channels,
+        cl,
+        num_sms,
+        training,
+        want_params,
+        act,
+        dy,
+        xs,
+        mask,
+        mean,
+        invstd,
+        w,
+        gis,
+        sdz,
+        sdzx,
+    ) -> None:
+        k = len(channels)
+        self._check(
+            self.lib.emu_dense_backward(
+                DTYPE_CODES[dtype],
+                k,
+                N,
+                S,
+                (ctypes.c_int64 * k)(*channels),
+                int(cl),
+                num_sms,
+                int(training),
+                int(want_params),
+                ACTS[act],
+                SLOPE,
+                _ptr(dy),
+                (ctypes.c_void_p * k)(*map(_ptr, xs)),
+                *map(_ptr, (mask, mean, invstd, w)),
+                (ctypes.c_void_p * k)(*map(_ptr, gis)),
+                _ptr(sdz),
+                _ptr(sdzx),
+            )
+        )
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -202,10 +376,10 @@ def _inputs(N, C, S, cl, dtype, seed):
 
 def _tol(dtype: torch.dtype) -> dict[str, float]:
     return {
-        torch.float32: dict(rtol=2e-5, atol=2e-5),
-        torch.float64: dict(rtol=1e-12, atol=1e-12),
-        torch.float16: dict(rtol=1e-2, atol=1e-2),
-        torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+        torch.float32: {"rtol": 2e-5, "atol": 2e-5},
+        torch.float64: {"rtol": 1e-12, "atol": 1e-12},
+        torch.float16: {"rtol": 1e-2, "atol": 1e-2},
+        torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
     }[dtype]
 
 
@@ -231,7 +405,8 @@ def _run_forward(emu: EmuLib, shape, cl, training, act, residual, dtype, order, 
     x, r, _, w, b, rm, rv = _inputs(N, C, S, cl, dtype, _seed(shape, cl, dtype))
     r = r if residual else None
     out, smean, sinv, mask = torch.ops.fusedres.bn_act_forward(
-        x, r, w, b, rm.clone(), rv.clone(), training, 0.1, EPS, act, SLOPE)
+        x, r, w, b, rm.clone(), rv.clone(), training, 0.1, EPS, act, SLOPE
+    )
     acc = _acc(dtype)
     numel = x.numel()
     e_y = torch.full((numel,), -777.0, dtype=dtype)
@@ -244,8 +419,25 @@ def _run_forward(emu: EmuLib, shape, cl, training, act, residual, dtype, order, 
     emu.configure(order, _seed(shape, cl, training, act, residual, dtype, order))
     if drop_sync:
         emu.drop_sync(*drop_sync)
-    emu.forward(dtype, N, C, S, cl, sms, training, act, _flat(x, cl), None if r is None else _flat(r, cl), w, b,
-                e_mean, e_invstd, e_y, e_mask, e_var if training else None)
+    emu.forward(
+        dtype,
+        N,
+        C,
+        S,
+        cl,
+        sms,
+        training,
+        act,
+        _flat(x, cl),
+        None if r is None else _flat(r, cl),
+        w,
+        b,
+        e_mean,
+        e_invstd,
+        e_y,
+        e_mask,
+        e_var if training else None,
+    )
 
     tol = _tol(dtype)
     torch.testing.assert_close(e_mean, smean, **tol)
@@ -266,13 +458,15 @@ def _run_forward(emu: EmuLib, shape, cl, training, act, residual, dtype, order, 
     return x, r, w, smean, sinv, mask
 
 
-def _run_backward(emu: EmuLib, shape, cl, training, act, dtype, order, output_mask=(True, True, True, True),
-                  drop_sync=None):
+def _run_backward(
+    emu: EmuLib, shape, cl, training, act, dtype, order, output_mask=(True, True, True, True), drop_sync=None
+):
     N, C, S, sms = shape
     x, r, dy, w, b, rm, rv = _inputs(N, C, S, cl, dtype, _seed(shape, cl, dtype))
     _, smean, sinv, mask = torch.ops.fusedres.bn_act_forward(x, r, w, b, rm, rv, training, 0.1, EPS, act, SLOPE)
-    gi, gr, gw, gb = torch.ops.fusedres.bn_act_backward(dy, x, w, smean, sinv, mask, training, act, SLOPE,
-                                                        list(output_mask))
+    gi, gr, gw, gb = torch.ops.fusedres.bn_act_backward(
+        dy, x, w, smean, sinv, mask, training, act, SLOPE, list(output_mask)
+    )
     acc = _acc(dtype)
     numel = x.numel()
     want_i, want_r, want_w, want_b = output_mask
@@ -283,13 +477,31 @@ def _run_backward(emu: EmuLib, shape, cl, training, act, dtype, order, output_ma
     emu.configure(order, _seed(shape, cl, training, act, dtype, order, output_mask))
     if drop_sync:
         emu.drop_sync(*drop_sync)
-    emu.backward(dtype, N, C, S, cl, sms, training, act, _flat(dy, cl), _flat(x, cl),
-                 mask if act != "identity" else None, smean, sinv, w, e_gi, e_gr, e_gw, e_gb)
+    emu.backward(
+        dtype,
+        N,
+        C,
+        S,
+        cl,
+        sms,
+        training,
+        act,
+        _flat(dy, cl),
+        _flat(x, cl),
+        mask if act != "identity" else None,
+        smean,
+        sinv,
+        w,
+        e_gi,
+        e_gr,
+        e_gw,
+        e_gb,
+    )
 
     tol = _tol(dtype)
     M = N * S
     # Sums over M values: absolute error grows with the size of the sum.
-    sum_tol = dict(rtol=tol["rtol"] * 10, atol=tol["atol"] * 10 * math.sqrt(M))
+    sum_tol = {"rtol": tol["rtol"] * 10, "atol": tol["atol"] * 10 * math.sqrt(M)}
     if want_r:
         torch.testing.assert_close(e_gr, _flat(gr, cl), **tol)
     if want_i:
@@ -328,8 +540,13 @@ def test_backward(emu, shape, cl, training, act, dtype, order):
     _run_backward(emu, shape, cl, training, act, dtype, order)
 
 
-OUTPUT_MASKS = [(True, False, False, False), (False, True, False, False), (False, False, True, True),
-                (True, True, False, False), (False, True, True, False)]
+OUTPUT_MASKS = [
+    (True, False, False, False),
+    (False, True, False, False),
+    (False, False, True, True),
+    (True, True, False, False),
+    (False, True, True, False),
+]
 
 
 @pytest.mark.parametrize("output_mask", OUTPUT_MASKS, ids=lambda m: "".join("irwb"[i] for i in range(4) if m[i]))
@@ -358,18 +575,21 @@ def test_shapes_reach_edges(emu):
     cfg = {(s, cl): emu.launch_config(*s[:3], cl, s[3]) for s in SHAPES for cl in (False, True)}
     assert any(c["partials"] > 1 for (s, cl), c in cfg.items() if not cl), "no NCHW case with P > 1"
     assert any(c["partials"] > 1 for (s, cl), c in cfg.items() if cl), "no channels_last case with P > 1"
-    assert any(c["reduce_grid_x"] > 1 and s[1] % c["reduce_block_x"] for (s, cl), c in cfg.items() if cl), \
+    assert any(c["reduce_grid_x"] > 1 and s[1] % c["reduce_block_x"] for (s, cl), c in cfg.items() if cl), (
         "no channels_last case with a partial channel tile"
+    )
     assert any(c["reduce_block_x"] < 32 for (s, cl), c in cfg.items() if cl), "no narrow channels_last tile"
     assert any(c["reduce_block_x"] == 512 for (s, cl), c in cfg.items() if not cl), "no 512-thread NCHW block"
     # Grid-stride elementwise loop: more warp spans than warps in the grid.
-    assert any(c["warp_spans"] > c["elementwise_grid"] * c["elementwise_block"] // 32 for c in cfg.values()), \
+    assert any(c["warp_spans"] > c["elementwise_grid"] * c["elementwise_block"] // 32 for c in cfg.values()), (
         "no grid-stride elementwise case"
+    )
     # The spare mask word starts a span of its own (the elements end exactly at a span boundary) or lies in a
     # span past the last element's: every mask word is still written.
-    assert any(c["mask_words"] > math.ceil(s[0] * s[1] * s[2] / 32) and
-               c["warp_spans"] > math.ceil(s[0] * s[1] * s[2] / 128) for (s, cl), c in cfg.items()), \
-        "no case where the spare mask word is in a span of its own"
+    assert any(
+        c["mask_words"] > math.ceil(s[0] * s[1] * s[2] / 32) and c["warp_spans"] > math.ceil(s[0] * s[1] * s[2] / 128)
+        for (s, cl), c in cfg.items()
+    ), "no case where the spare mask word is in a span of its own"
     assert any((s[0] * s[1] * s[2]) % 32 for s in SHAPES), "no partial warp"
 
 
@@ -429,8 +649,11 @@ def _global_kernels(names: list[str] | None = None) -> set[str]:
 
 def _launch_sites(names: list[str] | None = None) -> set[str]:
     """The kernel expressions of every KERNEL_LAUNCH((kernel<...>), ...) site, whitespace removed."""
-    return {re.sub(r"\s+", "", m.group(1)) for text in _kernel_sources(names)
-            for m in re.finditer(r"KERNEL_LAUNCH\((\([^()]*\))", text)}
+    return {
+        re.sub(r"\s+", "", m.group(1))
+        for text in _kernel_sources(names)
+        for m in re.finditer(r"KERNEL_LAUNCH\((\([^()]*\))", text)
+    }
 
 
 def assert_all_launched(log: dict[str, int], kernel_header: str, min_kernels: int, min_sites: int) -> None:
@@ -459,8 +682,9 @@ def test_every_kernel_header_has_an_emulated_test():
         assert (CUDA_SRC / header).exists() and (CUDA_SRC / launch).exists(), (header, launch)
         test_path = ROOT / "tests" / test_file
         assert test_path.exists(), f"{header}: the emulated test {test_file} is missing"
-        assert "assert_all_launched(" in test_path.read_text() and header in test_path.read_text(), \
+        assert "assert_all_launched(" in test_path.read_text() and header in test_path.read_text(), (
             f"{test_file} does not check that every kernel of {header} ran (assert_all_launched)"
+        )
     # All kernels of csrc/cuda are split among the listed headers.
     assert _global_kernels() == set().union(*(_global_kernels([h]) for h in EMULATED_HEADERS))
 
@@ -468,7 +692,8 @@ def test_every_kernel_header_has_an_emulated_test():
 def test_every_kernel_is_emulated(emu):
     """Each __global__ kernel of bn_act_kernels.cuh, and each KERNEL_LAUNCH site of bn_act_launch.cuh, ran.
 
-    Runs the smallest forward/backward of every (layout, training, dtype) of the tests above, then reads the
+    Runs the smallest forward/backward of every (layout, training, dtype) of the tests above and of the building-block
+    and dense sequences (test_cuda_emulated_split.py), then reads the
     emulator's launch log (which also holds the launches of every test that ran before in this session). The other
     kernel headers are checked the same way by their own test files (EMULATED_HEADERS).
     """
@@ -477,4 +702,8 @@ def test_every_kernel_is_emulated(emu):
             for dtype in (torch.float32, torch.float64):
                 _run_forward(emu, SHAPES[0], cl, training, "relu", True, dtype, "asc")
                 _run_backward(emu, SHAPES[0], cl, training, "relu", dtype, "asc")
-    assert_all_launched(emu.launch_log(), "bn_act_kernels.cuh", min_kernels=7, min_sites=9)
+    # The building-block and dense sequences (bn_act_split.cu, dense.cu) use the same kernels and launch header.
+    from test_cuda_emulated_split import run_every_split_sequence
+
+    run_every_split_sequence(emu)
+    assert_all_launched(emu.launch_log(), "bn_act_kernels.cuh", min_kernels=8, min_sites=12)

@@ -57,23 +57,12 @@ class _BatchNormActMixin:
             Tensor of input's shape.
         """
         self._check_input_dim(input)
-        # The same decisions as nn.modules.batchnorm._BatchNorm.forward, except that num_batches_tracked is
-        # incremented only once the op has succeeded (a rejected call changes no state).
-        count_batch = self.training and self.track_running_stats and self.num_batches_tracked is not None
-        if self.momentum is None:
-            # Cumulative moving average; the parent uses 0.0 when no batch is counted.
-            exponential_average_factor = 1.0 / float(self.num_batches_tracked + 1) if count_batch else 0.0
-        else:
-            exponential_average_factor = self.momentum
-        # Batch statistics in training mode, and in eval mode when there are no running buffers.
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        # Buffers are updated only when they exist and are tracked; in eval mode they are used if they exist.
-        use_buffers = not self.training or self.track_running_stats
+        running_mean, running_var, bn_training, exponential_average_factor, count_batch = self._batch_norm_args()
         fn = _fused_batch_norm_act if self.fused else _reference_batch_norm_act
         out = fn(
             input,
-            self.running_mean if use_buffers else None,
-            self.running_var if use_buffers else None,
+            running_mean,
+            running_var,
             self.weight,
             self.bias,
             bn_training,
@@ -86,6 +75,30 @@ class _BatchNormActMixin:
         if count_batch:
             self.num_batches_tracked.add_(1)
         return out
+
+    def _batch_norm_args(self) -> tuple[Tensor | None, Tensor | None, bool, float, bool]:
+        """(running_mean, running_var, training, momentum) to hand the functional, and whether the call counts a
+        batch: the caller increments num_batches_tracked once the op has succeeded (a rejected call changes no state).
+
+        The same decisions as nn.modules.batchnorm._BatchNorm.forward.
+        """
+        count_batch = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        if self.momentum is None:
+            # Cumulative moving average; the parent uses 0.0 when no batch is counted.
+            exponential_average_factor = 1.0 / float(self.num_batches_tracked + 1) if count_batch else 0.0
+        else:
+            exponential_average_factor = self.momentum
+        # Batch statistics in training mode, and in eval mode when there are no running buffers.
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        # Buffers are updated only when they exist and are tracked; in eval mode they are used if they exist.
+        use_buffers = not self.training or self.track_running_stats
+        return (
+            self.running_mean if use_buffers else None,
+            self.running_var if use_buffers else None,
+            bn_training,
+            exponential_average_factor,
+            count_batch,
+        )
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", activation={self.activation}"

@@ -40,6 +40,7 @@ from fusedres.reference.highway import check_highway_activation
 
 __all__ = ["Highway", "HighwayConv2d"]
 
+
 def _highway_packed(fused: bool) -> Callable[..., Tensor]:
     """The fused functional or the pure PyTorch reference (imported on first use)."""
     if fused:

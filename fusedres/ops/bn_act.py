@@ -8,14 +8,17 @@ activation mask — never the residual, the pre-activation or the output.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch._prims_common import suggest_memory_format
 
 from fusedres import _native
+from fusedres.ops._common import acc_dtype as _acc_dtype
+from fusedres.ops._common import check_channel_vector as _check_channel_vector
+from fusedres.ops._common import check_input as _check_input
+from fusedres.ops._common import mask_bytes, refuse_double_backward, warn_fallback
+from fusedres.ops._common import memory_format as _memory_format
 from fusedres.reference import bn_act as _reference
 from fusedres.reference.bn_act import check_activation
 
@@ -23,55 +26,39 @@ __all__ = ["batch_norm_act", "mask_bytes"]
 
 _FORWARD = "fusedres::bn_act_forward"
 _BACKWARD = "fusedres::bn_act_backward"
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 DOUBLE_BACKWARD_ERROR = "fusedres.batch_norm_act does not support double backward"
 
 
-def mask_bytes(numel: int) -> int:
-    """Bytes of the packed activation mask (csrc/common/bn_act_math.h): whole 32-bit words plus a spare one."""
-    return ((numel + 31) // 32 + 1) * 4
-
-
-def _memory_format(t: Tensor) -> torch.memory_format:
-    """The memory format of every full-size tensor the kernels return (the input's suggested one)."""
-    return suggest_memory_format(t) if t.dim() in (4, 5) else torch.contiguous_format
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_channel_vector(t: Tensor | None, name: str, input: Tensor, C) -> None:
-    if t is None:
-        return
+def _check_acc_vector(t: Tensor, name: str, input: Tensor, C: int) -> None:
+    acc = _acc_dtype(input.dtype)
     torch._check(
-        t.dim() == 1 and t.numel() == C,
+        t.dim() == 1 and t.numel() == C and t.dtype == acc and t.device == input.device,
         lambda: (
-            f"{name} must be a 1-D tensor with {C} elements (the number of channels of input, dim 1), got "
-            f"shape {list(t.shape)}"
+            f"{name} must be a 1-D {acc} tensor with {C} elements on {input.device}, got {t.dtype} of shape "
+            f"{list(t.shape)} on {t.device}"
         ),
     )
-    torch._check(
-        t.dtype in (torch.float32, input.dtype),
-        lambda: f"{name} must have dtype float32 or the input's dtype ({input.dtype}), got {t.dtype}",
-    )
-    torch._check(
-        t.device == input.device,
-        lambda: f"{name} must be on the same device as input ({input.device}), got {t.device}",
-    )
 
 
-def _check_input(input: Tensor) -> None:
+def _check_mask(mask: Tensor, input: Tensor, activation: str) -> None:
+    want = mask_bytes(input.numel()) if activation != "identity" else 0
     torch._check(
-        2 <= input.dim() <= 5,
+        mask.dtype == torch.uint8 and mask.dim() == 1 and mask.numel() == want and mask.device == input.device,
         lambda: (
-            "input must have 2 to 5 dimensions ((N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W)), got "
-            f"{input.dim()} dimensions of shape {list(input.shape)}"
+            f"mask must be the uint8 tensor of {want} bytes returned by bn_act_forward, got {mask.dtype} of "
+            f"shape {list(mask.shape)}"
         ),
     )
+
+
+def _check_grad_out(grad_out: Tensor, input: Tensor) -> None:
     torch._check(
-        input.dtype in _FLOAT_DTYPES,
-        lambda: f"input must have a floating dtype (float32, float64, bfloat16 or float16), got {input.dtype}",
+        grad_out.shape == input.shape,
+        lambda: f"grad_out must have the same shape as input, got {list(grad_out.shape)} and {list(input.shape)}",
+    )
+    torch._check(
+        grad_out.dtype == input.dtype,
+        lambda: f"grad_out must have the same dtype as input ({input.dtype}), got {grad_out.dtype}",
     )
 
 
@@ -87,7 +74,10 @@ def _fake_forward(
     eps: float,
     activation: str,
     negative_slope: float,
+    *,
+    check_batch: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # check_batch=False: only the checks bn_act_elemt shares (input, residual, weight, bias, activation).
     check_activation(activation)
     _check_input(input)
     C = input.shape[1]
@@ -106,6 +96,20 @@ def _fake_forward(
         )
     for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"), (running_var, "running_var")):
         _check_channel_vector(t, name, input, C)
+    if check_batch:
+        _check_batch_args(input, running_mean, running_var, training, momentum, eps)
+    acc = _acc_dtype(input.dtype)
+    output = torch.empty_like(input, memory_format=_memory_format(input))
+    save_mean = input.new_empty((C,), dtype=acc)
+    save_invstd = input.new_empty((C,), dtype=acc)
+    mask = input.new_empty((mask_bytes(input.numel()) if activation != "identity" else 0,), dtype=torch.uint8)
+    return output, save_mean, save_invstd, mask
+
+
+def _check_batch_args(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, training: bool, momentum: float, eps: float
+) -> None:
+    C = input.shape[1]
     torch._check(
         (running_mean is None) == (running_var is None),
         lambda: "running_mean and running_var must be given together (both or neither)",
@@ -121,12 +125,6 @@ def _fake_forward(
             numel // C > 1,
             lambda: f"Expected more than 1 value per channel when training, got input size {list(input.shape)}",
         )
-    acc = _acc_dtype(input.dtype)
-    output = torch.empty_like(input, memory_format=_memory_format(input))
-    save_mean = input.new_empty((C,), dtype=acc)
-    save_invstd = input.new_empty((C,), dtype=acc)
-    mask = input.new_empty((mask_bytes(numel) if activation != "identity" else 0,), dtype=torch.uint8)
-    return output, save_mean, save_invstd, mask
 
 
 def _fake_backward(
@@ -143,33 +141,13 @@ def _fake_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     check_activation(activation)
     _check_input(input)
-    torch._check(
-        grad_out.shape == input.shape,
-        lambda: f"grad_out must have the same shape as input, got {list(grad_out.shape)} and {list(input.shape)}",
-    )
-    torch._check(
-        grad_out.dtype == input.dtype,
-        lambda: f"grad_out must have the same dtype as input ({input.dtype}), got {grad_out.dtype}",
-    )
+    _check_grad_out(grad_out, input)
     C = input.shape[1]
     _check_channel_vector(weight, "weight", input, C)
     acc = _acc_dtype(input.dtype)
-    for t, name in ((save_mean, "save_mean"), (save_invstd, "save_invstd")):
-        torch._check(
-            t.dim() == 1 and t.numel() == C and t.dtype == acc and t.device == input.device,
-            lambda t=t, name=name: (
-                f"{name} must be a 1-D {acc} tensor with {C} elements on {input.device}, got "
-                f"{t.dtype} of shape {list(t.shape)}"
-            ),
-        )
-    want = mask_bytes(input.numel()) if activation != "identity" else 0
-    torch._check(
-        mask.dtype == torch.uint8 and mask.dim() == 1 and mask.numel() == want and mask.device == input.device,
-        lambda: (
-            f"mask must be the uint8 tensor of {want} bytes returned by bn_act_forward, got {mask.dtype} of "
-            f"shape {list(mask.shape)}"
-        ),
-    )
+    _check_acc_vector(save_mean, "save_mean", input, C)
+    _check_acc_vector(save_invstd, "save_invstd", input, C)
+    _check_mask(mask, input, activation)
     fmt = _memory_format(input)
     param_dtype = weight.dtype if weight is not None else acc
 
@@ -180,23 +158,6 @@ def _fake_backward(
         return input.new_empty((C,), dtype=param_dtype) if wanted else input.new_empty((0,), dtype=acc)
 
     return full(output_mask[0]), full(output_mask[1]), per_channel(output_mask[2]), per_channel(output_mask[3])
-
-
-class _RefuseDoubleBackward(torch.autograd.Function):
-    """Identity on already computed gradients whose graph leads back to what they depend on (the forward's
-    input, weight and grad_out) and whose backward refuses: used only when backward runs with create_graph=True."""
-
-    @staticmethod
-    def forward(*args: Tensor | None) -> tuple[Tensor | None, ...]:
-        return tuple(g.view_as(g) if g is not None else None for g in args[:4])
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
 
 class _BnActFunction(torch.autograd.Function):
@@ -248,8 +209,8 @@ class _BnActFunction(torch.autograd.Function):
         grad_weight = gw.to(ctx.weight_dtype) if need_weight else None
         grad_bias = gb.to(ctx.bias_dtype) if need_bias else None
         if torch.is_grad_enabled():  # create_graph=True: make a second differentiation fail loudly.
-            grad_input, grad_residual, grad_weight, grad_bias = _RefuseDoubleBackward.apply(
-                grad_input, grad_residual, grad_weight, grad_bias, input, weight, grad_out
+            grad_input, grad_residual, grad_weight, grad_bias = refuse_double_backward(
+                DOUBLE_BACKWARD_ERROR, (grad_input, grad_residual, grad_weight, grad_bias), (input, weight, grad_out)
             )
         return (grad_input, grad_residual, grad_weight, grad_bias) + nones
 
@@ -261,17 +222,6 @@ if _native.native_loaded:
 # Device types the native kernels serve; anything else runs the reference (one warning per device type).
 _NATIVE_DEVICE_TYPES = frozenset(d for d in ("cpu", "cuda", "meta") if _native.has_kernel(d))
 _warned_devices: set[str] = set()
-
-
-def _warn_fallback(device_type: str) -> None:
-    if device_type not in _warned_devices and _native.native_loaded:
-        _warned_devices.add(device_type)
-        warnings.warn(
-            f"fusedres.batch_norm_act: the native module has no kernel for {device_type} tensors (cuda_compiled="
-            f"{_native.info()['cuda_compiled']}); using the pure PyTorch reference",
-            RuntimeWarning,
-            stacklevel=3,
-        )
 
 
 def batch_norm_act(
@@ -319,7 +269,7 @@ def batch_norm_act(
     if momentum is None:
         raise TypeError("momentum must be a float, got None (the BatchNormAct modules handle momentum=None)")
     if input.device.type not in _NATIVE_DEVICE_TYPES:
-        _warn_fallback(input.device.type)
+        warn_fallback("fusedres.batch_norm_act", input.device.type, _warned_devices)
         return _reference.batch_norm_act(
             input,
             running_mean,

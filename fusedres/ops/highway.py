@@ -83,9 +83,7 @@ def _check_packed(projected: Tensor, carry: Tensor, dim: int, free_carry: bool) 
     return d, part
 
 
-def _fake_forward(
-    transform: Tensor, gate: Tensor, carry: Tensor, carry_gate: Tensor | None, activation: str
-) -> Tensor:
+def _fake_forward(transform: Tensor, gate: Tensor, carry: Tensor, carry_gate: Tensor | None, activation: str) -> Tensor:
     check_highway_activation(activation)
     _check_highway(transform, gate, carry, carry_gate)
     return _empty(transform.shape, transform, _memory_format(transform))

@@ -1,0 +1,118 @@
+"""Helpers shared by the BatchNorm-family ops (ops/bn_act.py, ops/dense.py): fake-kernel checks, the output
+geometry the kernels use, the double-backward guard and the once-per-device fallback warning."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+from fusedres import _native
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "acc_dtype",
+    "check_channel_vector",
+    "check_input",
+    "mask_bytes",
+    "memory_format",
+    "refuse_double_backward",
+    "warn_fallback",
+]
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def mask_bytes(numel: int) -> int:
+    """Bytes of the packed activation mask (csrc/common/bn_act_math.h): whole 32-bit words plus a spare one."""
+    return ((numel + 31) // 32 + 1) * 4
+
+
+def memory_format(t: Tensor) -> torch.memory_format:
+    """The memory format of every full-size tensor the kernels return (the input's suggested one)."""
+    return suggest_memory_format(t) if t.dim() in (4, 5) else torch.contiguous_format
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the per-channel statistics: float64 for float64 input, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_channel_vector(
+    t: Tensor | None, name: str, input: Tensor, C, channels: str = "the number of channels of input, dim 1"
+) -> None:
+    """A per-channel parameter or buffer: 1-D with C elements, float32 or the input's dtype, on its device."""
+    if t is None:
+        return
+    torch._check(
+        t.dim() == 1 and t.numel() == C,
+        lambda: f"{name} must be a 1-D tensor with {C} elements ({channels}), got shape {list(t.shape)}",
+    )
+    torch._check(
+        t.dtype in (torch.float32, input.dtype),
+        lambda: f"{name} must have dtype float32 or the input's dtype ({input.dtype}), got {t.dtype}",
+    )
+    torch._check(
+        t.device == input.device,
+        lambda: f"{name} must be on the same device as input ({input.device}), got {t.device}",
+    )
+
+
+def check_input(input: Tensor, name: str = "input") -> None:
+    """2 to 5 dimensions and a floating dtype."""
+    torch._check(
+        2 <= input.dim() <= 5,
+        lambda: (
+            f"{name} must have 2 to 5 dimensions ((N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W)), got "
+            f"{input.dim()} dimensions of shape {list(input.shape)}"
+        ),
+    )
+    torch._check(
+        input.dtype in FLOAT_DTYPES,
+        lambda: f"{name} must have a floating dtype (float32, float64, bfloat16 or float16), got {input.dtype}",
+    )
+
+
+class _RefuseDoubleBackward(torch.autograd.Function):
+    """Identity on already computed gradients whose graph leads back to what they depend on (the forward's
+    inputs, weight and grad_out) and whose backward refuses: used only when backward runs with create_graph=True.
+
+    apply(message, num_grads, *grads, *dependencies) -> grads (None entries stay None).
+    """
+
+    @staticmethod
+    def forward(message: str, num_grads: int, *args: Tensor | None) -> tuple[Tensor | None, ...]:
+        return tuple(g.view_as(g) if g is not None else None for g in args[:num_grads])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.message = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def refuse_double_backward(
+    message: str, grads: tuple[Tensor | None, ...], dependencies: tuple[Tensor | None, ...]
+) -> tuple[Tensor | None, ...]:
+    """``grads`` unchanged, but differentiating them again raises RuntimeError(message).
+
+    Call it from an autograd.Function's backward when ``torch.is_grad_enabled()`` (create_graph=True);
+    ``dependencies`` are the tensors the gradients are functions of (so the refusal sits on their graph).
+    """
+    return _RefuseDoubleBackward.apply(message, len(grads), *grads, *dependencies)
+
+
+def warn_fallback(op: str, device_type: str, warned: set[str]) -> None:
+    """Warns once per device type (recorded in ``warned``) that ``op`` runs the pure PyTorch reference."""
+    if device_type not in warned and _native.native_loaded:
+        warned.add(device_type)
+        warnings.warn(
+            f"{op}: the native module has no kernel for {device_type} tensors (cuda_compiled="
+            f"{_native.info()['cuda_compiled']}); using the pure PyTorch reference",
+            RuntimeWarning,
+            stacklevel=3,
+        )
