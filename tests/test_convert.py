@@ -1,0 +1,219 @@
+"""fusedres.convert: the converted model computes the original's function and keeps its state; the report says what."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fusedres
+from fusedres.convert import _CONVERTERS, ConvertContext, register_converter
+from fusedres.models import resnet as fr
+from fusedres.nn import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+
+
+def _pairs_model() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(6, 5, 1),
+        nn.BatchNorm2d(5, momentum=None),
+        nn.LeakyReLU(0.2),
+        nn.Conv2d(5, 4, 1),
+        nn.BatchNorm2d(4),  # not followed by an activation: stays
+        nn.Flatten(2),
+        nn.BatchNorm1d(4, affine=False),
+        nn.ReLU(),
+    )
+
+
+def _step(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    x = x.detach().clone().requires_grad_()
+    out = model(x)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    names, params = zip(*model.named_parameters(), strict=True)
+    grads = torch.autograd.grad((out * w).sum(), (x, *params))
+    res = {"output": out.detach(), "input.grad": grads[0]}
+    res.update({f"{n}.grad": g for n, g in zip(names, grads[1:], strict=True)})
+    res.update({n: b.clone() for n, b in model.named_buffers()})
+    return res
+
+
+def _assert_same(got: dict, want: dict, rtol: float, atol: float) -> None:
+    """Elementwise closeness with atol relative to the tensor's largest value: in resnet18 at 32x32, layer4's
+    BatchNorms normalise 4 values per channel (batch 4, 1x1 maps), so a gradient element that is a small
+    difference of large terms may differ in its last ~7 digits between two float64 summation orders."""
+    assert got.keys() == want.keys()
+    for k, w in want.items():
+        scale = w.abs().max().item() if w.is_floating_point() and w.numel() else 1.0
+        torch.testing.assert_close(got[k], w, rtol=rtol, atol=atol * max(scale, 1.0), msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    "build, shape",
+    [(lambda: torchvision.models.resnet18(num_classes=10), (4, 3, 32, 32)), (_pairs_model, (4, 3, 6, 6))],
+    ids=["tv_resnet18", "sequential_pairs"],
+)
+def test_convert_parity_train_steps_and_eval(build, shape, layout: str) -> None:
+    torch.manual_seed(0)
+    original = build().double()
+    converted = fusedres.convert(original)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):  # outputs, grads and running stats agree after every step
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+        _assert_same(_step(converted, x), _step(original, x), rtol=1e-9, atol=1e-11)
+    original.eval()
+    converted.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), original(x), rtol=1e-9, atol=1e-11)
+
+
+def test_convert_resnet18_float32_and_structure() -> None:
+    torch.manual_seed(0)
+    original = torchvision.models.resnet18(num_classes=10)
+    converted, report = fusedres.convert(original, report=True)
+    assert list(converted.state_dict()) == list(original.state_dict())
+    assert isinstance(converted.layer1[0], fr.BasicBlock) and isinstance(converted.bn1, BatchNormAct2d)
+    assert converted.layer2[0].downsample[1].activation == "identity"
+    assert not any(isinstance(m, nn.BatchNorm2d) and not isinstance(m, BatchNormAct2d) for m in converted.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # float32, eval mode (train-mode parity is tested in float64 above)
+        torch.testing.assert_close(converted.eval()(x), original.eval()(x), rtol=1e-4, atol=1e-5)
+    # A converted model loads into fusedres' own resnet18 and back into torchvision's.
+    fr.ResNet(fr.BasicBlock, [2, 2, 2, 2], num_classes=10).load_state_dict(converted.state_dict(), strict=True)
+    torchvision.models.resnet18(num_classes=10).load_state_dict(converted.state_dict(), strict=True)
+    # report: 8 blocks, 20 BatchNorms (8 with the residual, 3 downsample, 1 stem pair), nothing left
+    assert len(report.blocks) == 8 and all(kind == "BasicBlock" for _, kind in report.blocks)
+    assert len(report.converted) == 20 and sum(c.residual for c in report.converted) == 8
+    assert report.num_pairs == 1 and report.untouched == []
+    assert "20 BatchNorms fused" in str(report)
+
+
+def test_convert_bottleneck_models_report() -> None:
+    with torch.device("meta"):
+        model = torchvision.models.resnext50_32x4d()
+    converted, report = fusedres.convert(model, inplace=True, report=True)
+    assert converted is model
+    assert len(report.blocks) == 16 and {k for _, k in report.blocks} == {"Bottleneck"}
+    assert len(report.converted) == 53 and report.untouched == []
+
+
+def test_sequential_pairs_report_and_identity_indices() -> None:
+    model = _pairs_model()
+    converted, report = fusedres.convert(model, report=True)
+    assert list(converted.state_dict()) == list(model.state_dict())
+    assert isinstance(converted[1], BatchNormAct2d) and isinstance(converted[2], nn.Identity)
+    assert converted[4].activation == "leaky_relu" and converted[4].negative_slope == 0.2
+    assert converted[4].momentum is None
+    assert isinstance(converted[9], BatchNormAct1d) and not converted[9].affine
+    assert type(converted[7]) is nn.BatchNorm2d
+    assert [(c.name, c.activation) for c in report.converted] == [("1", "relu"), ("4", "leaky_relu"), ("9", "relu")]
+    assert [(u.name, u.type) for u in report.untouched] == [("7", "BatchNorm2d")]
+    assert "not directly followed by nn.ReLU" in report.untouched[0].reason
+    bn3d = fusedres.convert(nn.Sequential(nn.BatchNorm3d(3), nn.ReLU()))
+    assert isinstance(bn3d[0], BatchNormAct3d)
+
+
+def test_hooks_and_subclasses_are_left_alone() -> None:
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    hooked = nn.BatchNorm2d(3)
+    hooked.register_forward_hook(lambda m, i, o: None)
+    model = nn.Sequential(hooked, nn.ReLU(), MyBN(3), nn.ReLU())
+    converted, report = fusedres.convert(model, report=True)
+    assert type(converted[0]) is nn.BatchNorm2d and type(converted[1]) is nn.ReLU and type(converted[2]) is MyBN
+    reasons = {u.name: u.reason for u in report.untouched}
+    assert "hooks" in reasons["0"] and "MyBN is not exactly" in reasons["2"]
+    block = torchvision.models.resnet18().layer1[0]
+    block.bn1.register_forward_pre_hook(lambda m, i: None)
+    converted_block, report = fusedres.convert(block, report=True)
+    assert type(converted_block) is type(block) and report.blocks == []
+    assert all("cannot be fused" in u.reason for u in report.untouched)
+
+
+def test_preserves_mode_dtype_requires_grad_and_parameters() -> None:
+    model = torchvision.models.resnet18(num_classes=4).double().eval()
+    model.layer2.train()
+    model.conv1.weight.requires_grad_(False)
+    model.layer1[0].bn1.weight.requires_grad_(False)
+    model.layer1[0].bn1.num_batches_tracked.fill_(7)
+    copy_mode = {n: m.training for n, m in model.named_modules() if not isinstance(m, nn.ReLU)}
+    converted = fusedres.convert(model)
+    # inplace=False: the original is unchanged and shares nothing with the result.
+    assert type(model.layer1[0]) is torchvision.models.resnet.BasicBlock
+    assert all(p is not q for p, q in zip(model.parameters(), converted.parameters(), strict=True))
+    for n, m in converted.named_modules():
+        if n in copy_mode:
+            assert m.training == copy_mode[n], n
+    assert all(p.dtype == torch.float64 for p in converted.parameters())
+    assert not converted.conv1.weight.requires_grad and not converted.layer1[0].bn1.weight.requires_grad
+    assert int(converted.layer1[0].bn1.num_batches_tracked) == 7
+    for (k, a), (k2, b) in zip(converted.state_dict().items(), model.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b)
+
+
+def test_inplace_keeps_parameter_objects_for_an_existing_optimizer() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3).double()
+    reference = copy.deepcopy(model)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    out = fusedres.convert(model, inplace=True)
+    assert out is model and isinstance(model.layer1[0], fr.BasicBlock)
+    assert all(p is q for p, q in zip(params, model.parameters(), strict=True))
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=1e-3)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    for m, o in ((model, opt), (reference, ref_opt)):
+        o.zero_grad()
+        m(x).sum().backward()
+        o.step()
+    for (k, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_root_block_is_replaced_and_errors() -> None:
+    block = torchvision.models.resnet.Bottleneck(16, 4)
+    converted = fusedres.convert(block, inplace=True)
+    assert isinstance(converted, fr.Bottleneck) and converted is not block
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        fusedres.convert("resnet18")
+    with pytest.raises(TypeError, match="module_type must be an nn.Module subclass"):
+        register_converter(int)
+
+
+def test_densenet_is_reported_and_converter_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision.models.densenet import DenseNet, _DenseLayer
+
+    model = DenseNet(growth_rate=4, block_config=(1, 1), num_init_features=8, bn_size=2)
+    converted, report = fusedres.convert(model, report=True)
+    names = {c.name for c in report.converted}
+    assert "features.norm0" in names and "features.transition1.norm" in names  # plain Sequential pairs
+    untouched = {u.name: u.reason for u in report.untouched}
+    if _CONVERTERS[_DenseLayer].__name__ == "report_dense_layer":  # until dense layers are supported
+        assert untouched["features.denseblock1.denselayer1.norm1"] == "not converted (dense layers not supported yet)"
+    assert set(untouched) | names == {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+
+    class Custom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.bn(x))
+
+    def convert_custom(module: nn.Module, name: str, ctx: ConvertContext) -> nn.Module:
+        module.bn = ctx.fuse(module.bn, f"{name}.bn", "relu", residual=False, via="Custom")
+        module.forward = module.bn.forward
+        return module
+
+    monkeypatch.setitem(_CONVERTERS, Custom, convert_custom)
+    converted, report = fusedres.convert(nn.Sequential(Custom()), report=True)
+    assert isinstance(converted[0].bn, BatchNormAct2d) and report.converted[0].via == "Custom"
