@@ -1,4 +1,4 @@
-"""``python -m fusedres bench [...]`` (see fusedres/bench.py) and ``python -m fusedres info``."""
+"""``python -m fusedres bench [...]`` (fusedres/bench.py), ``train [...]`` (fusedres/train.py) and ``info``."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _info() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fusedres", description=__doc__)
-    sub = parser.add_subparsers(dest="command", metavar="{bench,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,train,info}")
     from fusedres import bench
 
     bench.add_arguments(
@@ -41,10 +41,22 @@ def main(argv: list[str] | None = None) -> int:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
+    from fusedres import train
+
+    train.add_arguments(
+        sub.add_parser(
+            "train",
+            help="train a model (fused, reference or both side by side) on digits or CIFAR-10",
+            description=train.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     sub.add_parser("info", help="what this build of fusedres can do")
     args = parser.parse_args(argv)
     if args.command == "bench":
         return bench.main(args)
+    if args.command == "train":
+        return train.main(args)
     if args.command == "info":
         return _info()
     parser.print_help()

@@ -1,8 +1,15 @@
-"""``python -m fusedres bench``: fused BatchNorm + residual + activation against eager PyTorch and torch.compile.
+"""``python -m fusedres bench``: the fused ops and models against eager PyTorch and torch.compile, time and memory.
 
-The highway gate rows and the highway_mlp training step follow the bn_act table (fusedres/bench_highway.py).
+The report: machine facts (CPU/GPU, torch, threads, allocator, measured copy bandwidth, a noise check), then one
+table per op section of OP_SECTIONS (bn_act here; highway: fusedres/bench_highway.py; dense concat:
+fusedres/bench_dense.py; a section whose module is missing is reported as not available), then the model rows
+(fusedres/bench_models.py: training-step time of resnet20/56/50, densenet_bc_100 and the highway MLP, fused vs
+reference vs torch.compile, and the peak memory of a step measured in a fresh process per configuration).
+``--json PATH`` writes every figure with its configuration (a figure that could not be measured is null, with its
+reason in ``null_reasons``); ``--plot PATH`` a PNG (fusedres/bench_plot.py); ``--only ops|models`` and
+``--models a,b`` select; progress goes to stderr (a bar on a terminal, one line per step otherwise).
 
-What it measures, per shape x layout (NCHW, channels_last) x residual (on, off) x direction:
+bn_act rows, per shape x layout (NCHW, channels_last) x residual (on, off) x direction:
 
 * ``fwd``      training forward with autograd recording (inputs require grad, as in a training step);
 * ``fwd+bwd``  training forward then ``torch.autograd.grad`` of every input (nothing accumulates into ``.grad``);
@@ -31,6 +38,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -487,15 +496,18 @@ def saved_bytes(forward: Callable[[], Tensor], owned: Iterable[Tensor]) -> dict[
 
 
 class _Progress:
-    """tqdm when it is installed, else one plain line per step."""
+    """A tqdm bar on stderr when stderr is a terminal and tqdm is installed, else one plain line per step."""
 
     def __init__(self, total: int, desc: str) -> None:
         try:
             from tqdm import tqdm
         except ImportError:
             tqdm = None
-        self._bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True) if tqdm else None
-        self._n, self._total = 0, total
+        tty = sys.stderr.isatty()
+        self._bar = (
+            tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True) if tqdm and tty else None
+        )
+        self._n, self._total, self._desc = 0, total, desc
 
     def step(self, text: str) -> None:
         self._n += 1
@@ -503,7 +515,7 @@ class _Progress:
             self._bar.set_postfix_str(text, refresh=False)
             self._bar.update(1)
         else:
-            print(f"[{self._n}/{self._total}] {text}", file=sys.stderr, flush=True)
+            print(f"[{self._desc} {self._n}/{self._total}] {text}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -593,6 +605,91 @@ def _set(row: dict[str, Any], section: str, key: str, value: Any, reason: str | 
         row["null_reasons"][f"{section}.{key}"] = reason or "not measured"
 
 
+def fill_figures(
+    row: dict[str, Any],
+    times: dict[str, list[float]],
+    faults: dict[str, float],
+    reasons: dict[str, str],
+    floor: int | None,
+    copy_gbps: float | None,
+) -> None:
+    """times_ms, spreads, page faults, ratios (and GB/s, %copy when ``floor`` bytes are given) of one row.
+
+    Every implementation of IMPLS and ratio of RATIOS gets an entry; a missing one is None with its reason in
+    ``row["null_reasons"]`` (from ``reasons``, keyed by implementation).
+    """
+    sections = ["times_ms", "times_ms_spread", "page_faults_per_call", "ratios"]
+    if floor is not None:
+        sections += ["gbps", "pct_copy_bandwidth"]
+    for section in sections:
+        row[section] = {}
+    for name in IMPLS:
+        spread = _spread(times[name]) if name in times else None
+        reason = reasons.get(name)
+        _set(row, "times_ms", name, spread and spread["median"] * 1e3, reason)
+        _set(row, "times_ms_spread", name, spread and {k: v * 1e3 for k, v in spread.items() if k != "median"}, reason)
+        _set(row, "page_faults_per_call", name, faults.get(name), reason)
+        if floor is not None:
+            _set(row, "gbps", name, spread and floor / spread["median"] / 1e9, reason)
+    for label, num, den in RATIOS:
+        both = num in times and den in times
+        missing = num if num not in times else den
+        stats = ratio_stats(times, num, den) if both else None
+        _set(row, "ratios", label, stats, f"{missing} not measured")
+    if floor is not None:
+        gb = row["gbps"]["fused"]
+        _set(
+            row,
+            "pct_copy_bandwidth",
+            "fused",
+            gb and copy_gbps and 100.0 * gb / copy_gbps,
+            reasons.get("fused", "copy bandwidth not measured"),
+        )
+
+
+def time_fns(
+    fns: dict[str, Callable[[], object]],
+    settings: Settings,
+    reasons: dict[str, str],
+    fixed_rounds: int | None = None,
+    untimed: int = 2,
+) -> tuple[dict[str, list[float]], dict[str, float], int, dict[str, float] | None]:
+    """Alternating measurement (measure_alternating) after ``untimed`` calls of each function.
+
+    Rounds: --repeat, else ``fixed_rounds``, else as many as fit the budget (from the last untimed call's time).
+    A failure is recorded in ``reasons`` for every function (no figure is kept from a failed measurement).
+
+    Returns:
+        (seconds per round per name, page faults per call per name, rounds, other load of OtherLoad.percent()).
+    """
+    times: dict[str, list[float]] = {}
+    faults: dict[str, float] = {}
+    rounds = 0
+    load = OtherLoad()
+    try:
+        auto = not (settings.repeat or fixed_rounds)
+        for _ in range(max(untimed - int(auto), 0)):
+            for fn in fns.values():
+                fn()
+        rounds = (
+            settings.repeat
+            or fixed_rounds
+            or _auto_rounds(fns, settings.budget_s, settings.min_rounds, settings.max_rounds, settings.device)
+        )
+        times, faults = measure_alternating(fns, rounds=rounds, warmup=0, device=settings.device)
+    except Exception as exc:  # noqa: BLE001 - reported in the row
+        times, faults = {}, {}
+        reasons.update(dict.fromkeys(fns, f"measurement failed: {_err(exc)}"))
+    return times, faults, rounds, load.percent()
+
+
+def set_load(row: dict[str, Any], other: dict[str, float] | None) -> None:
+    """row["load"]: other processes' and steal CPU % during the row's timing and its wall time."""
+    row["load"] = {}
+    for key, src in (("other_cpu_pct", "other"), ("steal_cpu_pct", "steal"), ("wall_s", "wall_s")):
+        _set(row, "load", key, other and other[src], "/proc/stat not readable")
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """What one ``bench`` run measures and how long it may spend on each figure."""
@@ -604,6 +701,7 @@ class Settings:
     budget_s: float
     min_rounds: int
     max_rounds: int
+    default_allocator: bool = False  # --default-allocator was given
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -611,7 +709,7 @@ class Settings:
         budget = args.budget if args.budget is not None else (0.3 if quick else 1.0)
         lo, hi = (5, 15) if quick else (7, 30)
         tiny = os.environ.get("FUSEDRES_BENCH_TINY", "0") == "1"
-        return cls(args.device, quick, tiny, args.repeat, budget, lo, hi)
+        return cls(args.device, quick, tiny, args.repeat, budget, lo, hi, bool(args.default_allocator))
 
     @property
     def shapes(self) -> tuple[tuple[int, ...], ...]:
@@ -840,24 +938,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="shapes (32,64,56,56) and (128,16,32,32) only, shorter timing, torch.compile only for "
-        "the configurations with a residual",
+        help="shapes (32,64,56,56) and (128,16,32,32) only, shorter timing, torch.compile only for the op "
+        "configurations with a residual; models: resnet20 and the highway MLP at smaller batches, 2 rounds",
     )
     parser.add_argument("--json", metavar="PATH", help="write every figure with its configuration to PATH")
+    parser.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="write a PNG of the speedup per op row and the time and peak memory per model (needs matplotlib: "
+        "pip install 'fusedres[cli]')",
+    )
+    parser.add_argument(
+        "--only",
+        choices=("ops", "models"),
+        default=None,
+        help="run only the op rows or only the model rows (default: both)",
+    )
+    parser.add_argument(
+        "--models",
+        metavar="NAMES",
+        default=None,
+        help="comma-separated model names for the model rows (default: resnet20,resnet56,resnet50,densenet_bc_100,"
+        "highway_mlp; --quick: resnet20,highway_mlp)",
+    )
+    parser.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the peak-memory measurement of the models (one fresh subprocess per model and configuration)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
         "--repeat",
         type=int,
         metavar="N",
         default=None,
-        help="timed rounds per figure (default: as many as fit --budget, within [min, max] rounds)",
+        help="timed rounds per figure (default: as many as fit --budget, within [min, max] rounds; models: 2 "
+        "rounds with --quick, else 3)",
     )
     parser.add_argument(
         "--budget",
         type=float,
         default=None,
         metavar="S",
-        help="seconds of timed rounds per figure when --repeat is not given (default 1.0, quick 0.3)",
+        help="seconds of timed rounds per op figure when --repeat is not given (default 1.0, quick 0.3)",
     )
     parser.add_argument(
         "--default-allocator",
@@ -868,7 +991,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _print_header(machine: dict[str, Any], copy: dict[str, Any], noise: dict[str, Any]) -> None:
-    print("fusedres bench: bn_act (BatchNorm + residual + ReLU), float32")
+    print("fusedres bench: fused ops and models vs eager PyTorch and torch.compile, float32")
     print(
         f"  cpu        {machine['cpu_model']}, {machine['cpus_usable']} usable cores "
         f"(os.cpu_count {machine['cpu_count']}), torch threads {machine['torch_threads']}, ISA {machine['isa']}"
@@ -903,17 +1026,31 @@ def _overall_load(rows: list[dict[str, Any]]) -> dict[str, float] | None:
     return out
 
 
-def _print_footer(
-    rows: list[dict[str, Any]], machine: dict[str, Any], copy: dict[str, Any], load: dict[str, float] | None
-) -> None:
+def run_bn_act(settings: Settings, copy_gbps: float) -> dict[str, Any]:
+    """The bn_act op section: {"bn_act": rows, "other_load_pct": other load over the rows' timing windows}."""
+    groups = [(s, lay, res) for s in settings.shapes for lay in LAYOUTS for res in (False, True)]
+    progress = _Progress(total=len(groups) * len(DIRECTIONS), desc="bn_act")
+    rows: list[dict[str, Any]] = []
+    try:
+        for shape, layout, residual in groups:
+            rows += _measure_group(shape, layout, residual, settings, copy_gbps, progress)
+    finally:
+        progress.close()
+    return {"bn_act": rows, "other_load_pct": _overall_load(rows)}
+
+
+def print_bn_act(result: dict[str, Any], copy_gbps: float) -> None:
+    """The bn_act table and its footnotes."""
+    rows, load = result["bn_act"], result["other_load_pct"]
+    allocator = describe_allocator(allocator_setting())
+    print("bn_act: BatchNorm + residual + ReLU, float32: fused vs eager reference vs torch.compile(reference)")
+    print(render_table(rows))
+    print()
     print("Times: medians in ms. Ratios: median of per-round ratios [inter-quartile range]; >1 means fused is faster.")
     print("fwd = training forward with autograd recording; fwd+bwd = + autograd.grad of x, r, w, b; eval = no_grad.")
-    print(f"GB/s: {GBPS_METHOD}; %copy = fused GB/s / measured copy bandwidth ({copy['gbps']:.1f} GB/s).")
+    print(f"GB/s: {GBPS_METHOD}; %copy = fused GB/s / measured copy bandwidth ({copy_gbps:.1f} GB/s).")
     print(f"saved MB: {SAVED_BYTES_METHOD}")
-    print(
-        f"f/r/c = fused/reference/compiled. faults/call: minor page faults per call, under allocator "
-        f"{describe_allocator(machine['allocator'])}."
-    )
+    print(f"f/r/c = fused/reference/compiled. faults/call: minor page faults per call, under allocator {allocator}.")
     print(
         "other CPU: CPU time of other processes during the row's timing (/proc/stat busy minus this process), "
         "in % of all cores; it should read ~0%: a competing process makes the two OpenMP threads wait for each "
@@ -931,12 +1068,73 @@ def _print_footer(
         print("\n".join(notes))
 
 
+class OpSection(NamedTuple):
+    """One op section of the report: ``module.<run>(settings, copy_gbps) -> dict`` of JSON entries (each key a
+    top-level key of the --json report, e.g. {"highway": rows}) and ``module.<report>(result, copy_gbps)``, which
+    prints its table. A section whose module does not exist is reported as not available."""
+
+    name: str
+    module: str
+    run: str = "run"
+    report: str = "print_report"
+
+
+# Adding an op to the report is one line here.
+OP_SECTIONS: tuple[OpSection, ...] = (
+    OpSection("bn_act", __name__, "run_bn_act", "print_bn_act"),
+    OpSection("highway", "fusedres.bench_highway"),
+    OpSection("dense", "fusedres.bench_dense"),
+)
+
+
+def run_op_sections(
+    settings: Settings, copy_gbps: float, sections: Sequence[OpSection] = OP_SECTIONS
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Runs and prints every op section in turn.
+
+    Returns:
+        (the JSON entries of all sections, per section: available, reason (None when it ran), wall_s).
+    """
+    entries: dict[str, Any] = {}
+    status: dict[str, dict[str, Any]] = {}
+    for section in sections:
+        t0 = time.perf_counter()
+        reason = None
+        try:
+            if importlib.util.find_spec(section.module) is None:
+                raise ModuleNotFoundError(f"{section.module} does not exist in this build")
+            module = importlib.import_module(section.module)
+            run, report = getattr(module, section.run), getattr(module, section.report)
+        except Exception as exc:  # noqa: BLE001 - a missing or broken section is reported, the others still run
+            reason = f"not available: {_err(exc)}"
+        if reason is None:
+            try:
+                result = run(settings, copy_gbps)
+            except Exception as exc:  # noqa: BLE001
+                reason = f"failed: {_err(exc)}"
+        if reason is not None:
+            entries[section.name] = None
+            print(f"\n{section.name}: {reason}")
+        else:
+            entries.update(result)
+            print()
+            report(result, copy_gbps)
+        sys.stdout.flush()
+        status[section.name] = {"available": reason is None, "reason": reason, "wall_s": time.perf_counter() - t0}
+    return entries, status
+
+
 def main(args: argparse.Namespace) -> int:
     """Runs the benchmark and prints (and optionally writes) the report."""
     if args.repeat is not None and args.repeat < 1:
         raise SystemExit(f"--repeat must be a positive integer, got {args.repeat}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
+    plot = None
+    if args.plot:
+        from fusedres import bench_plot  # fails now, not after minutes of measuring, when matplotlib is missing
+
+        plot = bench_plot.require_matplotlib()
     _reexec_with_allocator(args)
     t_start = time.perf_counter()
     settings = Settings.from_args(args)
@@ -949,53 +1147,63 @@ def main(args: argparse.Namespace) -> int:
     del noise_case
     _print_header(machine, copy, noise)
 
-    groups = [(s, lay, res) for s in settings.shapes for lay in LAYOUTS for res in (False, True)]
-    progress = _Progress(total=len(groups) * len(DIRECTIONS), desc="bn_act")
-    rows: list[dict[str, Any]] = []
-    try:
-        for shape, layout, residual in groups:
-            rows += _measure_group(shape, layout, residual, settings, copy["gbps"], progress)
-    finally:
-        progress.close()
-    load = _overall_load(rows)
+    entries: dict[str, Any] = {}
+    null_reasons: dict[str, str] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    if args.only in (None, "ops"):
+        entries, sections = run_op_sections(settings, copy["gbps"])
+        null_reasons.update({name: s["reason"] for name, s in sections.items() if not s["available"]})
+        if entries.get("other_load_pct", 0) is None:
+            null_reasons["other_load_pct"] = "/proc/stat not readable"
+    else:
+        null_reasons.update(dict.fromkeys((s.name for s in OP_SECTIONS), "not measured (skipped: --only models)"))
+    if args.only in (None, "models"):
+        from fusedres import bench_models
 
-    print()
-    print(render_table(rows))
-    print()
-    _print_footer(rows, machine, copy, load)
+        names = None if args.models is None else [n.strip() for n in args.models.split(",") if n.strip()]
+        models = bench_models.run(settings, names=names, memory=not args.no_memory)
+        print()
+        bench_models.print_report(models)
+    else:
+        models = None
+        null_reasons["models"] = "not measured (skipped: --only ops)"
+    wall = time.perf_counter() - t_start
+    print(f"wall time {wall:.0f} s")
     sys.stdout.flush()
 
     from fusedres import bench_highway
 
-    highway_rows, highway_step = bench_highway.run(settings, copy["gbps"])
-    print()
-    bench_highway.print_report(highway_rows, highway_step, copy["gbps"])
-    wall = time.perf_counter() - t_start
-    print(f"wall time {wall:.0f} s")
-
+    report = {
+        "schema": "fusedres-bench/2",
+        "argv": list(getattr(sys, "orig_argv", sys.argv)),
+        "settings": {
+            **dataclasses.asdict(settings),
+            "dtype": "float32",
+            "shapes": settings.shapes,
+            "only": args.only,
+            "memory": not args.no_memory,
+        },
+        "machine": machine,
+        "copy_bandwidth": copy,
+        "noise_check": noise,
+        "method": {
+            "timing": TIMING_METHOD,
+            "gbps": GBPS_METHOD,
+            "saved_bytes": SAVED_BYTES_METHOD,
+            "highway_gbps": bench_highway.GBPS_METHOD,
+            "highway_saved_bytes": bench_highway.SAVED_BYTES_METHOD,
+        },
+        "sections": sections,
+        **entries,
+        "models": models,
+        "null_reasons": null_reasons,
+        "wall_s": wall,
+    }
     if args.json:
-        report = {
-            "schema": "fusedres-bench/1",
-            "argv": list(getattr(sys, "orig_argv", sys.argv)),
-            "settings": {**dataclasses.asdict(settings), "dtype": "float32", "shapes": settings.shapes},
-            "machine": machine,
-            "copy_bandwidth": copy,
-            "noise_check": noise,
-            "other_load_pct": load,
-            "null_reasons": {} if load is not None else {"other_load_pct": "/proc/stat not readable"},
-            "method": {
-                "timing": TIMING_METHOD,
-                "gbps": GBPS_METHOD,
-                "saved_bytes": SAVED_BYTES_METHOD,
-                "highway_gbps": bench_highway.GBPS_METHOD,
-                "highway_saved_bytes": bench_highway.SAVED_BYTES_METHOD,
-            },
-            "bn_act": rows,
-            "highway": highway_rows,
-            "highway_mlp_step": highway_step,
-            "wall_s": wall,
-        }
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
         print(f"wrote {args.json}")
+    if plot is not None:
+        plot(report, args.plot)
+        print(f"wrote {args.plot}")
     return 0

@@ -13,9 +13,8 @@ conv to 128 channels). Directions: ``fwd`` (training forward, inputs require gra
 ``torch.autograd.grad`` of every input). Minimal bytes (DESIGN.md section 2, coupled): forward 4 tensor passes
 (read h, g, x; write y), backward 7 (read dy, h, g, x; write dh, dg, dx): fwd+bwd 11.
 
-Plus one training step of ``highway_mlp(1024, 1024, depth=20, 10)`` at batch 256 (SGD, cross-entropy), fused vs
-reference (vs torch.compile of the reference model unless --quick). It is dominated by the 20 Linear(1024, 2048)
-matmuls, which fusing the gate does not change.
+The training step of ``highway_mlp(1024, 1024, depth=20, 10)`` at batch 256 (MLP_STEP; HighwayMLPStep is the case
+of benchmarks/bench_highway.py) is one of the model rows of ``fusedres bench`` (fusedres/bench_models.py).
 
 Measured with the same alternating rounds, noise check and allocator setting as the bn_act rows (fusedres/bench.py).
 """
@@ -38,13 +37,12 @@ from fusedres import bench as _bench
 __all__ = [
     "DIRECTIONS",
     "FORMS",
-    "HighwayCase",
-    "HighwayMLPStep",
     "MLP_STEP",
     "SHAPES",
+    "HighwayCase",
+    "HighwayMLPStep",
     "floor_bytes",
     "measure_highway",
-    "measure_mlp_step",
     "render_table",
 ]
 
@@ -138,7 +136,7 @@ class HighwayCase:
         return "packed" if self.packed else "split"
 
     def functional(self, impl: str) -> Callable[..., Tensor]:
-        """"fused" or "reference" taking this case's tensors positionally."""
+        """ "fused" or "reference" taking this case's tensors positionally."""
         return _functional(impl, self.packed, self.dim)
 
     def compiled(self) -> Callable[..., Tensor]:
@@ -197,81 +195,6 @@ class HighwayMLPStep:
         return step
 
 
-def _fill_figures(
-    row: dict[str, Any],
-    times: dict[str, list[float]],
-    faults: dict[str, float],
-    reasons: dict[str, str],
-    floor: int | None,
-    copy_gbps: float | None,
-) -> None:
-    """times_ms, spreads, GB/s, page faults, ratios and %copy of one row (null entries explained)."""
-    sections = ["times_ms", "times_ms_spread", "page_faults_per_call", "ratios"]
-    if floor is not None:
-        sections += ["gbps", "pct_copy_bandwidth"]
-    for section in sections:
-        row[section] = {}
-    for name in IMPLS:
-        spread = _bench._spread(times[name]) if name in times else None
-        reason = reasons.get(name)
-        _bench._set(row, "times_ms", name, spread and spread["median"] * 1e3, reason)
-        _bench._set(
-            row, "times_ms_spread", name, spread and {k: v * 1e3 for k, v in spread.items() if k != "median"}, reason
-        )
-        _bench._set(row, "page_faults_per_call", name, faults.get(name), reason)
-        if floor is not None:
-            _bench._set(row, "gbps", name, spread and floor / spread["median"] / 1e9, reason)
-    for label, num, den in RATIOS:
-        both = num in times and den in times
-        missing = num if num not in times else den
-        stats = _bench.ratio_stats(times, num, den) if both else None
-        _bench._set(row, "ratios", label, stats, f"{missing} not measured")
-    if floor is not None:
-        gb = row["gbps"]["fused"]
-        _bench._set(
-            row,
-            "pct_copy_bandwidth",
-            "fused",
-            gb and copy_gbps and 100.0 * gb / copy_gbps,
-            reasons.get("fused", "copy bandwidth not measured"),
-        )
-
-
-def _time_fns(
-    fns: dict[str, Callable[[], object]],
-    settings: _bench.Settings,
-    reasons: dict[str, str],
-    fixed_rounds: int | None = None,
-) -> tuple[dict[str, list[float]], dict[str, float], int, dict[str, float] | None]:
-    """Alternating measurement after two untimed calls of each function; failures go to reasons.
-
-    Rounds: --repeat, else ``fixed_rounds``, else as many as fit the budget (from the second untimed call's time).
-    """
-    times: dict[str, list[float]] = {}
-    faults: dict[str, float] = {}
-    rounds = 0
-    load = _bench.OtherLoad()
-    try:
-        for fn in fns.values():
-            fn()
-        rounds = (
-            settings.repeat
-            or fixed_rounds
-            or _bench._auto_rounds(fns, settings.budget_s, settings.min_rounds, settings.max_rounds, settings.device)
-        )
-        warmup = 1 if settings.repeat or fixed_rounds else 0  # _auto_rounds made the second untimed call
-        times, faults = _bench.measure_alternating(fns, rounds=rounds, warmup=warmup, device=settings.device)
-    except Exception as exc:  # noqa: BLE001 - reported in the row
-        reasons.update(dict.fromkeys(fns, f"measurement failed: {_bench._err(exc)}"))
-    return times, faults, rounds, load.percent()
-
-
-def _set_load(row: dict[str, Any], other: dict[str, float] | None) -> None:
-    row["load"] = {}
-    for key, src in (("other_cpu_pct", "other"), ("steal_cpu_pct", "steal"), ("wall_s", "wall_s")):
-        _bench._set(row, "load", key, other and other[src], "/proc/stat not readable")
-
-
 def shapes_for(settings: _bench.Settings) -> tuple[tuple[int, ...], ...]:
     return TINY_SHAPES if settings.tiny else SHAPES
 
@@ -320,7 +243,7 @@ def measure_highway(
         progress.step(f"highway {list(shape)} {case.form} {direction}")
         reasons = dict(missing)
         fns = {name: case.call(direction, fn) for name, fn in fns_of.items()}
-        times, faults, rounds, other = _time_fns(fns, settings, reasons)
+        times, faults, rounds, other = _bench.time_fns(fns, settings, reasons)
         fb = case.floor_bytes(direction)
         row: dict[str, Any] = {
             "op": "highway",
@@ -341,66 +264,16 @@ def measure_highway(
             row["null_reasons"]["compile_s"] = missing.get("compiled", "not compiled")
         if not packed:
             row["null_reasons"]["packed_dim"] = "split form: three separate tensors"
-        _fill_figures(row, times, faults, reasons, fb, copy_gbps)
+        _bench.fill_figures(row, times, faults, reasons, fb, copy_gbps)
         row["saved_bytes"] = {}
         for name in IMPLS:
             entry = saved[name]
             _bench._set(row, "saved_bytes", name, entry["total"] if isinstance(entry, dict) else None, str(entry))
-        _set_load(row, other)
+        _bench.set_load(row, other)
         rows.append(row)
     del case, fns, fns_of
     gc.collect()
     return rows
-
-
-def measure_mlp_step(settings: _bench.Settings, progress: Any) -> dict[str, Any]:
-    """One row: the highway_mlp SGD training step, fused vs reference (vs compiled unless --quick)."""
-    config = MLP_STEP_TINY if settings.tiny else MLP_STEP
-    device = settings.device
-    progress.step(f"highway_mlp step depth {config['depth']} width {config['hidden']} batch {config['batch']}")
-    case = HighwayMLPStep(config, device=device)
-    reasons: dict[str, str] = {}
-    fns: dict[str, Callable[[], object]] = {}
-    reason = fused_unavailable(device)
-    if reason is None:
-        fns["fused"] = case.step_fn("fused")
-    else:
-        reasons["fused"] = reason
-    fns["reference"] = case.step_fn("reference")
-    compile_s = None
-    if settings.quick:
-        reasons["compiled"] = "not measured (skipped: --quick)"
-    else:
-        torch._dynamo.reset()
-        fn = case.step_fn("compiled")
-        try:
-            t0 = time.perf_counter()
-            fn()
-            _bench._sync(device)
-            compile_s = time.perf_counter() - t0
-            fns["compiled"] = fn
-        except Exception as exc:  # noqa: BLE001
-            reasons["compiled"] = f"torch.compile failed: {_bench._err(exc)}"
-    # A full-size step takes seconds on 2 cores (20 Linear(1024, 2048) forward and backward): a fixed, small number
-    # of rounds keeps the default run within budget.
-    times, faults, rounds, other = _time_fns(fns, settings, reasons, fixed_rounds=2 if settings.quick else 4)
-    row: dict[str, Any] = {
-        "op": "highway_mlp_step",
-        **config,
-        "dtype": "float32",
-        "optimizer": "SGD(lr=1e-4), cross-entropy, zero_grad + forward + backward + step",
-        "device": device,
-        "rounds": rounds,
-        "compile_s": compile_s,
-        "null_reasons": {},
-    }
-    if compile_s is None:
-        row["null_reasons"]["compile_s"] = reasons.get("compiled", "not compiled")
-    _fill_figures(row, times, faults, reasons, None, None)
-    _set_load(row, other)
-    del case, fns
-    gc.collect()
-    return row
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:
@@ -450,37 +323,26 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([line(head), "  ".join("-" * w for w in widths), *(line(r) for r in body)])
 
 
-def render_mlp_step(row: dict[str, Any]) -> str:
-    t = row["times_ms"]
-    return (
-        f"highway_mlp training step (depth {row['depth']}, width {row['hidden']}, batch {row['batch']}, SGD): "
-        f"fused {_bench._fmt_ms(t['fused'])} ms, ref {_bench._fmt_ms(t['reference'])} ms, "
-        f"compile {_bench._fmt_ms(t['compiled'])} ms; ref/fused {_bench._fmt_ratio(row['ratios']['reference/fused'])}, "
-        f"compile/fused {_bench._fmt_ratio(row['ratios']['compiled/fused'])}; {row['rounds']} rounds"
-    )
-
-
-def run(settings: _bench.Settings, copy_gbps: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """All highway rows and the MLP step row (printing progress to stderr)."""
+def run(settings: _bench.Settings, copy_gbps: float) -> dict[str, Any]:
+    """The highway op section of ``fusedres bench`` (fusedres.bench.OpSection): {"highway": rows}."""
     groups = [(s, packed) for s in shapes_for(settings) for packed in (False, True)]
-    progress = _bench._Progress(total=len(groups) * len(DIRECTIONS) + 1, desc="highway")
+    progress = _bench._Progress(total=len(groups) * len(DIRECTIONS), desc="highway")
     rows: list[dict[str, Any]] = []
     try:
         for shape, packed in groups:
             rows += measure_highway(shape, packed, settings, copy_gbps, progress)
-        step = measure_mlp_step(settings, progress)
     finally:
         progress.close()
-    return rows, step
+    return {"highway": rows}
 
 
-def print_report(rows: list[dict[str, Any]], step: dict[str, Any], copy_gbps: float) -> None:
+def print_report(result: dict[str, Any], copy_gbps: float) -> None:
+    """The highway table and its footnotes."""
     print("highway gate (coupled, ReLU), float32: fused vs eager reference vs torch.compile(reference)")
-    print(render_table(rows))
-    print(render_mlp_step(step))
+    print(render_table(result["highway"]))
     print(
         "split = transform, gate, carry as three tensors; packed = [transform | gate] of one projection read in "
-        "place along the given dim."
+        "place along the given dim. The highway_mlp training step is in the model rows."
     )
     print(f"GB/s: {GBPS_METHOD}; %copy = fused GB/s / {copy_gbps:.1f} GB/s.")
     print(f"saved MB: {SAVED_BYTES_METHOD}.")

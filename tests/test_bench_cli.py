@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusedres import bench, bench_highway
+from fusedres import bench, bench_highway, bench_models
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_FIGURES = (
@@ -25,6 +26,7 @@ ROW_FIGURES = (
     "compile_s",
     "load",
 )
+MODEL_FIGURES = ("times_ms", "times_ms_spread", "ratios", "compile_s", "load", "peak_mb", "memory_ratio", "first_loss")
 COUNTS = ("page_faults_per_call", "load")  # may legitimately be 0
 
 
@@ -57,11 +59,18 @@ def _check_figures(value, path: str, reasons: dict[str, str], problems: list[str
 
 
 @pytest.fixture(scope="module")
-def quick_report(tmp_path_factory) -> tuple[dict, str]:
-    out = tmp_path_factory.mktemp("bench") / "bench.json"
-    proc = _run(["bench", "--quick", "--json", str(out)], {"FUSEDRES_BENCH_TINY": "1"}, timeout=300)
+def quick_run(tmp_path_factory) -> tuple[dict, str, Path]:
+    tmp = tmp_path_factory.mktemp("bench")
+    out, png = tmp / "bench.json", tmp / "bench.png"
+    args = ["bench", "--quick", "--json", str(out), "--plot", str(png)]
+    proc = _run(args, {"FUSEDRES_BENCH_TINY": "1"}, timeout=400)
     assert proc.returncode == 0, f"bench failed:\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
-    return json.loads(out.read_text()), proc.stdout
+    return json.loads(out.read_text()), proc.stdout, png
+
+
+@pytest.fixture(scope="module")
+def quick_report(quick_run) -> tuple[dict, str]:
+    return quick_run[0], quick_run[1]
 
 
 @pytest.mark.slow  # one subprocess running torch.compile on tiny shapes: about 30-60 s on 2 cores
@@ -122,8 +131,7 @@ def test_bench_quick_json_sections(quick_report) -> None:
 @pytest.mark.slow
 def test_bench_quick_json_highway(quick_report) -> None:
     report, stdout = quick_report
-    for section in ("highway", "highway_mlp_step"):
-        assert section in report, f"missing section {section}"
+    assert "highway" in report, "missing section highway"
     rows = report["highway"]
     configs = {(tuple(r["shape"]), r["form"], r["direction"]) for r in rows}
     hb = bench_highway
@@ -145,15 +153,85 @@ def test_bench_quick_json_highway(quick_report) -> None:
         # --quick compiles only the packed form.
         assert (row["times_ms"]["compiled"] is None) == (row["form"] == "split"), where
         assert row["saved_bytes"]["fused"] == 0, where  # the fused op saves only its inputs
-    step = report["highway_mlp_step"]
-    assert step["op"] == "highway_mlp_step" and step["depth"] == bench_highway.MLP_STEP_TINY["depth"]
-    for key in ("times_ms", "times_ms_spread", "ratios", "page_faults_per_call", "compile_s", "load"):
-        sub = []
-        _check_figures(step[key], key, step["null_reasons"], sub, nonneg=key in COUNTS)
-        problems += [f"highway_mlp_step: {p}" for p in sub]
-    assert step["times_ms"]["fused"] is not None and step["times_ms"]["compiled"] is None
     assert not problems, "\n".join(problems)
-    assert "highway gate" in stdout and "highway_mlp training step" in stdout
+    assert "highway gate" in stdout
+
+
+@pytest.mark.slow
+def test_bench_quick_json_op_sections(quick_report) -> None:
+    report, stdout = quick_report
+    sections = report["sections"]
+    assert list(sections) == [s.name for s in bench.OP_SECTIONS]
+    for name, status in sections.items():
+        if status["available"]:
+            assert status["reason"] is None and report[name], name
+        else:  # only a section whose module is absent from this tree may be missing, and it says so
+            module = next(s.module for s in bench.OP_SECTIONS if s.name == name)
+            assert importlib.util.find_spec(module) is None, f"{name}: {status['reason']}"
+            assert report[name] is None and "not available" in report["null_reasons"][name]
+            assert f"{name}: not available" in stdout
+
+
+@pytest.mark.slow
+def test_bench_quick_json_models(quick_report) -> None:
+    from fusedres.models import list_models
+
+    report, stdout = quick_report
+    models = report["models"]
+    assert "fresh process" in models["method"]["memory"] and "clear_refs" in models["method"]["memory"]
+    rows = {r["model"]: r for r in models["rows"]}
+    assert list(rows) == list(bench_models.QUICK_MODELS)
+    problems: list[str] = []
+    for name, row in rows.items():
+        assert row["op"] == "model_step" and row["dtype"] == "float32"
+        for key in MODEL_FIGURES:
+            sub: list[str] = []
+            _check_figures(row[key], key, row["null_reasons"], sub, nonneg=key in (*COUNTS, "peak_mb", "first_loss"))
+            problems += [f"{name}: {p}" for p in sub]
+        assert row["times_ms"]["compiled"] is None and "--quick" in row["null_reasons"]["times_ms.compiled"]
+        assert row["peak_mb"]["compiled"] is None and row["null_reasons"]["peak_mb.compiled"]
+        if name not in list_models():  # reported, never invented
+            assert not row["available"] and row["times_ms"]["fused"] is None and row["peak_mb"]["fused"] is None
+            assert "not registered" in row["null_reasons"]["times_ms.fused"]
+            continue
+        assert row["available"], name
+        for impl in ("fused", "reference"):
+            assert row["times_ms"][impl] is not None, (name, impl, row["null_reasons"])
+            if name != bench_models.QUICK_MODELS[0]:  # --quick measures the memory of the first model only
+                assert row["peak_mb"][impl] is None and "skipped: --quick" in row["null_reasons"][f"peak_mb.{impl}"]
+                continue
+            assert row["peak_mb"][impl] is not None, (name, impl, row["null_reasons"])
+            mem = row["memory"][impl]
+            assert mem["config"]["model"] == name and mem["config"]["build_kwargs"]["fused"] == (impl == "fused")
+            assert mem["peak_reset"] is True and mem["peak_rss_mb"] >= mem["rss_baseline_mb"]
+        assert row["losses_agree"] is True, (name, row["first_loss"])
+    assert not problems, "\n".join(problems)
+    assert "models: one training step" in stdout and "peak MB fused" in stdout
+
+
+@pytest.mark.slow
+def test_bench_quick_plot(quick_run) -> None:
+    png = quick_run[2]
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_missing_op_section_is_reported_not_raised(capsys) -> None:
+    settings = bench.Settings("cpu", True, True, 1, 0.1, 1, 1)
+    missing = bench.OpSection("nothing_here", "fusedres.bench_no_such_module")
+    entries, status = bench.run_op_sections(settings, 1.0, [missing])
+    assert entries == {"nothing_here": None}
+    assert status["nothing_here"]["available"] is False
+    assert "fusedres.bench_no_such_module does not exist" in status["nothing_here"]["reason"]
+    assert "nothing_here: not available" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # one fresh process
+def test_peak_memory_of_unregistered_model_is_null_with_reason() -> None:
+    from fusedres._bench_worker import measure_peak_memory
+
+    out = measure_peak_memory("no_such_model", {"fused": True}, batch=2, timeout_s=120)
+    assert out["peak_mb"] is None and "name must be one of the registered models" in out["null_reasons"]["peak_mb"]
 
 
 def test_highway_floor_bytes() -> None:
@@ -198,3 +276,18 @@ def test_saved_bytes_counts_unique_storages_except_owned() -> None:
     # Eager: ReLU's output (2*3*4*4 floats) + save_mean + save_invstd; the input and parameters are excluded.
     assert saved["total"] == 2 * 3 * 4 * 4 * 4 + 2 * 3 * 4
     assert sum(t["is_output"] for t in saved["tensors"]) == 1
+
+
+@pytest.mark.slow  # two fresh processes
+def test_peak_memory_grows_with_the_batch() -> None:
+    """The fresh-process figure measures the step: 16x the batch of a reference highway MLP saves 16x the
+    activations (4 layers of [N, 256] float32 tensors: tens of MB at N = 4096, a few at N = 256)."""
+    from fusedres._bench_worker import measure_peak_memory
+
+    kwargs = {"fused": False, "in_features": 256, "hidden": 256, "depth": 4, "num_classes": 10}
+    small = measure_peak_memory("highway_mlp", kwargs, batch=256, input_shape=(256,), steps=1, timeout_s=180)
+    large = measure_peak_memory("highway_mlp", kwargs, batch=4096, input_shape=(256,), steps=1, timeout_s=180)
+    assert small["peak_mb"] is not None and large["peak_mb"] is not None, (small["null_reasons"], large["null_reasons"])
+    activations_mb = 4 * 4096 * 256 * 4 / 2**20  # one [4096, 256] float32 tensor per layer: a lower bound
+    assert large["peak_mb"] - small["peak_mb"] > activations_mb, (small["peak_mb"], large["peak_mb"])
+    assert large["peak_mb"] < 2000 and large["config"]["batch"] == 4096 and large["peak_reset"] is True

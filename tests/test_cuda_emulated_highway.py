@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_cuda_emulated import EMU_DIR, ORDERS, _build_library, assert_all_launched
 
 LIB_SOURCE = EMU_DIR / "emu_highway.cpp"
@@ -77,12 +76,16 @@ class HighwayEmuLib:
             raise RuntimeError(self.lib.emu_last_error().decode())
 
     def forward(self, dtype, rows, cols, num_sms, act, h, g, x, c, y) -> None:
-        self._check(self.lib.emu_highway_forward(DTYPE_CODES[dtype], rows, cols, num_sms, ACTS[act],
-                                                 *_operands(h, g, x, c, y)))
+        self._check(
+            self.lib.emu_highway_forward(DTYPE_CODES[dtype], rows, cols, num_sms, ACTS[act], *_operands(h, g, x, c, y))
+        )
 
     def backward(self, dtype, rows, cols, num_sms, act, dy, h, g, x, c, dh, dg, dx, dc) -> None:
-        self._check(self.lib.emu_highway_backward(DTYPE_CODES[dtype], rows, cols, num_sms, ACTS[act],
-                                                  *_operands(dy, h, g, x, c, dh, dg, dx, dc)))
+        self._check(
+            self.lib.emu_highway_backward(
+                DTYPE_CODES[dtype], rows, cols, num_sms, ACTS[act], *_operands(dy, h, g, x, c, dh, dg, dx, dc)
+            )
+        )
 
 
 def _operands(*views: torch.Tensor | None) -> list[int | None]:
@@ -142,7 +145,7 @@ class Buffers:
             return [self._own() for _ in range(self.parts)]
         buf = torch.full((self.rows, self.parts * self.cols), SENTINEL, dtype=self.dtype)
         self.buffers.append(buf)
-        return [buf[:, k * self.cols: (k + 1) * self.cols] for k in range(self.parts)]
+        return [buf[:, k * self.cols : (k + 1) * self.cols] for k in range(self.parts)]
 
     def view(self) -> torch.Tensor:
         """A view for a carry-shaped operand (dense in the packed layout)."""
@@ -155,7 +158,7 @@ class Buffers:
     def assert_gaps_untouched(self) -> None:
         """Padding between rows of padded buffers still holds SENTINEL (nothing written outside the views)."""
         for buf in self.buffers:
-            gap = buf[:, self.cols:] if self.layout == "padded" else buf[:, :0]
+            gap = buf[:, self.cols :] if self.layout == "padded" else buf[:, :0]
             assert bool((gap == SENTINEL).all()), "a kernel wrote outside its operand's rows"
 
 
@@ -178,8 +181,7 @@ def _act(h: torch.Tensor, act: str) -> torch.Tensor:
 
 
 def _act_grad(h: torch.Tensor, H: torch.Tensor, act: str) -> torch.Tensor:
-    return {"identity": torch.ones_like(h), "relu": (h > 0).to(h.dtype), "tanh": 1 - H * H,
-            "sigmoid": H * (1 - H)}[act]
+    return {"identity": torch.ones_like(h), "relu": (h > 0).to(h.dtype), "tanh": 1 - H * H, "sigmoid": H * (1 - H)}[act]
 
 
 def ref_forward(h, g, x, c, act):
@@ -201,10 +203,10 @@ def ref_backward(dy, h, g, x, c, act):
 
 def _tol(dtype: torch.dtype) -> dict[str, float]:
     return {
-        torch.float32: dict(rtol=1e-5, atol=1e-5),
-        torch.float64: dict(rtol=1e-12, atol=1e-12),
-        torch.float16: dict(rtol=1e-2, atol=1e-2),
-        torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+        torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+        torch.float64: {"rtol": 1e-12, "atol": 1e-12},
+        torch.float16: {"rtol": 1e-2, "atol": 1e-2},
+        torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
     }[dtype]
 
 
@@ -276,8 +278,13 @@ def test_highway(emu, shape, layout, free_carry, dtype, order):
         _run(emu, shape, layout, free_carry, act, dtype, order)
 
 
-GRAD_MASKS = [(True, False, False, False), (False, True, False, False), (False, False, True, False),
-              (False, False, False, True), (False, True, True, True)]
+GRAD_MASKS = [
+    (True, False, False, False),
+    (False, True, False, False),
+    (False, False, True, False),
+    (False, False, False, True),
+    (False, True, True, True),
+]
 
 
 @pytest.mark.parametrize("grads", GRAD_MASKS, ids=lambda m: "".join("hgxc"[i] for i in range(4) if m[i]))
@@ -331,8 +338,22 @@ def test_matches_cpu_ops(emu, dtype, act, free_carry):
     emu.forward(dtype, 1, rows * cols, 2, act, row(h), row(g), row(x), row(c), y)
     torch.testing.assert_close(y.view(rows, cols), torch.ops.fusedres.highway_forward(h, g, x, c, act), **tol)
     grads = [torch.full((1, rows * cols), SENTINEL, dtype=dtype) for _ in range(4)]
-    emu.backward(dtype, 1, rows * cols, 2, act, row(dy), row(h), row(g), row(x), row(c), grads[0], grads[1],
-                 grads[2], grads[3] if free_carry else None)
+    emu.backward(
+        dtype,
+        1,
+        rows * cols,
+        2,
+        act,
+        row(dy),
+        row(h),
+        row(g),
+        row(x),
+        row(c),
+        grads[0],
+        grads[1],
+        grads[2],
+        grads[3] if free_carry else None,
+    )
     cpu = torch.ops.fusedres.highway_backward(dy, h, g, x, c, act, [True, True, True, free_carry])
     for k in range(4 if free_carry else 3):
         torch.testing.assert_close(grads[k].view(rows, cols), cpu[k], **tol)
@@ -340,15 +361,29 @@ def test_matches_cpu_ops(emu, dtype, act, free_carry):
     # Packed along the last dim: projected = [h, g(, c)] per row.
     parts = 3 if free_carry else 2
     projected = torch.cat([h, g, c][:parts], dim=1)
-    views = [projected[:, k * cols: (k + 1) * cols] for k in range(parts)]
+    views = [projected[:, k * cols : (k + 1) * cols] for k in range(parts)]
     y = torch.full((rows, cols), SENTINEL, dtype=dtype)
     emu.forward(dtype, rows, cols, 2, act, views[0], views[1], x, views[2] if free_carry else None, y)
     torch.testing.assert_close(y, torch.ops.fusedres.highway_packed_forward(projected, x, -1, free_carry, act), **tol)
     gp = torch.full((rows, parts * cols), SENTINEL, dtype=dtype)
-    gviews = [gp[:, k * cols: (k + 1) * cols] for k in range(parts)]
+    gviews = [gp[:, k * cols : (k + 1) * cols] for k in range(parts)]
     gx = torch.full((rows, cols), SENTINEL, dtype=dtype)
-    emu.backward(dtype, rows, cols, 2, act, dy, views[0], views[1], x, views[2] if free_carry else None, gviews[0],
-                 gviews[1], gx, gviews[2] if free_carry else None)
+    emu.backward(
+        dtype,
+        rows,
+        cols,
+        2,
+        act,
+        dy,
+        views[0],
+        views[1],
+        x,
+        views[2] if free_carry else None,
+        gviews[0],
+        gviews[1],
+        gx,
+        gviews[2] if free_carry else None,
+    )
     cpu_gp, cpu_gx = torch.ops.fusedres.highway_packed_backward(dy, projected, x, -1, free_carry, act, [True, True])
     torch.testing.assert_close(gp, cpu_gp, **tol)
     torch.testing.assert_close(gx, cpu_gx, **tol)
@@ -360,7 +395,7 @@ def test_matches_cpu_ops(emu, dtype, act, free_carry):
     carry = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64).to(dtype)
     cols = C * H * W
     flat = conv.view(N, parts * cols)
-    views = [flat[:, k * cols: (k + 1) * cols] for k in range(parts)]
+    views = [flat[:, k * cols : (k + 1) * cols] for k in range(parts)]
     y = torch.full((N, cols), SENTINEL, dtype=dtype)
     emu.forward(dtype, N, cols, 2, act, views[0], views[1], carry.view(N, cols), views[2] if free_carry else None, y)
     expected = torch.ops.fusedres.highway_packed_forward(conv, carry, 1, free_carry, act)
@@ -370,7 +405,7 @@ def test_matches_cpu_ops(emu, dtype, act, free_carry):
 def test_shapes_reach_edges(emu):
     """The shapes above really exercise what they claim, with the launcher's own sizing function."""
     cfg = {s: emu.launch_config(*s) for s in SHAPES}
-    for (rows, cols, _), c in cfg.items():
+    for c in cfg.values():
         assert c["block_x"] * c["block_y"] == 256 and c["grid_y"] <= 65535
         # The grid covers everything once the strides are counted: at least one block per dimension.
         assert c["grid_x"] >= 1 and c["grid_y"] >= 1

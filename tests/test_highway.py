@@ -140,7 +140,7 @@ SHAPES = [
 @pytest.mark.parametrize("shape,layout", SHAPES, ids=[f"{s}-{lay}" for s, lay in SHAPES])
 def test_parity(shape, layout, dtype, free, activation):
     inputs, grad_out = make_inputs(shape, dtype, free, layout=layout)
-    out, grads = check_against_reference(fused_unpacked(activation), ref_unpacked(activation), inputs, grad_out, dtype)
+    out, _grads = check_against_reference(fused_unpacked(activation), ref_unpacked(activation), inputs, grad_out, dtype)
     fmt = expected_format(inputs[0])
     assert out.is_contiguous(memory_format=fmt)
     # The kernels' gradients (before autograd restrides them to the leaves') are dense in the same format.
@@ -231,8 +231,11 @@ def test_packed_parity(shape, dim, layout, dtype, free, activation):
 @pytest.mark.parametrize("free", [False, True], ids=["coupled", "free"])
 @pytest.mark.parametrize(
     "shape,dim,fmt",
-    [((64, 256), -1, torch.contiguous_format), ((4, 16, 6, 6), 1, torch.contiguous_format),
-     ((4, 16, 6, 6), 1, torch.channels_last)],
+    [
+        ((64, 256), -1, torch.contiguous_format),
+        ((4, 16, 6, 6), 1, torch.contiguous_format),
+        ((4, 16, 6, 6), 1, torch.channels_last),
+    ],
 )
 def test_packed_does_not_copy(shape, dim, fmt, free):
     """The parts are read in place: no copy, clone or contiguous in the forward and backward kernels."""

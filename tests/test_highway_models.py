@@ -44,7 +44,9 @@ def _assert_same(fused: nn.Module, ref: nn.Module, x: torch.Tensor) -> None:
     torch.testing.assert_close(dx_f, dx_r, rtol=rtol, atol=atol)
     assert grads_f.keys() == grads_r.keys()
     for name in grads_f:
-        torch.testing.assert_close(grads_f[name], grads_r[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads_f[name], grads_r[name], rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -177,7 +179,9 @@ def test_highway_convnet_parity(device: str, dtype: torch.dtype, coupled: bool, 
     _assert_same(fused, ref, x)  # training mode: batch statistics, running statistics updated
     rtol, atol = TOL[dtype]
     for key, value in ref.state_dict().items():
-        torch.testing.assert_close(fused.state_dict()[key], value, rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(
+            fused.state_dict()[key], value, rtol=rtol, atol=atol, msg=lambda m, key=key: f"{key}: {m}"
+        )
     fused.eval()
     ref.eval()
     with torch.no_grad():
@@ -197,4 +201,4 @@ def test_highway_mlp_training_steps_match() -> None:
             nn.functional.cross_entropy(model(x), target).backward()
             opt.step()
     for (name, p_f), p_r in zip(fused.named_parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(p_f, p_r, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p_f, p_r, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")

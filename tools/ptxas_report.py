@@ -102,8 +102,14 @@ def table(funcs: list[Function], markdown: bool) -> str:
     names = demangle([f.mangled for f in funcs])
     head = ("kernel", "arch", "regs", "smem B", "stack B", "spill st/ld B")
     rows = [
-        (names[f.mangled] + ("" if f.entry else " (device function)"), f.arch, str(f.registers), str(f.smem),
-         str(f.stack + f.lmem), f"{f.spill_stores}/{f.spill_loads}")
+        (
+            names[f.mangled] + ("" if f.entry else " (device function)"),
+            f.arch,
+            str(f.registers),
+            str(f.smem),
+            str(f.stack + f.lmem),
+            f"{f.spill_stores}/{f.spill_loads}",
+        )
         for f in sorted(funcs, key=lambda f: (names[f.mangled], f.arch))
     ]
     if markdown:

@@ -1,0 +1,394 @@
+"""The model rows of ``python -m fusedres bench``: one training step, fused vs reference vs torch.compile, and memory.
+
+Per model of the registry (:func:`fusedres.models.get_model`), one SGD training step (zero_grad(set_to_none),
+forward, cross-entropy, backward, step; fusedres._bench_worker.make_train_step) at a fixed batch, float32,
+contiguous (NCHW) input:
+
+* ``fused``      ``get_model(name, fused=True)``;
+* ``reference``  ``get_model(name, fused=False)`` (the same model on the pure PyTorch references), same weights;
+* ``compiled``   ``torch.compile(reference model, dynamic=False, fullgraph=True)`` where its compile time is
+  affordable on the machine (MODELS[...].compile); otherwise the row says why it was skipped.
+
+Timing: the first step of each is the untimed warm-up (its losses are recorded: fused and reference start from the
+same weights, so they agree), then a fixed number of alternating rounds (fusedres.bench.time_fns): times are
+medians, ratios medians of per-round ratios.
+
+Peak memory: one fresh process per (model, fused | reference) configuration, fusedres._bench_worker.MEMORY_METHOD.
+
+A model that is not registered (or fails to build or run) gives a row whose figures are null with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from fusedres import _bench_worker
+from fusedres import bench as _bench
+from fusedres import bench_highway as _highway
+
+__all__ = ["DEFAULT_MODELS", "MODELS", "QUICK_MODELS", "ModelSpec", "measure_model", "print_report", "run"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One model row: the builder's keyword arguments (besides ``fused``), the batch and the per-sample input."""
+
+    name: str
+    build_kwargs: dict[str, Any]
+    batch: int
+    input_shape: tuple[int, ...]
+    compile: bool  # torch.compile(reference) in the default run
+    compile_skip: str = ""  # why not, when compile is False
+
+    def with_(self, **changes: Any) -> ModelSpec:
+        return dataclasses.replace(self, **changes)
+
+
+_MLP = {k: v for k, v in _highway.MLP_STEP.items() if k != "batch"}
+_MLP_TINY = {k: v for k, v in _highway.MLP_STEP_TINY.items() if k != "batch"}
+_CIFAR = (3, 32, 32)
+# torch.compile (Inductor, forward + backward) of resnet20 at batch 128 took 134 s on this 2-core machine while other
+# processes loaded it; the deeper models have proportionally larger graphs: not affordable in a run of minutes.
+_TOO_LONG = "not measured (skipped: torch.compile of this model takes minutes on {}; run with a GPU or benchmarks/)"
+
+MODELS: dict[str, ModelSpec] = {
+    "resnet20": ModelSpec("resnet20", {"num_classes": 10}, 128, _CIFAR, True),
+    "resnet56": ModelSpec("resnet56", {"num_classes": 10}, 128, _CIFAR, False, _TOO_LONG),
+    "resnet50": ModelSpec("resnet50", {}, 16, (3, 224, 224), False, _TOO_LONG),
+    "densenet_bc_100": ModelSpec("densenet_bc_100", {"num_classes": 10}, 64, _CIFAR, False, _TOO_LONG),
+    "highway_mlp": ModelSpec("highway_mlp", _MLP, _highway.MLP_STEP["batch"], (_MLP["in_features"],), True),
+}
+_NO_ENTRY = "not measured (skipped: a model with no entry in fusedres.bench_models.MODELS is not compiled)"
+DEFAULT_MODELS = ("resnet20", "resnet56", "resnet50", "densenet_bc_100", "highway_mlp")
+QUICK_MODELS = ("resnet20", "highway_mlp")
+# --quick: smaller batches (the default highway MLP step alone is ~0.5 s on 2 cores).
+_QUICK_BATCH = {"resnet20": 32, "resnet56": 32, "resnet50": 4, "densenet_bc_100": 16, "highway_mlp": 64}
+# FUSEDRES_BENCH_TINY=1 (the CLI's own test): tiny batches and images.
+_TINY = {
+    "resnet20": {"batch": 4, "input_shape": (3, 8, 8)},
+    "resnet56": {"batch": 2, "input_shape": (3, 8, 8)},
+    "resnet50": {"batch": 2, "input_shape": (3, 32, 32)},
+    "densenet_bc_100": {"batch": 2, "input_shape": (3, 8, 8)},
+    "highway_mlp": {"batch": _highway.MLP_STEP_TINY["batch"], "input_shape": (_MLP_TINY["in_features"],)},
+}
+
+COMPILE_CACHE_NOTE = "Inductor's on-disk cache makes a rerun on the same machine faster than a cold compile"
+OPTIMIZER = "SGD(lr=1e-3, no momentum), cross-entropy; step = zero_grad(set_to_none) + forward + backward + step"
+LOSS_RTOL = 1e-3  # first-step losses of fused and reference (same weights, same batch) must agree to this
+
+
+def spec_for(name: str, settings: _bench.Settings) -> ModelSpec:
+    """The configuration of model ``name`` under --quick / FUSEDRES_BENCH_TINY (unknown names: CIFAR-sized)."""
+    spec = MODELS.get(name) or ModelSpec(name, {}, 32, _CIFAR, False, _NO_ENTRY)
+    if settings.tiny:
+        tiny = _TINY.get(name, {"batch": 2, "input_shape": (3, 8, 8)})
+        spec = spec.with_(**tiny)
+        if name == "highway_mlp":
+            spec = spec.with_(build_kwargs=_MLP_TINY)
+    elif settings.quick and name in _QUICK_BATCH:
+        spec = spec.with_(batch=_QUICK_BATCH[name])
+    return spec
+
+
+def _unavailable(name: str) -> str | None:
+    from fusedres.models import list_models
+
+    known = list_models()
+    if name not in known:
+        return f"not available: model {name!r} is not registered in fusedres.models (registered: {', '.join(known)})"
+    return None
+
+
+def _same_weights(spec: ModelSpec, device: str) -> dict[str, nn.Module]:
+    """fused and reference models with the reference's weights, and the copy that torch.compile wraps."""
+    from fusedres.models import get_model
+
+    torch.manual_seed(0)
+    reference = get_model(spec.name, fused=False, **spec.build_kwargs)
+    fused = get_model(spec.name, fused=True, **spec.build_kwargs)
+    fused.load_state_dict(reference.state_dict())
+    models = {"fused": fused, "reference": reference, "compiled": copy.deepcopy(reference)}
+    return {k: m.to(device) for k, m in models.items()}
+
+
+def measure_model(spec: ModelSpec, settings: _bench.Settings, memory: bool | str, progress: Any) -> dict[str, Any]:
+    """One model row: step times, ratios, first-step losses and peak memory of fused and reference.
+
+    Args:
+        memory: True to measure the peak memory, else False or the reason it is skipped.
+    """
+    device = settings.device
+    row: dict[str, Any] = {
+        "op": "model_step",
+        "model": spec.name,
+        "build_kwargs": dict(spec.build_kwargs),
+        "batch": spec.batch,
+        "input_shape": list(spec.input_shape),
+        "dtype": "float32",
+        "memory_format": "contiguous",
+        "optimizer": OPTIMIZER,
+        "device": device,
+        "rounds": 0,
+        "compile_s": None,
+        "null_reasons": {},
+    }
+    progress.step(f"{spec.name} batch {spec.batch} timing")
+    reasons: dict[str, str] = {}
+    fns: dict[str, Callable[[], object]] = {}
+    losses: dict[str, float] = {}
+    unavailable = _unavailable(spec.name)
+    row["available"] = unavailable is None
+    if unavailable is not None:
+        reasons = dict.fromkeys(_bench.IMPLS, unavailable)
+    else:
+        reasons, fns, losses, row["compile_s"] = _prepare(spec, settings, row)
+    fixed = 2 if settings.quick else 3
+    if fns:
+        # The first step (losses recorded, in _prepare) is the warm-up: a model step takes seconds on 2 cores.
+        times, faults, rounds, other = _bench.time_fns(fns, settings, reasons, fixed_rounds=fixed, untimed=0)
+    else:
+        times, faults, rounds, other = {}, {}, 0, None
+    row["rounds"] = rounds
+    if row["compile_s"] is None:
+        row["null_reasons"]["compile_s"] = reasons.get("compiled", "not compiled")
+    _bench.fill_figures(row, times, faults, reasons, None, None)
+    row["first_loss"] = {}
+    for name in _bench.IMPLS:
+        _bench._set(row, "first_loss", name, losses.get(name), reasons.get(name))
+    if "fused" in losses and "reference" in losses:
+        diff = abs(losses["fused"] - losses["reference"]) / max(abs(losses["reference"]), 1e-12)
+        row["loss_rel_diff"] = diff
+        row["losses_agree"] = diff <= LOSS_RTOL
+    else:
+        row["loss_rel_diff"] = row["losses_agree"] = None
+        row["null_reasons"]["loss_rel_diff"] = row["null_reasons"]["losses_agree"] = "fused or reference not run"
+    _bench.set_load(row, other)
+    if not fns:
+        row["null_reasons"].update({f"load.{k}": "nothing was timed" for k in row["load"]})
+    ran = set(fns)
+    del fns
+    gc.collect()
+
+    row["memory"], row["peak_mb"] = {}, {}
+    for name in _bench.IMPLS:
+        if name == "compiled":
+            reason = (
+                "not measured: the memory workers run fused and reference only (compiling again in a fresh process "
+                "costs the compile time once more; measure_peak_memory(..., compiled=True) does it)"
+            )
+            entry = None
+        elif memory is not True:
+            reason, entry = memory or "not measured (skipped: --no-memory)", None
+        elif name not in ran:
+            reason, entry = reasons.get(name, "the training step did not run"), None
+        else:
+            progress.step(f"{spec.name} peak memory {name} (fresh process)")
+            entry = _bench_worker.measure_peak_memory(
+                spec.name,
+                {"fused": name == "fused", **spec.build_kwargs},
+                spec.batch,
+                spec.input_shape,
+                steps=1,
+                device=device,
+                threads=torch.get_num_threads(),
+            )
+            reason = entry["null_reasons"].get("peak_mb")
+        _bench._set(row, "memory", name, entry, reason)
+        _bench._set(row, "peak_mb", name, entry and entry["peak_mb"], reason)
+    row["memory_ratio"] = {}
+    f, r = row["peak_mb"]["fused"], row["peak_mb"]["reference"]
+    _bench._set(
+        row,
+        "memory_ratio",
+        "reference/fused",
+        r / f if f and r else None,
+        row["null_reasons"].get("peak_mb.fused") or row["null_reasons"].get("peak_mb.reference") or "zero peak",
+    )
+    return row
+
+
+def _prepare(
+    spec: ModelSpec, settings: _bench.Settings, row: dict[str, Any]
+) -> tuple[dict[str, str], dict[str, Callable[[], object]], dict[str, float], float | None]:
+    """Builds the three models, runs (and records the loss of) each one's first step; compiles where affordable.
+
+    Returns:
+        (reasons for what does not run, step functions of what does, first-step losses, compile seconds).
+    """
+    device = settings.device
+    reasons: dict[str, str] = {}
+    fns: dict[str, Callable[[], object]] = {}
+    losses: dict[str, float] = {}
+    compile_s = None
+    try:
+        models = _same_weights(spec, device)
+    except Exception as exc:  # noqa: BLE001 - reported in the row
+        return dict.fromkeys(_bench.IMPLS, f"not available: building failed: {_bench._err(exc)}"), {}, {}, None
+    x = _bench_worker.make_batch(spec.batch, spec.input_shape, device)
+    fused_reason = _bench_fused_unavailable(device)
+    if settings.quick:
+        compile_reason = "not measured (skipped: --quick)"
+    elif not spec.compile:
+        compile_reason = spec.compile_skip.format(f"{torch.get_num_threads()} CPU threads")
+    else:
+        compile_reason = None
+    for name in _bench.IMPLS:
+        if name == "fused" and fused_reason is not None:
+            reasons[name] = fused_reason
+            continue
+        if name == "compiled" and compile_reason is not None:
+            reasons[name] = compile_reason
+            continue
+        forward = None
+        if name == "compiled":
+            torch._dynamo.reset()
+            forward = torch.compile(models[name], dynamic=False, fullgraph=True)
+        step = _bench_worker.make_train_step(models[name], x, forward=forward)
+        try:
+            t0 = time.perf_counter()
+            losses[name] = float(step())
+            _bench._sync(device)
+            if name == "compiled":
+                compile_s = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001
+            verb = "torch.compile failed" if name == "compiled" else "the training step failed"
+            reasons[name] = f"{verb}: {_bench._err(exc)}"
+            continue
+        fns[name] = step
+    return reasons, fns, losses, compile_s
+
+
+def _bench_fused_unavailable(device: str) -> str | None:
+    from fusedres import _native
+
+    if not _native.native_loaded:
+        return f"not measured: fusedres._C did not load ({_native.native_error})"
+    if not _native.has_kernel(device):
+        return f"not measured: fusedres has no native {device} kernel (fused=True would run the reference)"
+    return None
+
+
+def run(settings: _bench.Settings, names: Sequence[str] | None = None, memory: bool = True) -> dict[str, Any]:
+    """All model rows (progress on stderr): {"rows", "method", "wall_s"} (the --json report's "models")."""
+    if names is None:
+        names = QUICK_MODELS if settings.quick else DEFAULT_MODELS
+    specs = [spec_for(n, settings) for n in names]
+    # --quick: the memory workers (a fresh process each, seconds of start-up) only for the first model.
+    measured = [memory and (i == 0 or not settings.quick) for i in range(len(specs))]
+    t0 = time.perf_counter()
+    progress = _bench._Progress(total=len(specs) + 2 * sum(measured), desc="models")
+    rows = []
+    quick_skip = f"not measured (skipped: --quick measures the peak memory of {names[0] if names else '-'} only)"
+    try:
+        for spec, measure in zip(specs, measured):
+            rows.append(measure_model(spec, settings, True if measure else memory and quick_skip, progress))
+    finally:
+        progress.close()
+    return {
+        "rows": rows,
+        "method": {
+            "timing": _bench.TIMING_METHOD + "; models: the first step of each is the untimed warm-up (its loss "
+            "recorded), then 2 (--quick) or 3 rounds unless --repeat",
+            "step": OPTIMIZER,
+            "compile_s": f"seconds of the first compiled step, compilation included; {COMPILE_CACHE_NOTE}",
+            "memory": _bench_worker.MEMORY_METHOD,
+            "allocator": _bench.describe_allocator(_bench.allocator_setting(settings.default_allocator)),
+        },
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def _fmt_mb(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}" if v >= 10 else f"{v:.1f}"
+
+
+def render_table(rows: list[dict[str, Any]]) -> str:
+    """The aligned plain-text table of the model rows."""
+    head = [
+        "model",
+        "batch",
+        "input",
+        "fused ms",
+        "ref ms",
+        "compile ms",
+        "ref/fused [IQR]",
+        "compile/fused [IQR]",
+        "peak MB fused",
+        "peak MB ref",
+        "ref/fused mem",
+        "rounds",
+        "other CPU",
+    ]
+    body = []
+    for row in rows:
+        t, pk = row["times_ms"], row["peak_mb"]
+        mem = row["memory_ratio"]["reference/fused"]
+        other = row["load"]["other_cpu_pct"]
+        body.append(
+            [
+                row["model"] if row["available"] else f"{row['model']} (not available)",
+                str(row["batch"]),
+                "x".join(map(str, row["input_shape"])),
+                _bench._fmt_ms(t["fused"]),
+                _bench._fmt_ms(t["reference"]),
+                _bench._fmt_ms(t["compiled"]),
+                _bench._fmt_ratio(row["ratios"]["reference/fused"]),
+                _bench._fmt_ratio(row["ratios"]["compiled/fused"]),
+                _fmt_mb(pk["fused"]),
+                _fmt_mb(pk["reference"]),
+                "-" if mem is None else f"{mem:.2f}x",
+                str(row["rounds"]),
+                "-" if other is None else f"{other:.0f}%",
+            ]
+        )
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+    left = {0, 2}
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(head), "  ".join("-" * w for w in widths), *(line(r) for r in body)])
+
+
+def print_report(result: dict[str, Any]) -> None:
+    """The model table, how it was measured, and why any figure is missing."""
+    rows = result["rows"]
+    print("models: one training step (SGD), float32, fused vs reference vs torch.compile(reference); peak memory")
+    print(render_table(rows))
+    print(f"step: {OPTIMIZER}; same weights and batch for every implementation.")
+    print("Times: medians in ms over alternating rounds; ratios: median of per-round ratios [IQR]; >1: fused faster.")
+    print(f"peak MB: {_bench_worker.MEMORY_METHOD}.")
+    print(f"Allocator: {result['method']['allocator']}.")
+    disturbed = [r["model"] for r in rows if max(r["load"]["other_cpu_pct"] or 0, r["load"]["steal_cpu_pct"] or 0) > 5]
+    if disturbed:
+        print(
+            f"WARNING: other processes used more than 5% of the CPUs while {', '.join(disturbed)} were timed: "
+            "those figures are disturbed; rerun on a quiet machine."
+        )
+    compiled = [f"{r['model']} {r['compile_s']:.1f} s" for r in rows if r["compile_s"] is not None]
+    if compiled:
+        note = f"first compiled step (compilation included; {COMPILE_CACHE_NOTE})"
+        print(f"torch.compile: {note}: {', '.join(compiled)}.")
+    for row in rows:
+        if row["losses_agree"] is False:
+            print(
+                f"WARNING: {row['model']}: first-step losses of fused and reference differ by "
+                f"{row['loss_rel_diff']:.2e} (relative; expected <= {LOSS_RTOL:g})"
+            )
+    notes: dict[str, list[str]] = {}
+    for row in rows:
+        for key, reason in row["null_reasons"].items():
+            if key.startswith(("times_ms.", "peak_mb.")):
+                notes.setdefault(f"{key}: {reason}", []).append(row["model"])
+    if notes:
+        print("Not measured:")
+        for text, models in notes.items():
+            print(f"  {text} ({', '.join(models)})")
