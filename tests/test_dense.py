@@ -300,6 +300,8 @@ SHAPES = [
     ((7, 16, 9), 4, (9, 11), "contiguous"),  # runs long enough for the vector bodies, at odd offsets
     ((7, 16, 9), 4, (9, 11), "channels_last"),
     ((33, 1), 3, (5, 4), "channels_last"),
+    # channels_last runs all inputs per row block: several blocks per thread, two threads' row chunks
+    ((17, 12, 40), 4, (40, 40), "channels_last"),
 ]
 
 

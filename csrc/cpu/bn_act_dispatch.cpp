@@ -31,6 +31,32 @@ BnActBackwardFn bn_act_backward_dispatch() {
   }
 }
 
+DenseForwardFn dense_forward_cl_dispatch() {
+  switch (capability()) {
+#if defined(__x86_64__)
+    case Cap::kAVX512:
+      return &AVX512::dense_forward_cl_kernel;
+    case Cap::kAVX2:
+      return &AVX2::dense_forward_cl_kernel;
+#endif
+    default:
+      return &DEFAULT::dense_forward_cl_kernel;
+  }
+}
+
+DenseBackwardFn dense_backward_cl_dispatch() {
+  switch (capability()) {
+#if defined(__x86_64__)
+    case Cap::kAVX512:
+      return &AVX512::dense_backward_cl_kernel;
+    case Cap::kAVX2:
+      return &AVX2::dense_backward_cl_kernel;
+#endif
+    default:
+      return &DEFAULT::dense_backward_cl_kernel;
+  }
+}
+
 const char* bn_act_cpu_capability() {
   switch (capability()) {
 #if defined(__x86_64__)

@@ -62,11 +62,18 @@ struct BnActBackwardArgs {
 
 using BnActForwardFn = void (*)(const BnActForwardArgs&);
 using BnActBackwardFn = void (*)(const BnActBackwardArgs&);
+// The dense op's channels_last path: all inputs in one pass over row blocks (parts[j]: input j, with y / dy at
+// its first channel of the wide output and y_ld / dy_ld = the output's channels; no residual, no dresidual,
+// no given sums; same N, S, dtype, activation and training flag in every part).
+using DenseForwardFn = void (*)(const BnActForwardArgs* parts, int64_t n_parts);
+using DenseBackwardFn = void (*)(const BnActBackwardArgs* parts, int64_t n_parts);
 
 #define FUSEDRES_DECLARE_CPU_KERNELS(CAP)                     \
   namespace CAP {                                             \
   void bn_act_forward_kernel(const BnActForwardArgs& args);   \
   void bn_act_backward_kernel(const BnActBackwardArgs& args); \
+  void dense_forward_cl_kernel(const BnActForwardArgs* parts, int64_t n_parts);   \
+  void dense_backward_cl_kernel(const BnActBackwardArgs* parts, int64_t n_parts); \
   const char* capability_name();                              \
   }
 FUSEDRES_DECLARE_CPU_KERNELS(DEFAULT)
@@ -79,6 +86,8 @@ FUSEDRES_DECLARE_CPU_KERNELS(AVX512)
 // The best kernel set for this CPU, honouring ATEN_CPU_CAPABILITY like ATen.
 BnActForwardFn bn_act_forward_dispatch();
 BnActBackwardFn bn_act_backward_dispatch();
+DenseForwardFn dense_forward_cl_dispatch();
+DenseBackwardFn dense_backward_cl_dispatch();
 const char* bn_act_cpu_capability();
 
 }  // namespace cpu

@@ -830,6 +830,168 @@ void backward_typed(const BnActBackwardArgs& a) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The dense op's channels_last path. parts[j] describes input j (same N, S, dtype, activation; x_j dense with
+// C_j channels; y / dy point at the input's first channel of the wide output, y_ld / dy_ld = the output's
+// channels). Run input by input, every pass would touch each output row's cache lines once per input (an output
+// row holds all inputs' channels); here each row block of the output is written (read) whole while in cache.
+
+// Statistics per input (training) or the given ones, then one pass over row blocks writing every input's
+// channels of the block's output rows.
+template <typename T, int ACT>
+void dense_forward_cl_typed(const BnActForwardArgs* parts, int64_t n_parts) {
+  using acc_t = acc_type_t<T>;
+  const int64_t M = parts[0].N * parts[0].S, Cw = parts[0].y_ld;
+  const acc_t slope = static_cast<acc_t>(parts[0].negative_slope);
+  std::vector<std::vector<acc_t>> scale(n_parts), shift(n_parts);
+  for (int64_t j = 0; j < n_parts; ++j) {
+    const BnActForwardArgs& a = parts[j];
+    const int64_t C = a.C;
+    const acc_t* w = static_cast<const acc_t*>(a.weight);
+    const acc_t* b = static_cast<const acc_t*>(a.bias);
+    acc_t* mean = static_cast<acc_t*>(a.mean);
+    acc_t* invstd = static_cast<acc_t*>(a.invstd);
+    scale[j].resize(C);
+    shift[j].resize(C);
+    if (a.training) {
+      std::vector<double> mu(C), v(C);
+      stats_channels_last<T>(static_cast<const T*>(a.x), M, C, mu.data(), v.data());
+      acc_t* var = static_cast<acc_t*>(a.var);
+      for (int64_t c = 0; c < C; ++c) {
+        const double is = 1.0 / std::sqrt(v[c] + a.eps);
+        mean[c] = static_cast<acc_t>(mu[c]);
+        var[c] = static_cast<acc_t>(v[c]);
+        invstd[c] = static_cast<acc_t>(is);
+        scale[j][c] = static_cast<acc_t>(static_cast<double>(w[c]) * is);
+        shift[j][c] = static_cast<acc_t>(static_cast<double>(b[c]) - mu[c] * static_cast<double>(scale[j][c]));
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        scale[j][c] = w[c] * invstd[c];
+        shift[j][c] = b[c] - mean[c] * scale[j][c];
+      }
+    }
+  }
+  const int64_t block = std::max<int64_t>(1, rows_per_block(Cw, sizeof(T)) / 2);
+  const int64_t grain = std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(1, Cw));
+  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t b0 = r0; b0 < r1; b0 += block) {
+      const int64_t b1 = std::min(r1, b0 + block);
+      for (int64_t j = 0; j < n_parts; ++j) {
+        const BnActForwardArgs& a = parts[j];
+        const int64_t C = a.C;
+        const T* x = static_cast<const T*>(a.x);
+        T* y = static_cast<T*>(a.y);
+        BitWriter bw(a.mask, b0 * C, b1 * C);
+        for (int64_t row = b0; row < b1; ++row) {
+          forward_run<T, ACT, false, true>(x + row * C, nullptr, y + row * Cw, C, scale[j].data(), shift[j].data(),
+                                           slope, &bw);
+        }
+      }
+    }
+  });
+}
+
+// Reductions (parts with sum_dz set) over row blocks with every input's columns of the block's dy rows, then
+// the elementwise dx (parts with dx set) the same way. Deterministic: fixed row chunks, merged in order.
+template <typename T, int ACT, bool TRAIN>
+void dense_backward_cl_typed(const BnActBackwardArgs* parts, int64_t n_parts) {
+  using acc_t = acc_type_t<T>;
+  const int64_t M = parts[0].N * parts[0].S, Cw = parts[0].dy_ld;
+  const acc_t slope = static_cast<acc_t>(parts[0].negative_slope);
+  std::vector<int64_t> first(n_parts + 1, 0);  // part j's channels in the per-chunk partial sums
+  bool any_reduce = false;
+  for (int64_t j = 0; j < n_parts; ++j) {
+    first[j + 1] = first[j] + parts[j].C;
+    any_reduce = any_reduce || parts[j].sum_dz != nullptr;
+  }
+  const int64_t Csum = first[n_parts];
+  const int64_t block = std::max<int64_t>(1, std::min<int64_t>(kReduceBlock, rows_per_block(Cw, sizeof(T)) / 2));
+  std::vector<double> sdz(Csum, 0.0), sdzxc(Csum, 0.0);
+  if (any_reduce) {
+    const int64_t chunks = num_row_chunks(M, Cw);
+    std::vector<double> pdz(chunks * Csum, 0.0), pdzx(chunks * Csum, 0.0);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<acc_t> bdz(Csum), bdzx(Csum);
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        int64_t r0, r1;
+        chunk_bounds(M, chunks, ch, r0, r1);
+        for (int64_t b0 = r0; b0 < r1; b0 += block) {
+          const int64_t nb = std::min(r1, b0 + block) - b0;
+          std::fill(bdz.begin(), bdz.end(), acc_t(0));
+          std::fill(bdzx.begin(), bdzx.end(), acc_t(0));
+          for (int64_t j = 0; j < n_parts; ++j) {
+            const BnActBackwardArgs& a = parts[j];
+            if (a.sum_dz == nullptr) continue;
+            column_reduce<T, kGrad, ACT>(static_cast<const T*>(a.x), static_cast<const T*>(a.dy), Cw, a.mask, b0, nb,
+                                         a.C, static_cast<const acc_t*>(a.mean), slope, bdz.data() + first[j],
+                                         bdzx.data() + first[j]);
+          }
+          for (int64_t k = 0; k < Csum; ++k) {
+            pdz[ch * Csum + k] += static_cast<double>(bdz[k]);
+            pdzx[ch * Csum + k] += static_cast<double>(bdzx[k]);
+          }
+        }
+      }
+    });
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      for (int64_t k = 0; k < Csum; ++k) {
+        sdz[k] += pdz[ch * Csum + k];
+        sdzxc[k] += pdzx[ch * Csum + k];
+      }
+    }
+    for (int64_t j = 0; j < n_parts; ++j) {
+      const BnActBackwardArgs& a = parts[j];
+      if (a.sum_dz == nullptr) continue;
+      const acc_t* invstd = static_cast<const acc_t*>(a.invstd);
+      for (int64_t c = 0; c < a.C; ++c) {
+        static_cast<acc_t*>(a.sum_dz)[c] = static_cast<acc_t>(sdz[first[j] + c]);
+        static_cast<acc_t*>(a.sum_dz_xhat)[c] = static_cast<acc_t>(sdzxc[first[j] + c] * static_cast<double>(invstd[c]));
+      }
+    }
+  }
+  // Per-channel coefficients, as in backward_typed (training needs this part's sums).
+  std::vector<acc_t> ka(Csum), kmdz(Csum, acc_t(0)), kq(Csum, acc_t(0));
+  bool any_dx = false;
+  for (int64_t j = 0; j < n_parts; ++j) {
+    const BnActBackwardArgs& a = parts[j];
+    if (a.dx == nullptr) continue;
+    any_dx = true;
+    TORCH_INTERNAL_ASSERT(!TRAIN || a.sum_dz != nullptr, "dense backward kernel: training dx needs the sums");
+    const acc_t* invstd = static_cast<const acc_t*>(a.invstd);
+    const acc_t* w = static_cast<const acc_t*>(a.weight);
+    for (int64_t c = 0; c < a.C; ++c) {
+      const double is = static_cast<double>(invstd[c]), k = static_cast<double>(w[c]) * is;
+      ka[first[j] + c] = static_cast<acc_t>(k);
+      if constexpr (TRAIN) {
+        kmdz[first[j] + c] = static_cast<acc_t>(sdz[first[j] + c] / static_cast<double>(M));
+        kq[first[j] + c] = static_cast<acc_t>(k * is * is * sdzxc[first[j] + c] / static_cast<double>(M));
+      }
+    }
+  }
+  if (!any_dx) return;
+  const int64_t grain = std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(1, Cw));
+  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t b0 = r0; b0 < r1; b0 += block) {
+      const int64_t b1 = std::min(r1, b0 + block);
+      for (int64_t j = 0; j < n_parts; ++j) {
+        const BnActBackwardArgs& a = parts[j];
+        if (a.dx == nullptr) continue;
+        const int64_t C = a.C, f = first[j];
+        const BwdCoef<acc_t> k{static_cast<const acc_t*>(a.mean), ka.data() + f, kmdz.data() + f, kq.data() + f};
+        const T* x = static_cast<const T*>(a.x);
+        const T* dy = static_cast<const T*>(a.dy);
+        T* dx = static_cast<T*>(a.dx);
+        BitReader br(a.mask, b0 * C);
+        for (int64_t row = b0; row < b1; ++row) {
+          backward_elementwise_run<T, ACT, true, TRAIN, true, false>(dy + row * Cw, x + row * C, dx + row * C,
+                                                                     nullptr, C, &br, k, slope);
+        }
+      }
+    }
+  });
+}
+
 // Turns runtime flags into template arguments.
 template <typename F>
 void dispatch_act(int act, F&& f) {
@@ -874,6 +1036,23 @@ void bn_act_backward_kernel(const BnActBackwardArgs& args) {
                         [&](auto dr) { backward_typed<scalar_t, act(), train(), dx(), dr()>(args); });
         });
       });
+    });
+  });
+}
+
+void dense_forward_cl_kernel(const BnActForwardArgs* parts, int64_t n_parts) {
+  if (n_parts == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, parts[0].dtype, "dense_forward_cl_cpu", [&] {
+    dispatch_act(parts[0].act, [&](auto act) { dense_forward_cl_typed<scalar_t, act()>(parts, n_parts); });
+  });
+}
+
+void dense_backward_cl_kernel(const BnActBackwardArgs* parts, int64_t n_parts) {
+  if (n_parts == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, parts[0].dtype, "dense_backward_cl_cpu", [&] {
+    dispatch_act(parts[0].act, [&](auto act) {
+      dispatch_bool(parts[0].training,
+                    [&](auto train) { dense_backward_cl_typed<scalar_t, act(), train()>(parts, n_parts); });
     });
   });
 }

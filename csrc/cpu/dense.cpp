@@ -1,6 +1,7 @@
-// CPU backend of dense_bn_act_forward / dense_bn_act_backward: the bn_act kernels run once per input, each
-// reading its input where it lies and writing (reading, in backward) its channel slice of the wide output
-// (grad_out) through a leading dimension; the concatenation is never built.
+// CPU backend of dense_bn_act_forward / dense_bn_act_backward: each input is read where it lies and its channel
+// slice of the wide output (grad_out) is written (read) through a leading dimension; the concatenation is never
+// built. NCHW: the bn_act kernels run once per input (an input's channels are whole planes of the output).
+// channels_last: one pass over row blocks covers all inputs (an output row holds every input's channels).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -57,6 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_bn_act_forward_
   const std::vector<at::Tensor> xs = dense_inputs(inputs, g);
   const auto [w, b] = bn_act_params(weight, bias, g.C, acc, x0.device());
   const bool reduce_here = training && !given;
+  std::vector<cpu::BnActForwardArgs> parts;
   for (size_t j = 0; j < xs.size(); ++j) {
     if (xs[j].numel() == 0) continue;
     const int64_t c0 = g.offsets[j];
@@ -80,7 +82,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_bn_act_forward_
     args.invstd = at_channel_mut(invstd, c0);
     args.var = reduce_here ? at_channel_mut(var, c0) : nullptr;
     args.stream_bytes = static_cast<int64_t>(y.nbytes());  // the inputs write one output
-    cpu::bn_act_forward_dispatch()(args);
+    parts.push_back(args);
+  }
+  if (g.channels_last) {
+    cpu::dense_forward_cl_dispatch()(parts.data(), static_cast<int64_t>(parts.size()));
+  } else {
+    for (const cpu::BnActForwardArgs& args : parts) cpu::bn_act_forward_dispatch()(args);
   }
   if (training) bn_act_update_running_stats(running_mean, running_var, mean, var, g.M(), momentum);
   return {y, mean, invstd, mask};
@@ -116,6 +123,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dense_bn_act_backwar
     const std::vector<at::Tensor> xs = dense_inputs(inputs, g);
     const at::Tensor dy = grad_out.contiguous(g.format);
     const at::Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
+    std::vector<cpu::BnActBackwardArgs> parts;
     for (size_t j = 0; j < xs.size(); ++j) {
       // This input's channels need the sums for the parameter gradients or for its own training-form dx.
       const bool reduce = need_dw || need_db || (training && input_mask[j]);
@@ -141,7 +149,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dense_bn_act_backwar
       args.sum_dz = reduce ? at_channel_mut(sum_dz, c0) : nullptr;
       args.sum_dz_xhat = reduce ? at_channel_mut(sum_dz_xhat, c0) : nullptr;
       args.stream_bytes = dx_bytes;
-      cpu::bn_act_backward_dispatch()(args);
+      parts.push_back(args);
+    }
+    if (g.channels_last) {
+      cpu::dense_backward_cl_dispatch()(parts.data(), static_cast<int64_t>(parts.size()));
+    } else {
+      for (const cpu::BnActBackwardArgs& args : parts) cpu::bn_act_backward_dispatch()(args);
     }
   }
   const auto param_dtype = has_w ? weight->scalar_type() : acc;
