@@ -7,21 +7,34 @@ What is converted (each BatchNorm keeps its parameters, buffers and state_dict k
   the block's last BN takes the shortcut (``relu(bn(x) + identity)`` in one pass), and a ``downsample``
   ``Sequential(conv, BatchNorm2d)`` gets a ``BatchNormAct2d("identity")``. The convolutions are the same modules.
 * torchvision ``ResNet``'s stem: ``bn1`` becomes ``BatchNormAct2d("relu")`` and ``relu`` an ``nn.Identity``.
+* torchvision ``_DenseLayer`` (DenseNet) becomes :class:`fusedres.nn.DenseLayer`: ``norm1`` -> ``relu1`` -> ``conv1``
+  runs as one dense BN+ReLU+conv unit over the layer's inputs (the concatenation is never built) and ``norm2`` ->
+  ``relu2`` -> ``conv2`` as another (``norm1`` / ``norm2`` become :class:`fusedres.nn.DenseNormAct2d`); torchvision's
+  ``memory_efficient=True`` (checkpointing) becomes fusedres' recompute-in-backward, which computes the same function
+  and updates the running statistics once per forward (torchvision's recomputation updates them a second time).
+* torchvision ``DenseNet``: becomes :class:`fusedres.models.densenet.DenseNet` (its forward applies no ReLU after
+  ``features``) with ``features.norm5`` a ``DenseNormAct2d("relu")``, i.e. torchvision's ``F.relu`` after ``norm5``
+  fused; ``_Transition`` becomes :class:`fusedres.nn.DenseTransition`, and ``_DenseBlock`` becomes
+  :class:`fusedres.nn.DenseBlock` (each feature map's batch statistics computed once and reused by every later layer)
+  where the module after the block (a converted transition, or the fused ``norm5``) reads the block's
+  :class:`fusedres.nn.DenseFeatures`; otherwise the block stays torchvision's, with its layers converted one by one.
 * In any ``nn.Sequential`` (or subclass that keeps ``Sequential.forward``), a ``BatchNorm1d/2d/3d`` directly followed
   by ``nn.ReLU`` or ``nn.LeakyReLU``: the BatchNorm's index gets the ``BatchNormAct*d`` and the activation's index an
-  ``nn.Identity``, so indices and state_dict keys stay valid.
+  ``nn.Identity``, so indices and state_dict keys stay valid (a DenseNet's ``norm0`` / ``relu0``, a ``_Transition``
+  that cannot become a ``DenseTransition``).
 
 Everything else is left as it is, and every BatchNorm left is listed with the reason in the :class:`ConvertReport`
 (``convert(model, report=True)``; the summary is also logged at INFO level on the ``fusedres.convert`` logger).
-Only exact ``nn.BatchNorm*d`` / ``nn.ReLU`` / ``nn.LeakyReLU`` / torchvision block types are converted (a subclass may
-have a different forward), and never a module with hooks (a hook between the BN and the ReLU would see other
-values). The new modules share the original ``Parameter`` and buffer objects, keep the train/eval mode, device,
-dtype and ``requires_grad``; with ``inplace=True`` an optimizer built on the original parameters keeps working.
+Only exact ``nn.BatchNorm*d`` / ``nn.ReLU`` / ``nn.LeakyReLU`` / ``nn.Conv2d`` / torchvision block types are converted
+(a subclass may have a different forward), and never a module with hooks (a hook between the BN and the ReLU would see
+other values). A dense layer's or transition's convolution runs inside the fused unit, so it must also be hook-free
+with stride 1, dilation 1, one group, no bias and equal zero padding. The new modules share the original
+``Parameter`` and buffer objects, keep the train/eval mode, device, dtype and ``requires_grad``; with
+``inplace=True`` an optimizer built on the original parameters keeps working.
 
 Extension point: ``register_converter(module_type)`` registers a function for an exact module type (e.g.
 torchvision's ``_DenseLayer``), called as ``fn(module, name, ctx)``; it returns the replacement module (or the
-module itself) and reports through ``ctx`` (see :class:`ConvertContext`). torchvision DenseNets' dense layers are
-reported as not converted until a converter for them is registered.
+module itself) and reports through ``ctx`` (see :class:`ConvertContext`).
 """
 
 from __future__ import annotations
@@ -34,7 +47,9 @@ from typing import NamedTuple
 
 from torch import nn
 
-from fusedres.nn.batchnorm import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from fusedres.nn.batchnorm import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, _BatchNormActMixin
+from fusedres.nn.dense import DenseBatchNormAct2d
+from fusedres.nn.sync_batchnorm import SyncBatchNormAct2d
 
 __all__ = ["ConvertContext", "ConvertReport", "ConvertedNorm", "UntouchedNorm", "convert", "register_converter"]
 
@@ -45,7 +60,7 @@ _BN_TO_ACT: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm2d: BatchNormAct2d,
     nn.BatchNorm3d: BatchNormAct3d,
 }
-_FUSED_NORMS = (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d)
+_FUSED_NORMS = (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, DenseBatchNormAct2d, SyncBatchNormAct2d)
 
 
 class ConvertedNorm(NamedTuple):
@@ -70,7 +85,8 @@ class ConvertReport:
     """What :func:`convert` did. ``str(report)`` is a readable summary.
 
     Attributes:
-        blocks: (qualified name, original type name) of every residual block replaced by a fused block.
+        blocks: (qualified name, original type name) of every module replaced by its fusedres counterpart: residual
+            blocks, dense layers, dense blocks, transitions, DenseNets.
         converted: every BatchNorm now fused (:class:`ConvertedNorm`), in module order.
         untouched: every BatchNorm (any ``_BatchNorm`` subclass not already fused) left unchanged, with the reason.
         already_fused: qualified names of the fusedres BatchNormAct modules that were there before.
@@ -89,9 +105,13 @@ class ConvertReport:
     def summary(self) -> str:
         """Multi-line summary: counts, then a line per reason BatchNorms were left unchanged (``untouched`` has all)."""
         with_residual = sum(c.residual for c in self.converted)
+        kinds: dict[str, int] = {}
+        for _, kind in self.blocks:
+            kinds[kind] = kinds.get(kind, 0) + 1
+        replaced = f" ({', '.join(f'{n} {kind}' for kind, n in kinds.items())})" if kinds else ""
         lines = [
             f"fusedres.convert: {len(self.converted)} BatchNorms fused ({with_residual} with the residual add), "
-            f"{len(self.blocks)} residual blocks replaced, {self.num_pairs} BatchNorm->activation pairs fused, "
+            f"{len(self.blocks)} blocks replaced{replaced}, {self.num_pairs} BatchNorm->activation pairs fused, "
             f"{len(self.untouched)} BatchNorms left unchanged"
             + (f", {len(self.already_fused)} already fused" if self.already_fused else "")
         ]
@@ -132,10 +152,22 @@ class ConvertContext:
         return None
 
     def fuse(
-        self, bn: nn.Module, name: str, activation: str, *, negative_slope: float = 0.01, residual: bool, via: str
+        self,
+        bn: nn.Module,
+        name: str,
+        activation: str,
+        *,
+        negative_slope: float = 0.01,
+        residual: bool,
+        via: str,
+        cls: type[nn.Module] | None = None,
     ) -> nn.Module:
-        """A BatchNormAct*d sharing ``bn``'s parameters and buffers (same objects), recorded as converted."""
-        new = _fused_norm(bn, activation, negative_slope)
+        """A BatchNormAct*d sharing ``bn``'s parameters and buffers (same objects), recorded as converted.
+
+        ``cls`` picks another fused class built like ``BatchNormAct*d`` (a subclass of ``bn``'s type with the
+        fusedres BatchNormAct constructor, e.g. :class:`fusedres.nn.DenseNormAct2d` for a BatchNorm2d).
+        """
+        new = _fused_norm(bn, activation, negative_slope, cls)
         self.report.converted.append(ConvertedNorm(name, activation, residual, via))
         return new
 
@@ -147,8 +179,11 @@ def _has_hooks(module: nn.Module) -> bool:
     )
 
 
-def _fused_norm(bn: nn.Module, activation: str, negative_slope: float) -> nn.Module:
-    cls = _BN_TO_ACT[type(bn)]
+def _fused_norm(bn: nn.Module, activation: str, negative_slope: float, cls: type[nn.Module] | None) -> nn.Module:
+    if cls is None:
+        cls = _BN_TO_ACT[type(bn)]
+    elif not (isinstance(cls, type) and issubclass(cls, type(bn)) and issubclass(cls, _BatchNormActMixin)):
+        raise TypeError(f"cls must be a fusedres BatchNormAct subclass of {type(bn).__name__}, got {cls!r}")
     new = cls(
         bn.num_features,
         bn.eps,
@@ -181,6 +216,43 @@ def _activation_of(module: nn.Module) -> tuple[str, float] | None:
     return None
 
 
+_BN2D = (nn.BatchNorm2d,)
+_RELU = (nn.ReLU,)
+
+
+def _unit_conv_problem(conv: nn.Module | None, ctx: ConvertContext) -> str | None:
+    """None when ``conv`` can run inside a fused dense BN+act+conv unit (``conv2d(y, weight, padding=p)``)."""
+    if (r := ctx.fusable(conv, (nn.Conv2d,))) is not None:
+        return r
+    plain = (
+        conv.bias is None
+        and tuple(conv.stride) == (1, 1)
+        and tuple(conv.dilation) == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and conv.padding[0] == conv.padding[1]
+    )
+    if not plain:
+        return (
+            f"{conv} is not a bias-free Conv2d with stride 1, dilation 1, one group and equal zero padding "
+            "(the fused BN+ReLU+conv unit runs only that)"
+        )
+    return None
+
+
+def _bare(cls: type[nn.Module], original: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
+    """An instance of ``cls`` without its __init__ (which would allocate and initialise new modules), holding
+    ``original``'s children except ``skip`` (the same objects, in the same order) and its train/eval flag."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for child_name, child in original._modules.items():
+        if child_name not in skip:
+            new._modules[child_name] = child
+    new.training = original.training
+    return new
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Converter registry
 
@@ -193,8 +265,8 @@ def register_converter(module_type: type[nn.Module]) -> Callable[[Converter], Co
 
     The returned module replaces the original (return the module itself after changing it in place). convert()
     then goes on into the returned module's children, so a converter handles only what its type's forward owns.
-    Registering a type again replaces the previous converter (e.g. a real DenseNet converter replacing the
-    placeholder that reports dense layers as not supported).
+    Registering a type again replaces the previous converter (e.g. a project's own converter for torchvision's
+    ``_DenseLayer`` replacing fusedres' one).
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
@@ -212,7 +284,11 @@ def _register_torchvision() -> None:
         from torchvision.models import resnet as tv_resnet
     except ImportError:  # torchvision is optional: then only the Sequential pairs are converted
         return
+    from fusedres.models import densenet as fr_densenet
     from fusedres.models import resnet as fr_resnet
+    from fusedres.nn import dense_layer as fr_dense
+
+    dense_norm = fr_dense.DenseNormAct2d  # reads DenseFeatures and runs the BN+act+conv unit (bn_act_conv)
 
     def convert_block(block: nn.Module, name: str, ctx: ConvertContext) -> nn.Module:
         bottleneck = isinstance(block, tv_resnet.Bottleneck)
@@ -268,19 +344,121 @@ def _register_torchvision() -> None:
             ctx.skip(model.bn1, f"ResNet stem: {r}")
         return model
 
+    def dense_layer_problems(layer: nn.Module, ctx: ConvertContext) -> list[str]:
+        # torchvision's _DenseLayer.forward: conv1(relu1(norm1(cat(inputs)))), then conv2(relu2(norm2(.))), dropout.
+        problems = [f"{n}: {r}" for n in ("norm1", "norm2") if (r := ctx.fusable(getattr(layer, n, None), _BN2D))]
+        problems += [f"{n}: {r}" for n in ("relu1", "relu2") if (r := ctx.fusable(getattr(layer, n, None), _RELU))]
+        problems += [f"{n}: {r}" for n in ("conv1", "conv2") if (r := _unit_conv_problem(getattr(layer, n, None), ctx))]
+        if _has_hooks(layer):
+            problems.append("the _DenseLayer has hooks")
+        return problems
+
     @register_converter(tv_densenet._DenseLayer)
-    def report_dense_layer(layer: nn.Module, name: str, ctx: ConvertContext) -> nn.Module:
-        for m in layer.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                ctx.skip(m, "not converted (dense layers not supported yet)")
-        return layer
+    def convert_dense_layer(layer: nn.Module, name: str, ctx: ConvertContext) -> nn.Module:
+        problems = dense_layer_problems(layer, ctx)
+        if problems:
+            for n in ("norm1", "norm2"):
+                if isinstance(getattr(layer, n, None), nn.modules.batchnorm._BatchNorm):
+                    ctx.skip(getattr(layer, n), f"in a _DenseLayer that cannot be fused ({'; '.join(problems)})")
+            return layer
+        # fusedres' DenseLayer without its __init__, given the original children (the same convolutions); its
+        # forward takes a tensor, a list of tensors (torchvision's _DenseBlock) or DenseFeatures (fusedres').
+        new = _bare(fr_dense.DenseLayer, layer, skip=("relu1", "relu2"))
+        new.fused = True
+        # torchvision's checkpointing -> fusedres' recompute in backward: the same function, statistics updated once.
+        new.memory_efficient = bool(layer.memory_efficient)
+        new.checkpoint = False
+        new.drop_rate = float(layer.drop_rate)
+        prefix = f"{name}." if name else ""
+        for n, via in (("norm1", "_DenseLayer (dense BN+ReLU+conv1)"), ("norm2", "_DenseLayer (BN+ReLU+conv2)")):
+            fused = ctx.fuse(getattr(layer, n), f"{prefix}{n}", "relu", residual=False, via=via, cls=dense_norm)
+            setattr(new, n, fused)
+        ctx.report.blocks.append((name, "_DenseLayer"))
+        return new
+
+    def transition_problems(trans: nn.Module, ctx: ConvertContext) -> list[str]:
+        # _Transition is an nn.Sequential: norm -> relu -> conv -> pool, in the order of its modules.
+        if list(trans._modules) != ["norm", "relu", "conv", "pool"]:
+            return [f"its modules are {list(trans._modules)}, not [norm, relu, conv, pool]"]
+        problems = [f"norm: {r}"] if (r := ctx.fusable(trans.norm, _BN2D)) else []
+        problems += [f"relu: {r}"] if (r := ctx.fusable(trans.relu, _RELU)) else []
+        problems += [f"conv: {r}"] if (r := _unit_conv_problem(trans.conv, ctx)) else []
+        if _has_hooks(trans):
+            problems.append("the _Transition has hooks")
+        return problems
+
+    def convert_transition(trans: nn.Module, name: str, ctx: ConvertContext, memory_efficient: bool) -> nn.Module:
+        new = _bare(fr_dense.DenseTransition, trans, skip=("relu",))
+        new.fused = True
+        new.memory_efficient = memory_efficient
+        new.checkpoint = False
+        new.norm = ctx.fuse(
+            trans.norm, f"{name}.norm", "relu", residual=False, via="_Transition (BN+ReLU+conv)", cls=dense_norm
+        )
+        ctx.report.blocks.append((name, "_Transition"))
+        return new
+
+    def convert_dense_block(block: nn.Module, name: str, ctx: ConvertContext) -> nn.Module:
+        new = _bare(fr_dense.DenseBlock, block, skip=tuple(block._modules))
+        new.fused = True
+        for key, layer in block._modules.items():
+            new.add_module(key, convert_dense_layer(layer, f"{name}.{key}", ctx))
+        ctx.report.blocks.append((name, "_DenseBlock"))
+        return new
 
     @register_converter(tv_densenet.DenseNet)
-    def report_densenet_final_norm(model: nn.Module, name: str, ctx: ConvertContext) -> nn.Module:
-        norm5 = getattr(model.features, "norm5", None)
-        if norm5 is not None:
-            ctx.skip(norm5, "not converted (dense layers not supported yet: DenseNet's final norm5 + F.relu)")
-        return model
+    def convert_densenet(model: nn.Module, name: str, ctx: ConvertContext) -> nn.Module:
+        # DenseNet.forward is classifier(flatten(pool(F.relu(features(x))))): fusing the F.relu into norm5 takes
+        # fusedres' DenseNet.forward (no ReLU after features), i.e. replacing the model's class. fusedres'
+        # DenseBlocks return DenseFeatures (the maps and their batch statistics), which only a DenseTransition or
+        # the DenseNormAct2d norm5 reads: a block is replaced only when the module after it is. Whatever is not
+        # converted here (layers of a block left to torchvision, transitions that cannot fuse their conv) is
+        # converted piecewise as the walk goes on into the children (_DenseLayer, Sequential pairs).
+        prefix = f"{name}." if name else ""
+        features = getattr(model, "features", None)
+        norm5 = features._modules.get("norm5") if isinstance(features, nn.Module) else None
+        if type(features) is not nn.Sequential or _has_hooks(features):
+            if isinstance(norm5, nn.modules.batchnorm._BatchNorm):
+                ctx.skip(norm5, "DenseNet's norm5 + F.relu: features is not a plain nn.Sequential without hooks")
+            return model
+        keys = list(features._modules)
+        if _has_hooks(model):
+            norm5_problem = "the DenseNet has hooks"
+        elif keys[-1:] != ["norm5"]:
+            norm5_problem = "norm5 is not the last module of features (DenseNet.forward applies F.relu to its output)"
+        else:
+            norm5_problem = ctx.fusable(norm5, _BN2D)
+        memory_efficient = all(bool(m.memory_efficient) for m in model.modules() if type(m) is tv_densenet._DenseLayer)
+        transitions = {
+            k: m
+            for k, m in features._modules.items()
+            if type(m) is tv_densenet._Transition and not transition_problems(m, ctx)
+        }
+        for i, key in enumerate(keys):
+            module, qualified = features._modules[key], f"{prefix}features.{key}"
+            if key in transitions:
+                features._modules[key] = convert_transition(module, qualified, ctx, memory_efficient)
+            elif type(module) is tv_densenet._DenseBlock:
+                after = keys[i + 1] if i + 1 < len(keys) else None
+                reads_features = after in transitions or (after == "norm5" and norm5_problem is None)
+                layers_fuse = all(
+                    type(m) is tv_densenet._DenseLayer and not dense_layer_problems(m, ctx) for m in module.values()
+                )
+                if reads_features and layers_fuse and not _has_hooks(module):
+                    features._modules[key] = convert_dense_block(module, qualified, ctx)
+        if norm5_problem is not None:
+            if isinstance(norm5, nn.modules.batchnorm._BatchNorm):
+                ctx.skip(norm5, f"DenseNet's norm5 + F.relu: {norm5_problem}")
+            return model
+        features.norm5 = ctx.fuse(
+            norm5, f"{prefix}features.norm5", "relu", residual=False, via="DenseNet norm5 (+ F.relu)", cls=dense_norm
+        )
+        new = _bare(fr_densenet.DenseNet, model)
+        new.fused = True
+        new.memory_efficient = memory_efficient
+        new.checkpoint = False
+        ctx.report.blocks.append((name, "DenseNet"))
+        return new
 
 
 _register_torchvision()
@@ -357,6 +535,9 @@ def convert(
     rep = ConvertReport()
     ctx = ConvertContext(rep)
     model = _walk(model, "", ctx)
+    # Converters record in the order they run (a parent before its children, a Sequential's pairs after them).
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    rep.converted.sort(key=lambda c: order.get(c.name, len(order)))
     converted = {c.name for c in rep.converted}
     for name, m in model.named_modules():
         if isinstance(m, _FUSED_NORMS):

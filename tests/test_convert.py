@@ -8,11 +8,21 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.densenet import DenseNet, _DenseBlock, _DenseLayer, _Transition
 
 import fusedres
-from fusedres.convert import _CONVERTERS, ConvertContext, register_converter
+from fusedres.convert import _CONVERTERS, ConvertContext, ConvertReport, register_converter
+from fusedres.models import densenet as fr_densenet
 from fusedres.models import resnet as fr
-from fusedres.nn import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from fusedres.nn import (
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+    DenseBlock,
+    DenseLayer,
+    DenseNormAct2d,
+    DenseTransition,
+)
 
 
 def _pairs_model() -> nn.Sequential:
@@ -189,18 +199,7 @@ def test_root_block_is_replaced_and_errors() -> None:
         register_converter(int)
 
 
-def test_densenet_is_reported_and_converter_registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    from torchvision.models.densenet import DenseNet, _DenseLayer
-
-    model = DenseNet(growth_rate=4, block_config=(1, 1), num_init_features=8, bn_size=2)
-    converted, report = fusedres.convert(model, report=True)
-    names = {c.name for c in report.converted}
-    assert "features.norm0" in names and "features.transition1.norm" in names  # plain Sequential pairs
-    untouched = {u.name: u.reason for u in report.untouched}
-    if _CONVERTERS[_DenseLayer].__name__ == "report_dense_layer":  # until dense layers are supported
-        assert untouched["features.denseblock1.denselayer1.norm1"] == "not converted (dense layers not supported yet)"
-    assert set(untouched) | names == {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
-
+def test_converter_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     class Custom(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -217,3 +216,171 @@ def test_densenet_is_reported_and_converter_registry(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(_CONVERTERS, Custom, convert_custom)
     converted, report = fusedres.convert(nn.Sequential(Custom()), report=True)
     assert isinstance(converted[0].bn, BatchNormAct2d) and report.converted[0].via == "Custom"
+    ctx = ConvertContext(ConvertReport())
+    assert isinstance(
+        ctx.fuse(nn.BatchNorm2d(2), "n", "relu", residual=False, via="t", cls=DenseNormAct2d), DenseNormAct2d
+    )
+    with pytest.raises(TypeError, match="cls must be a fusedres BatchNormAct subclass of BatchNorm2d"):
+        ctx.fuse(nn.BatchNorm2d(2), "n", "relu", residual=False, via="t", cls=BatchNormAct1d)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torchvision DenseNets
+
+
+def _tv_small_densenet(memory_efficient: bool = False) -> nn.Module:
+    """torchvision's DenseNet class at a test size (stem, 2 blocks of 2 layers, a transition, norm5), in float64,
+    with non-trivial BatchNorm parameters and running statistics (torchvision initialises them to 1, 0, 0, 1)."""
+    torch.manual_seed(0)
+    model = DenseNet(
+        growth_rate=8,
+        block_config=(2, 2),
+        num_init_features=16,
+        bn_size=2,
+        num_classes=5,
+        memory_efficient=memory_efficient,
+    ).double()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
+def _assert_parity(converted: nn.Module, original: nn.Module, steps: int = 2) -> None:
+    """Train-mode steps (outputs, gradients, buffers after each), then eval outputs, at (2, 3, 32, 32) in float64."""
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        x = torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64)
+        _assert_same(_step(converted, x), _step(original, x), rtol=1e-9, atol=1e-11)
+    with torch.no_grad():
+        torch.testing.assert_close(converted.eval()(x), original.eval()(x), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_convert_densenet_parity_train_steps_and_eval(memory_efficient: bool, layout: str) -> None:
+    """Outputs, input and parameter gradients and running statistics after each step, then eval outputs.
+
+    torchvision's memory_efficient=True recomputes norm1 in backward (torch.utils.checkpoint) and so updates its
+    running statistics twice per step; the converted layer recomputes too, without touching them. It is compared
+    with the same model with checkpointing off (the function both compute), and with the original except norm1's
+    buffers.
+    """
+    original = _tv_small_densenet(memory_efficient)
+    once = copy.deepcopy(original)
+    for m in once.modules():
+        if isinstance(m, _DenseLayer):
+            m.memory_efficient = False
+    converted = fusedres.convert(original)
+    assert type(converted) is fr_densenet.DenseNet
+    assert converted.features.denseblock1.denselayer1.memory_efficient == memory_efficient
+    gen = torch.Generator().manual_seed(2)
+    steps = 3
+    for _ in range(steps):
+        x = torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64)
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+        got = _step(converted, x)
+        _assert_same(got, _step(once, x), rtol=1e-9, atol=1e-11)
+        if memory_efficient:
+            want = _step(original, x)
+            keep = [k for k in want if ".norm1.running_" not in k and ".norm1.num_batches" not in k]
+            _assert_same({k: got[k] for k in keep}, {k: want[k] for k in keep}, rtol=1e-9, atol=1e-11)
+    layer = "features.denseblock2.denselayer2.norm1.num_batches_tracked"
+    assert int(converted.state_dict()[layer]) == steps
+    if memory_efficient:
+        assert int(original.state_dict()[layer]) == 2 * steps  # pytorch issue 96136
+    for m in (converted, once):
+        m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), once(x), rtol=1e-9, atol=1e-11)
+
+
+def test_convert_densenet121_report_and_state_dict() -> None:
+    torch.manual_seed(0)
+    original = torchvision.models.densenet121(num_classes=10)
+    converted, report = fusedres.convert(original, report=True)
+    assert type(converted) is fr_densenet.DenseNet and not converted.memory_efficient
+    features = converted.features
+    assert isinstance(features.denseblock4, DenseBlock) and isinstance(features.denseblock4.denselayer16, DenseLayer)
+    assert isinstance(features.transition3, DenseTransition) and isinstance(features.transition3.norm, DenseNormAct2d)
+    assert isinstance(features.norm5, DenseNormAct2d) and features.norm5.activation == "relu"
+    assert isinstance(features.norm0, BatchNormAct2d) and isinstance(features.relu0, nn.Identity)
+    assert features.denseblock1.denselayer1.conv1 is not original.features.denseblock1.denselayer1.conv1  # a copy
+    # report: 58 dense layers (2 BatchNorms each), 3 transitions, norm0 (a Sequential pair), norm5; nothing left
+    kinds = [kind for _, kind in report.blocks]
+    assert [kinds.count(k) for k in ("_DenseLayer", "_DenseBlock", "_Transition", "DenseNet")] == [58, 4, 3, 1]
+    assert len(report.converted) == 121 and report.num_pairs == 1 and report.untouched == []
+    bn_names = [n for n, m in original.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert [c.name for c in report.converted] == bn_names  # module order
+    assert all(c.activation == "relu" and not c.residual for c in report.converted)
+    assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
+    assert "121 BatchNorms fused" in str(report) and "58 _DenseLayer" in str(report)
+    # Same state_dict (keys, order, values), loadable strictly both ways.
+    for (k, a), (k2, b) in zip(converted.state_dict().items(), original.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b)
+    for target in (torchvision.models.densenet121(num_classes=10), fr_densenet.densenet121(num_classes=10)):
+        target.load_state_dict(converted.state_dict(), strict=True)
+    converted.load_state_dict(original.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # float32, eval mode (train-mode parity is tested in float64 on a small DenseNet)
+        torch.testing.assert_close(converted.eval()(x), original.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_densenet_parts_that_cannot_fuse_are_left_and_reported() -> None:
+    original = _tv_small_densenet()
+    original.features.denseblock1.denselayer2.register_forward_hook(lambda m, i, o: None)
+    original.features.denseblock2.denselayer1.relu2 = nn.SiLU()
+    original.features.transition1.conv.register_forward_pre_hook(lambda m, i: None)
+    converted, report = fusedres.convert(original, report=True)
+    f = converted.features
+    # Blocks stay torchvision's (their output is a tensor); the layers that can fuse are fused one by one.
+    assert type(f.denseblock1) is _DenseBlock and type(f.denseblock2) is _DenseBlock
+    assert type(f.denseblock1.denselayer1) is DenseLayer and type(f.denseblock1.denselayer2) is _DenseLayer
+    assert type(f.denseblock2.denselayer1) is _DenseLayer and type(f.denseblock2.denselayer2) is DenseLayer
+    # The transition's conv runs outside any fused unit (its hook fires): only the norm -> relu pair is fused.
+    assert type(f.transition1) is _Transition and isinstance(f.transition1.norm, BatchNormAct2d)
+    assert isinstance(f.transition1.relu, nn.Identity)
+    assert type(converted) is fr_densenet.DenseNet and isinstance(f.norm5, DenseNormAct2d)
+    untouched = {u.name: u.reason for u in report.untouched}
+    assert set(untouched) == {
+        f"features.denseblock{b}.denselayer{layer}.norm{n}" for b, layer in ((1, 2), (2, 1)) for n in (1, 2)
+    }
+    assert "the _DenseLayer has hooks" in untouched["features.denseblock1.denselayer2.norm1"]
+    assert "relu2: SiLU is not exactly one of ReLU" in untouched["features.denseblock2.denselayer1.norm2"]
+    assert report.num_pairs == 2 and len(report.converted) == 11 - 4
+    _assert_parity(converted, original)
+
+
+def test_densenet_norm5_with_a_hook_keeps_the_torchvision_forward() -> None:
+    original = _tv_small_densenet()
+    original.features.norm5.register_forward_hook(lambda m, i, o: None)
+    converted, report = fusedres.convert(original, report=True)
+    f = converted.features
+    assert type(converted) is DenseNet and type(f.norm5) is nn.BatchNorm2d
+    # denseblock1 feeds a DenseTransition, so it becomes a DenseBlock; denseblock2 feeds norm5, so its output
+    # stays a tensor (a torchvision _DenseBlock of fused layers).
+    assert isinstance(f.denseblock1, DenseBlock) and isinstance(f.transition1, DenseTransition)
+    assert type(f.denseblock2) is _DenseBlock and isinstance(f.denseblock2.denselayer1, DenseLayer)
+    assert [(u.name, u.reason) for u in report.untouched] == [
+        ("features.norm5", "DenseNet's norm5 + F.relu: BatchNorm2d has hooks (fusing would change what they see)")
+    ]
+    _assert_parity(converted, original)
+
+
+def test_convert_standalone_dense_layer() -> None:
+    torch.manual_seed(0)
+    layer = _DenseLayer(12, growth_rate=4, bn_size=2, drop_rate=0.0).double()
+    converted, report = fusedres.convert(layer, report=True)
+    assert type(converted) is DenseLayer and [c.name for c in report.converted] == ["norm1", "norm2"]
+    maps = [torch.randn(2, c, 5, 5, dtype=torch.float64) for c in (8, 4)]
+    torch.testing.assert_close(converted(maps), layer(maps), rtol=1e-9, atol=1e-11)
+    strided = _DenseLayer(12, growth_rate=4, bn_size=2, drop_rate=0.0)
+    strided.conv2.stride = (2, 2)
+    kept, report = fusedres.convert(strided, report=True)
+    assert type(kept) is _DenseLayer and "conv2: Conv2d(8, 4" in report.untouched[0].reason
