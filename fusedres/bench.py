@@ -715,9 +715,9 @@ class Settings:
     def shapes(self) -> tuple[tuple[int, ...], ...]:
         return TINY_SHAPES if self.tiny else QUICK_SHAPES if self.quick else SHAPES
 
-    def compiles(self, residual: bool) -> bool:
-        """--quick compiles only the configurations with a residual (torch.compile dominates its run time)."""
-        return not self.quick or residual
+    def compiles(self, residual: bool, layout: str = "nchw") -> bool:
+        """--quick compiles only the NCHW configurations with a residual (torch.compile dominates its run time)."""
+        return not self.quick or (residual and layout == "nchw")
 
 
 def _measure_group(
@@ -731,7 +731,9 @@ def _measure_group(
     """All directions of one (shape, layout, residual) configuration: one row each."""
     device = settings.device
     case = BnActCase(shape, layout, residual, device=device)
-    runs, missing, compile_s = _implementations(case, settings.compiles(residual), "not measured (skipped: --quick)")
+    runs, missing, compile_s = _implementations(
+        case, settings.compiles(residual, layout), "not measured (skipped: --quick)"
+    )
     saved = _saved_per_impl(case, runs["train"], missing["train"])
     nothing_saved = "eval forward runs under torch.no_grad(): nothing is saved"
 
@@ -939,7 +941,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quick",
         action="store_true",
         help="shapes (32,64,56,56) and (128,16,32,32) only, shorter timing, torch.compile only for the op "
-        "configurations with a residual; models: resnet20 and the highway MLP at smaller batches, 2 rounds",
+        "configurations with a residual in NCHW (and one of each other op); models: resnet20 and the highway MLP "
+        "at smaller batches, 2 rounds",
     )
     parser.add_argument("--json", metavar="PATH", help="write every figure with its configuration to PATH")
     parser.add_argument(

@@ -28,12 +28,16 @@ def tol(dtype):
     return {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-5}
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("shape", [(4, 5, 3, 7), (2, 37, 9, 11), (6, 3), (3, 4, 10), (2, 3, 2, 3, 4)])
+STATS_CASES = [
+    (shape, layout)
+    for shape in [(4, 5, 3, 7), (2, 37, 9, 11), (6, 3), (3, 4, 10), (2, 3, 2, 3, 4)]
+    for layout in (["contiguous", "channels_last"] if len(shape) >= 4 else ["contiguous"])
+]
+
+
+@pytest.mark.parametrize(("shape", "layout"), STATS_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_bn_stats_matches_float64(shape, layout, dtype):
-    if layout == "channels_last" and len(shape) < 4:
-        pytest.skip("channels_last needs 4 or 5 dimensions")
     g = torch.Generator().manual_seed(0)
     x64 = torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 2
     x = arrange(x64.to(dtype), layout)
@@ -181,3 +185,33 @@ def test_block_errors():
         ops.bn_act_backward_reduce(x, x, good, good + 1, mask[:-4], "relu", 0.0)
     with pytest.raises(TypeError, match="input must be a Tensor"):
         bn_stats([1.0])
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_blocks_cuda_match_cpu(activation, layout, dtype):
+    """The four building blocks on CUDA against the CPU kernels (themselves checked above), with a global count."""
+    shape = (4, 19, 6, 7)
+    x, r, w, b, dy = make_case(shape, dtype, layout, seed=3)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    close = {} if dtype == torch.bfloat16 else tol(dtype)
+
+    def blocks(device):
+        xd, rd, wd, bd, dyd = (t.to(device) for t in (x, r, w, b, dy))
+        mean, var = ops.bn_stats(xd)
+        invstd = (var.double() + 1e-5).rsqrt().to(acc)
+        y, mask = ops.bn_act_elemt(xd, rd, wd, bd, mean, invstd, activation, SLOPE)
+        sum_dz, sum_dz_xhat = ops.bn_act_backward_reduce(dyd, xd, mean, invstd, mask, activation, SLOPE)
+        count = 3 * shape[0] * shape[2] * shape[3]  # as if two more ranks held the rest of the batch
+        gi, gr = ops.bn_act_backward_elemt(
+            dyd, xd, wd, mean, invstd, mask, sum_dz, sum_dz_xhat, count, activation, SLOPE, [True, True]
+        )
+        return [t.cpu() for t in (mean, var, y, sum_dz, sum_dz_xhat, gi, gr)]
+
+    names = ("mean", "var", "y", "sum_dz", "sum_dz_xhat", "grad_input", "grad_residual")
+    for name, got, want in zip(names, blocks("cuda"), blocks("cpu"), strict=True):
+        torch.testing.assert_close(
+            got, want, **(tol(acc) if got.dtype == acc else close), msg=lambda m, n=name: f"{n}: {m}"
+        )

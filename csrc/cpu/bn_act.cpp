@@ -5,6 +5,7 @@
 
 #include "bn_act.h"
 #include "cpu/bn_act_kernel.h"
+#include "cpu/kernel_args.h"
 
 namespace fusedres {
 namespace {
@@ -36,16 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(
   }
   if (g.numel() == 0) return {y, mean, invstd, mask};
 
-  cpu::BnActForwardArgs args{};
-  args.dtype = input.scalar_type();
-  args.N = g.N;
-  args.C = g.C;
-  args.S = g.S;
-  args.channels_last = g.channels_last;
-  args.training = training;
-  args.act = act;
-  args.negative_slope = negative_slope;
-  args.eps = eps;
+  cpu::BnActForwardArgs args = cpu::forward_args(g, input.scalar_type(), training, act, negative_slope, eps);
   args.x = x.const_data_ptr();
   args.residual = has_res ? r.const_data_ptr() : nullptr;
   args.y = y.mutable_data_ptr();
@@ -62,18 +54,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(
 }
 
 // The backward kernel arguments shared by bn_act_backward and its split form (training; callers set the rest).
-cpu::BnActBackwardArgs backward_args(const BnActGeom& g, const at::Tensor& input, const at::Tensor& dy,
+cpu::BnActBackwardArgs backward_tensor_args(const BnActGeom& g, const at::Tensor& input, const at::Tensor& dy,
                                      const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
                                      const at::Tensor& w, const at::Tensor& mask, int act, double negative_slope) {
-  cpu::BnActBackwardArgs args{};
-  args.dtype = input.scalar_type();
-  args.N = g.N;
-  args.C = g.C;
-  args.S = g.S;
-  args.channels_last = g.channels_last;
-  args.training = true;
-  args.act = act;
-  args.negative_slope = negative_slope;
+  cpu::BnActBackwardArgs args = cpu::backward_args(g, input.scalar_type(), true, act, negative_slope);
   args.dy = dy.const_data_ptr();
   args.x = x.const_data_ptr();
   args.mask = math::act_has_mask(act) ? mask.const_data_ptr<uint8_t>() : nullptr;
@@ -103,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
 
   if (g.numel() > 0 && (reduce || need_dx || need_dr)) {
     const at::Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
-    cpu::BnActBackwardArgs args = backward_args(g, input, dy, x, mean, invstd, w, mask, act, negative_slope);
+    cpu::BnActBackwardArgs args = backward_tensor_args(g, input, dy, x, mean, invstd, w, mask, act, negative_slope);
     args.training = training;
     args.dx = need_dx ? dx.mutable_data_ptr() : nullptr;
     args.dresidual = need_dr ? dr.mutable_data_ptr() : nullptr;
@@ -127,15 +111,8 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input) {
   const at::Tensor x = bn_act_dense(input, g);
   const at::Tensor invstd = at::empty({g.C}, acc_opts);  // written by the kernel, not returned
   const auto [w, b] = bn_act_params(std::nullopt, std::nullopt, g.C, acc_opts.dtype().toScalarType(), input.device());
-  cpu::BnActForwardArgs args{};
-  args.dtype = input.scalar_type();
-  args.N = g.N;
-  args.C = g.C;
-  args.S = g.S;
-  args.channels_last = g.channels_last;
-  args.training = true;
-  args.act = math::kIdentity;
-  args.eps = 1.0;  // only for the unused invstd
+  // eps only enters the unused invstd
+  cpu::BnActForwardArgs args = cpu::forward_args(g, input.scalar_type(), true, math::kIdentity, 0.0, 1.0);
   args.x = x.const_data_ptr();
   args.y = nullptr;  // statistics only
   args.weight = w.const_data_ptr();
@@ -163,15 +140,8 @@ std::tuple<at::Tensor, at::Tensor> bn_act_elemt_cpu(const at::Tensor& input, con
   if (g.numel() == 0) return {y, mask};
   const auto [w, b] = bn_act_params(weight, bias, g.C, bn_act_acc_type(input.scalar_type()), input.device());
   const at::Tensor m = mean.contiguous(), is = invstd.contiguous();
-  cpu::BnActForwardArgs args{};
-  args.dtype = input.scalar_type();
-  args.N = g.N;
-  args.C = g.C;
-  args.S = g.S;
-  args.channels_last = g.channels_last;
-  args.training = false;  // the normalise pass with the given statistics
-  args.act = act;
-  args.negative_slope = negative_slope;
+  // training = false: the normalise pass with the given statistics
+  cpu::BnActForwardArgs args = cpu::forward_args(g, input.scalar_type(), false, act, negative_slope, 0.0);
   args.x = x.const_data_ptr();
   args.residual = has_res ? r.const_data_ptr() : nullptr;
   args.y = y.mutable_data_ptr();
@@ -196,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(const at::Tensor& 
   const at::Tensor dy = bn_act_dense(grad_out, g), x = bn_act_dense(input, g);
   const at::Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
   const at::Tensor w = at::ones({g.C}, acc_opts);
-  cpu::BnActBackwardArgs args = backward_args(g, input, dy, x, mean, invstd, w, mask, act, negative_slope);
+  cpu::BnActBackwardArgs args = backward_tensor_args(g, input, dy, x, mean, invstd, w, mask, act, negative_slope);
   args.sum_dz = sum_dz.mutable_data_ptr();
   args.sum_dz_xhat = sum_dz_xhat.mutable_data_ptr();
   cpu::bn_act_backward_dispatch()(args);
@@ -222,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cpu(
   const at::Tensor w = (weight.has_value() && weight->defined()) ? weight->to(acc).contiguous()
                                                                  : at::ones({g.C}, input.options().dtype(acc));
   const at::Tensor sdz = sum_dz.contiguous(), sdzx = sum_dz_xhat.contiguous();
-  cpu::BnActBackwardArgs args = backward_args(g, input, dy, x, mean, invstd, w, mask, act, negative_slope);
+  cpu::BnActBackwardArgs args = backward_tensor_args(g, input, dy, x, mean, invstd, w, mask, act, negative_slope);
   args.dx = need_dx ? dx.mutable_data_ptr() : nullptr;
   args.dresidual = need_dr ? dr.mutable_data_ptr() : nullptr;
   args.sum_dz = const_cast<void*>(sdz.const_data_ptr());  // inputs: sums_given

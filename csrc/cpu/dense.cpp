@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "cpu/bn_act_kernel.h"
+#include "cpu/kernel_args.h"
 #include "dense.h"
 
 namespace fusedres {
@@ -62,16 +63,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_bn_act_forward_
   for (size_t j = 0; j < xs.size(); ++j) {
     if (xs[j].numel() == 0) continue;
     const int64_t c0 = g.offsets[j];
-    cpu::BnActForwardArgs args{};
-    args.dtype = x0.scalar_type();
-    args.N = g.N;
-    args.C = g.channels[j];
-    args.S = g.S;
-    args.channels_last = g.channels_last;
-    args.training = reduce_here;  // else: the normalise pass with the given / running statistics
-    args.act = act;
-    args.negative_slope = negative_slope;
-    args.eps = eps;
+    // training = reduce_here; else the normalise pass with the given / running statistics
+    cpu::BnActForwardArgs args =
+        cpu::forward_args(g.input_geom(j), x0.scalar_type(), reduce_here, act, negative_slope, eps);
     args.x = xs[j].const_data_ptr();
     args.y = static_cast<char*>(y.mutable_data_ptr()) + g.output_offset(j) * y.element_size();
     args.y_ld = g.output_ld();
@@ -129,15 +123,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dense_bn_act_backwar
       const bool reduce = need_dw || need_db || (training && input_mask[j]);
       if (xs[j].numel() == 0 || !(reduce || input_mask[j])) continue;
       const int64_t c0 = g.offsets[j];
-      cpu::BnActBackwardArgs args{};
-      args.dtype = x0.scalar_type();
-      args.N = g.N;
-      args.C = g.channels[j];
-      args.S = g.S;
-      args.channels_last = g.channels_last;
-      args.training = training;
-      args.act = act;
-      args.negative_slope = negative_slope;
+      cpu::BnActBackwardArgs args =
+          cpu::backward_args(g.input_geom(j), x0.scalar_type(), training, act, negative_slope);
       args.dy = static_cast<const char*>(dy.const_data_ptr()) + g.output_offset(j) * dy.element_size();
       args.dy_ld = g.output_ld();
       args.x = xs[j].const_data_ptr();

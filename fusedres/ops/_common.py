@@ -10,6 +10,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from fusedres import _native
+from fusedres.reference.bn_act import check_activation
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -93,6 +94,22 @@ class _RefuseDoubleBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         raise RuntimeError(ctx.message)
+
+
+def check_functional_args(
+    input: object, residual: object, activation: str, momentum: object, momentum_none_hint: str
+) -> None:
+    """The public BatchNorm functionals' first checks: tensor types, the activation name, a float momentum.
+
+    ``momentum_none_hint`` names what handles ``momentum=None`` (the modules do, the functionals do not).
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+    if residual is not None and not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be a Tensor or None, got {type(residual).__name__}")
+    check_activation(activation)
+    if momentum is None:
+        raise TypeError(f"momentum must be a float, got None ({momentum_none_hint})")
 
 
 def refuse_double_backward(

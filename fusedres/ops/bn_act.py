@@ -16,8 +16,8 @@ from torch import Tensor
 from fusedres import _native
 from fusedres.ops._common import acc_dtype as _acc_dtype
 from fusedres.ops._common import check_channel_vector as _check_channel_vector
+from fusedres.ops._common import check_functional_args, mask_bytes, refuse_double_backward, warn_fallback
 from fusedres.ops._common import check_input as _check_input
-from fusedres.ops._common import mask_bytes, refuse_double_backward, warn_fallback
 from fusedres.ops._common import memory_format as _memory_format
 from fusedres.reference import bn_act as _reference
 from fusedres.reference.bn_act import check_activation
@@ -261,13 +261,7 @@ def batch_norm_act(
     Returns:
         Tensor[N, C, *]: input's dtype, dense in the input's suggested memory format.
     """
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
-    if residual is not None and not isinstance(residual, Tensor):
-        raise TypeError(f"residual must be a Tensor or None, got {type(residual).__name__}")
-    check_activation(activation)
-    if momentum is None:
-        raise TypeError("momentum must be a float, got None (the BatchNormAct modules handle momentum=None)")
+    check_functional_args(input, residual, activation, momentum, "the BatchNormAct modules handle momentum=None")
     if input.device.type not in _NATIVE_DEVICE_TYPES:
         warn_fallback("fusedres.batch_norm_act", input.device.type, _warned_devices)
         return _reference.batch_norm_act(

@@ -28,11 +28,10 @@ from torch import Tensor
 from fusedres import _native
 from fusedres.ops._common import acc_dtype as _acc_dtype
 from fusedres.ops._common import check_channel_vector as _check_channel_vector
+from fusedres.ops._common import check_functional_args, refuse_double_backward
 from fusedres.ops._common import check_input as _check_input
 from fusedres.ops._common import memory_format as _memory_format
-from fusedres.ops._common import refuse_double_backward
 from fusedres.ops.bn_act import batch_norm_act
-from fusedres.reference.bn_act import check_activation
 
 __all__ = ["distributed_world_size", "has_sync_kernels", "sync_batch_norm_act"]
 
@@ -280,13 +279,7 @@ def sync_batch_norm_act(
     Returns:
         Tensor[N, C, *]: input's dtype, dense in the input's suggested memory format.
     """
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
-    if residual is not None and not isinstance(residual, Tensor):
-        raise TypeError(f"residual must be a Tensor or None, got {type(residual).__name__}")
-    check_activation(activation)
-    if momentum is None:
-        raise TypeError("momentum must be a float, got None (SyncBatchNormAct2d handles momentum=None)")
+    check_functional_args(input, residual, activation, momentum, "SyncBatchNormAct2d handles momentum=None")
     world_size = distributed_world_size(process_group)
     if world_size == 1:
         return batch_norm_act(
