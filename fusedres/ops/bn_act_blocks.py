@@ -114,6 +114,12 @@ if _native.native_loaded:
     torch.library.register_fake("fusedres::bn_act_backward_elemt")(_fake_backward_elemt)
 
 
+# Device types with a native bn_stats kernel, decided once at import (torch.compile cannot trace the dispatcher query).
+_STATS_DEVICE_TYPES = frozenset(
+    d for d in ("cpu", "cuda", "meta") if _native.native_loaded and _native.has_kernel(d, op="fusedres::bn_stats")
+)
+
+
 def bn_stats(input: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel batch mean and biased variance of ``input`` (no gradient, no side effects).
 
@@ -129,7 +135,7 @@ def bn_stats(input: Tensor) -> tuple[Tensor, Tensor]:
     """
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
-    if not _native.has_kernel(input.device.type, op="fusedres::bn_stats"):
+    if input.device.type not in _STATS_DEVICE_TYPES:
         x = input.detach().transpose(0, 1).reshape(input.shape[1], -1).to(_acc_dtype(input.dtype))
         if x.shape[1] == 0:
             return x.new_zeros(x.shape[0]), x.new_zeros(x.shape[0])

@@ -45,9 +45,15 @@ _SPLIT_OPS = (
 )
 
 
+# Decided once at import: torch.compile cannot trace the dispatcher query behind has_kernel.
+_SYNC_DEVICE_TYPES = frozenset(
+    d for d in ("cpu", "cuda", "meta") if all(_native.has_kernel(d, op) for op in _SPLIT_OPS)
+)
+
+
 def has_sync_kernels(device_type: str) -> bool:
     """Whether the native module has the four building-block kernels for tensors on ``device_type``."""
-    return all(_native.has_kernel(device_type, op) for op in _SPLIT_OPS)
+    return device_type in _SYNC_DEVICE_TYPES
 
 
 def distributed_world_size(process_group: object | None = None) -> int:
