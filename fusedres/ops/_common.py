@@ -96,6 +96,22 @@ class _RefuseDoubleBackward(torch.autograd.Function):
         raise RuntimeError(ctx.message)
 
 
+def check_same(t: Tensor, name: str, shape, like: Tensor, like_name: str) -> None:
+    """``t`` has ``shape`` and ``like``'s dtype and device; the errors name ``t`` and ``like_name``."""
+    torch._check(
+        tuple(t.shape) == tuple(shape),
+        lambda: f"{name} must have the same shape as {like_name}, got {list(t.shape)} and {list(shape)}",
+    )
+    torch._check(
+        t.dtype == like.dtype,
+        lambda: f"{name} must have the same dtype as {like_name} ({like.dtype}), got {t.dtype}",
+    )
+    torch._check(
+        t.device == like.device,
+        lambda: f"{name} must be on the same device as {like_name} ({like.device}), got {t.device}",
+    )
+
+
 def check_functional_args(
     input: object, residual: object, activation: str, momentum: object, momentum_none_hint: str
 ) -> None:

@@ -16,7 +16,7 @@ from torch import Tensor
 from fusedres import _native
 from fusedres.ops._common import acc_dtype as _acc_dtype
 from fusedres.ops._common import check_channel_vector as _check_channel_vector
-from fusedres.ops._common import check_functional_args, mask_bytes, refuse_double_backward, warn_fallback
+from fusedres.ops._common import check_functional_args, check_same, mask_bytes, refuse_double_backward, warn_fallback
 from fusedres.ops._common import check_input as _check_input
 from fusedres.ops._common import memory_format as _memory_format
 from fusedres.reference import bn_act as _reference
@@ -52,14 +52,7 @@ def _check_mask(mask: Tensor, input: Tensor, activation: str) -> None:
 
 
 def _check_grad_out(grad_out: Tensor, input: Tensor) -> None:
-    torch._check(
-        grad_out.shape == input.shape,
-        lambda: f"grad_out must have the same shape as input, got {list(grad_out.shape)} and {list(input.shape)}",
-    )
-    torch._check(
-        grad_out.dtype == input.dtype,
-        lambda: f"grad_out must have the same dtype as input ({input.dtype}), got {grad_out.dtype}",
-    )
+    check_same(grad_out, "grad_out", input.shape, input, "input")
 
 
 def _fake_forward(
@@ -82,18 +75,7 @@ def _fake_forward(
     _check_input(input)
     C = input.shape[1]
     if residual is not None:
-        torch._check(
-            residual.shape == input.shape,
-            lambda: f"residual must have the same shape as input, got {list(residual.shape)} and {list(input.shape)}",
-        )
-        torch._check(
-            residual.dtype == input.dtype,
-            lambda: f"residual must have the same dtype as input ({input.dtype}), got {residual.dtype}",
-        )
-        torch._check(
-            residual.device == input.device,
-            lambda: f"residual must be on the same device as input ({input.device}), got {residual.device}",
-        )
+        check_same(residual, "residual", input.shape, input, "input")
     for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"), (running_var, "running_var")):
         _check_channel_vector(t, name, input, C)
     if check_batch:

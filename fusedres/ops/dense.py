@@ -22,6 +22,7 @@ from fusedres.ops._common import (
     acc_dtype,
     check_channel_vector,
     check_input,
+    check_same,
     mask_bytes,
     memory_format,
     refuse_double_backward,
@@ -156,18 +157,7 @@ def _fake_backward(
     check_activation(activation)
     x0, C = _check_inputs(inputs)
     shape = [x0.shape[0], C, *x0.shape[2:]]
-    torch._check(
-        list(grad_out.shape) == shape,
-        lambda: f"grad_out must have the shape of the output {shape}, got {list(grad_out.shape)}",
-    )
-    torch._check(
-        grad_out.dtype == x0.dtype,
-        lambda: f"grad_out must have the dtype of the inputs ({x0.dtype}), got {grad_out.dtype}",
-    )
-    torch._check(
-        grad_out.device == x0.device,
-        lambda: f"grad_out must be on the device of the inputs ({x0.device}), got {grad_out.device}",
-    )
+    check_same(grad_out, "grad_out", shape, x0, "the output")
     check_channel_vector(weight, "weight", x0, C, _CHANNELS)
     _check_acc_vector(save_mean, "save_mean", x0, C)
     _check_acc_vector(save_invstd, "save_invstd", x0, C)

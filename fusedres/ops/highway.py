@@ -17,6 +17,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from fusedres import _native
+from fusedres.ops._common import check_same
 from fusedres.reference.highway import check_highway_activation, check_packed_dim
 from fusedres.reference.highway import highway as _reference_highway
 from fusedres.reference.highway import highway_packed as _reference_highway_packed
@@ -40,30 +41,15 @@ def _empty(shape: Sequence[int], like: Tensor, fmt: torch.memory_format) -> Tens
     return torch.empty(tuple(shape), dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
-def _check_same(t: Tensor, name: str, shape, like: Tensor, like_name: str) -> None:
-    torch._check(
-        tuple(t.shape) == tuple(shape),
-        lambda: f"{name} must have the same shape as {like_name}, got {list(t.shape)} and {list(shape)}",
-    )
-    torch._check(
-        t.dtype == like.dtype,
-        lambda: f"{name} must have the same dtype as {like_name} ({like.dtype}), got {t.dtype}",
-    )
-    torch._check(
-        t.device == like.device,
-        lambda: f"{name} must be on the same device as {like_name} ({like.device}), got {t.device}",
-    )
-
-
 def _check_highway(transform: Tensor, gate: Tensor, carry: Tensor, carry_gate: Tensor | None) -> None:
     torch._check(
         transform.dtype in _FLOAT_DTYPES,
         lambda: f"transform must have a floating dtype (float32, float64, bfloat16 or float16), got {transform.dtype}",
     )
-    _check_same(gate, "gate", transform.shape, transform, "transform")
-    _check_same(carry, "carry", transform.shape, transform, "transform")
+    check_same(gate, "gate", transform.shape, transform, "transform")
+    check_same(carry, "carry", transform.shape, transform, "transform")
     if carry_gate is not None:
-        _check_same(carry_gate, "carry_gate", transform.shape, transform, "transform")
+        check_same(carry_gate, "carry_gate", transform.shape, transform, "transform")
 
 
 def _part_shape(projected: Tensor, dim: int, free_carry: bool) -> list[int]:
@@ -79,7 +65,7 @@ def _check_packed(projected: Tensor, carry: Tensor, dim: int, free_carry: bool) 
     )
     d = check_packed_dim(projected, dim, free_carry)
     part = _part_shape(projected, d, free_carry)
-    _check_same(carry, "carry", part, projected, "one part of projected")
+    check_same(carry, "carry", part, projected, "one part of projected")
     return d, part
 
 
@@ -100,7 +86,7 @@ def _fake_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     check_highway_activation(activation)
     _check_highway(transform, gate, carry, carry_gate)
-    _check_same(grad_out, "grad_out", transform.shape, transform, "transform")
+    check_same(grad_out, "grad_out", transform.shape, transform, "transform")
     fmt = _memory_format(transform)
     wanted = list(output_mask[:3]) + [output_mask[3] and carry_gate is not None]
     return tuple(_empty(transform.shape, transform, fmt) if w else transform.new_empty((0,)) for w in wanted)
@@ -123,7 +109,7 @@ def _fake_packed_backward(
 ) -> tuple[Tensor, Tensor]:
     check_highway_activation(activation)
     _, part = _check_packed(projected, carry, dim, free_carry)
-    _check_same(grad_out, "grad_out", part, projected, "one part of projected")
+    check_same(grad_out, "grad_out", part, projected, "one part of projected")
     fmt = _memory_format(projected)
     grad_projected = _empty(projected.shape, projected, fmt) if output_mask[0] else projected.new_empty((0,))
     grad_carry = _empty(part, projected, fmt) if output_mask[1] else projected.new_empty((0,))
