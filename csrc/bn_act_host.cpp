@@ -182,6 +182,28 @@ void bn_act_update_running_stats(const std::optional<at::Tensor>& running_mean,
                                  const std::optional<at::Tensor>& running_var, const at::Tensor& mean,
                                  const at::Tensor& var_biased, int64_t M, double momentum) {
   if (!running_mean.has_value() || !running_mean->defined()) return;
+  const at::Tensor& rm = *running_mean;
+  const at::Tensor& rv = *running_var;
+  if (rm.is_cpu() && rm.is_contiguous() && rv.is_contiguous() && rm.scalar_type() == mean.scalar_type() &&
+      rv.scalar_type() == mean.scalar_type() && mean.is_contiguous() && var_biased.is_contiguous()) {
+    // CPU, buffers in the accumulation dtype: one loop over C instead of ~8 small ATen ops (~20 us a call). The
+    // same roundings as the ATen expression below (products in acc_t, then their sum).
+    AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_act_update_running_stats", [&] {
+      const scalar_t m = static_cast<scalar_t>(momentum), keep = static_cast<scalar_t>(1.0 - momentum);
+      const scalar_t unbias = static_cast<scalar_t>(static_cast<double>(M) / static_cast<double>(M - 1));
+      const scalar_t* bm = mean.const_data_ptr<scalar_t>();
+      const scalar_t* bv = var_biased.const_data_ptr<scalar_t>();
+      scalar_t* pm = rm.mutable_data_ptr<scalar_t>();
+      scalar_t* pv = rv.mutable_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < rm.numel(); ++c) {
+        const volatile scalar_t batch_term = bm[c] * m, run_term = pm[c] * keep;  // no fma: match ATen
+        pm[c] = batch_term + run_term;
+        const volatile scalar_t var_term = (bv[c] * unbias) * m, run_var_term = pv[c] * keep;
+        pv[c] = var_term + run_var_term;
+      }
+    });
+    return;
+  }
   // Compute both new values before writing either, so the update is all-or-nothing.
   const at::Tensor unbiased = var_biased * (static_cast<double>(M) / static_cast<double>(M - 1));
   // Same expression and order as PyTorch's CPU kernel: momentum * batch + (1 - momentum) * running.

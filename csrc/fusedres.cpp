@@ -18,6 +18,12 @@ TORCH_LIBRARY(fusedres, m) {
       "bn_act_forward(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, bool training, float momentum, float eps, str activation, float negative_slope) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // bn_act_forward's output as one differentiable op: its autograd node is C++ (csrc/bn_act_autograd.cpp: the
+  // eager path, no Python on the way), calling bn_act_forward / bn_act_backward and saving what they need.
+  m.def(
+      "bn_act(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float momentum, float eps, str activation, float negative_slope) "
+      "-> Tensor");
   // Gradients of bn_act_forward. output_mask = (input, residual, weight, bias); gradients not asked for are
   // returned as empty [0] tensors. training=False differentiates the eval form (constant statistics).
   m.def(

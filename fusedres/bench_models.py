@@ -45,8 +45,14 @@ class ModelSpec:
     build_kwargs: dict[str, Any]
     batch: int
     input_shape: tuple[int, ...]
-    compile: bool  # torch.compile(reference) in the default run
+    compile: bool  # torch.compile of the reference and of the fused model in the default run
     compile_skip: str = ""  # why not, when compile is False
+    memory_format: str = "contiguous"  # or "channels_last": the models and the input batch
+
+    @property
+    def key(self) -> str:
+        """The row's name: the model, and its layout when not contiguous (``resnet20@channels_last``)."""
+        return self.name if self.memory_format == "contiguous" else f"{self.name}@{self.memory_format}"
 
     def with_(self, **changes: Any) -> ModelSpec:
         return dataclasses.replace(self, **changes)
@@ -67,8 +73,27 @@ MODELS: dict[str, ModelSpec] = {
     "highway_mlp": ModelSpec("highway_mlp", _MLP, _highway.MLP_STEP["batch"], (_MLP["in_features"],), True),
 }
 _NO_ENTRY = "not measured (skipped: a model with no entry in fusedres.bench_models.MODELS is not compiled)"
-DEFAULT_MODELS = ("resnet20", "resnet56", "resnet50", "densenet_bc_100", "highway_mlp")
-QUICK_MODELS = ("resnet20", "highway_mlp")
+CL = "@channels_last"  # a model name with this suffix: its row runs models and input in channels_last
+# Convolutions on this CPU are ~1.5x faster in channels_last, where training is fast: the ResNets run both layouts.
+DEFAULT_MODELS = (
+    "resnet20",
+    "resnet20" + CL,
+    "resnet56",
+    "resnet56" + CL,
+    "resnet50",
+    "resnet50" + CL,
+    "densenet_bc_100",
+    "highway_mlp",
+)
+QUICK_MODELS = ("resnet20", "resnet20" + CL, "highway_mlp")
+# The implementations of a model row: torch.compile of the reference and of the fused model (the fused ops are
+# registered with fake kernels, so Inductor compiles around them).
+IMPLS = ("fused", "reference", "compiled", "compiled_fused")
+RATIOS = (
+    ("reference/fused", "reference", "fused"),
+    ("compiled/fused", "compiled", "fused"),
+    ("compiled/compiled_fused", "compiled", "compiled_fused"),
+)
 # --quick: smaller batches (the default highway MLP step alone is ~0.5 s on 2 cores).
 _QUICK_BATCH = {"resnet20": 32, "resnet56": 32, "resnet50": 4, "densenet_bc_100": 16, "highway_mlp": 64}
 # FUSEDRES_BENCH_TINY=1 (the CLI's own test): tiny batches and images.
@@ -86,8 +111,14 @@ LOSS_RTOL = 1e-3  # first-step losses of fused and reference (same weights, same
 
 
 def spec_for(name: str, settings: _bench.Settings) -> ModelSpec:
-    """The configuration of model ``name`` under --quick / FUSEDRES_BENCH_TINY (unknown names: CIFAR-sized)."""
+    """The configuration of model ``name`` (``NAME@channels_last``: in that layout) under --quick /
+    FUSEDRES_BENCH_TINY (unknown names: CIFAR-sized)."""
+    name, _, layout = name.partition("@")
+    if layout not in ("", "contiguous", "channels_last"):
+        raise ValueError(f"model layout must be @channels_last or @contiguous, got {name}@{layout}")
     spec = MODELS.get(name) or ModelSpec(name, {}, 32, _CIFAR, False, _NO_ENTRY)
+    if layout:
+        spec = spec.with_(memory_format=layout)
     if settings.tiny:
         tiny = _TINY.get(name, {"batch": 2, "input_shape": (3, 8, 8)})
         spec = spec.with_(**tiny)
@@ -115,8 +146,14 @@ def _same_weights(spec: ModelSpec, device: str) -> dict[str, nn.Module]:
     reference = get_model(spec.name, fused=False, **spec.build_kwargs)
     fused = get_model(spec.name, fused=True, **spec.build_kwargs)
     fused.load_state_dict(reference.state_dict())
-    models = {"fused": fused, "reference": reference, "compiled": copy.deepcopy(reference)}
-    return {k: m.to(device) for k, m in models.items()}
+    models = {
+        "fused": fused,
+        "reference": reference,
+        "compiled": copy.deepcopy(reference),
+        "compiled_fused": copy.deepcopy(fused),
+    }
+    fmt = torch.channels_last if spec.memory_format == "channels_last" else torch.contiguous_format
+    return {k: m.to(device, memory_format=fmt) for k, m in models.items()}
 
 
 def measure_model(spec: ModelSpec, settings: _bench.Settings, memory: bool | str, progress: Any) -> dict[str, Any]:
@@ -128,16 +165,17 @@ def measure_model(spec: ModelSpec, settings: _bench.Settings, memory: bool | str
     device = settings.device
     row: dict[str, Any] = {
         "op": "model_step",
-        "model": spec.name,
+        "model": spec.key,
+        "model_name": spec.name,
         "build_kwargs": dict(spec.build_kwargs),
         "batch": spec.batch,
         "input_shape": list(spec.input_shape),
         "dtype": "float32",
-        "memory_format": "contiguous",
+        "memory_format": spec.memory_format,
         "optimizer": OPTIMIZER,
         "device": device,
         "rounds": 0,
-        "compile_s": None,
+        "compile_s": {"compiled": None, "compiled_fused": None},
         "null_reasons": {},
     }
     progress.step(f"{spec.name} batch {spec.batch} timing")
@@ -147,7 +185,7 @@ def measure_model(spec: ModelSpec, settings: _bench.Settings, memory: bool | str
     unavailable = _unavailable(spec.name)
     row["available"] = unavailable is None
     if unavailable is not None:
-        reasons = dict.fromkeys(_bench.IMPLS, unavailable)
+        reasons = dict.fromkeys(IMPLS, unavailable)
     else:
         reasons, fns, losses, row["compile_s"] = _prepare(spec, settings, row)
     fixed = 2 if settings.quick else 3
@@ -157,11 +195,12 @@ def measure_model(spec: ModelSpec, settings: _bench.Settings, memory: bool | str
     else:
         times, faults, rounds, other = {}, {}, 0, None
     row["rounds"] = rounds
-    if row["compile_s"] is None:
-        row["null_reasons"]["compile_s"] = reasons.get("compiled", "not compiled")
-    _bench.fill_figures(row, times, faults, reasons, None, None)
+    for name in ("compiled", "compiled_fused"):
+        if row["compile_s"][name] is None:
+            row["null_reasons"][f"compile_s.{name}"] = reasons.get(name, "not compiled")
+    _bench.fill_figures(row, times, faults, reasons, None, None, impls=IMPLS, ratios=RATIOS)
     row["first_loss"] = {}
-    for name in _bench.IMPLS:
+    for name in IMPLS:
         _bench._set(row, "first_loss", name, losses.get(name), reasons.get(name))
     if "fused" in losses and "reference" in losses:
         diff = abs(losses["fused"] - losses["reference"]) / max(abs(losses["reference"]), 1e-12)
@@ -178,8 +217,8 @@ def measure_model(spec: ModelSpec, settings: _bench.Settings, memory: bool | str
     gc.collect()
 
     row["memory"], row["peak_mb"] = {}, {}
-    for name in _bench.IMPLS:
-        if name == "compiled":
+    for name in IMPLS:
+        if name in ("compiled", "compiled_fused"):
             reason = (
                 "not measured: the memory workers run fused and reference only (compiling again in a fresh process "
                 "costs the compile time once more; measure_peak_memory(..., compiled=True) does it)"
@@ -187,6 +226,8 @@ def measure_model(spec: ModelSpec, settings: _bench.Settings, memory: bool | str
             entry = None
         elif memory is not True:
             reason, entry = memory or "not measured (skipped: --no-memory)", None
+        elif spec.memory_format != "contiguous":
+            reason, entry = "not measured: the memory workers measure the contiguous row of each model", None
         elif name not in ran:
             reason, entry = reasons.get(name, "the training step did not run"), None
         else:
@@ -221,18 +262,21 @@ def _prepare(
     """Builds the three models, runs (and records the loss of) each one's first step; compiles where affordable.
 
     Returns:
-        (reasons for what does not run, step functions of what does, first-step losses, compile seconds).
+        (reasons for what does not run, step functions of what does, first-step losses, compile seconds of
+        "compiled" and "compiled_fused").
     """
     device = settings.device
     reasons: dict[str, str] = {}
     fns: dict[str, Callable[[], object]] = {}
     losses: dict[str, float] = {}
-    compile_s = None
+    compile_s: dict[str, float | None] = {"compiled": None, "compiled_fused": None}
     try:
         models = _same_weights(spec, device)
     except Exception as exc:  # noqa: BLE001 - reported in the row
-        return dict.fromkeys(_bench.IMPLS, f"not available: building failed: {_bench._err(exc)}"), {}, {}, None
+        return dict.fromkeys(IMPLS, f"not available: building failed: {_bench._err(exc)}"), {}, {}, compile_s
     x = _bench_worker.make_batch(spec.batch, spec.input_shape, device)
+    if spec.memory_format == "channels_last" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
     fused_reason = _bench_fused_unavailable(device)
     if settings.quick:
         compile_reason = "not measured (skipped: --quick)"
@@ -240,15 +284,15 @@ def _prepare(
         compile_reason = spec.compile_skip.format(f"{torch.get_num_threads()} CPU threads")
     else:
         compile_reason = None
-    for name in _bench.IMPLS:
-        if name == "fused" and fused_reason is not None:
+    for name in IMPLS:
+        if name in ("fused", "compiled_fused") and fused_reason is not None:
             reasons[name] = fused_reason
             continue
-        if name == "compiled" and compile_reason is not None:
+        if name in ("compiled", "compiled_fused") and compile_reason is not None:
             reasons[name] = compile_reason
             continue
         forward = None
-        if name == "compiled":
+        if name in ("compiled", "compiled_fused"):
             torch._dynamo.reset()
             forward = torch.compile(models[name], dynamic=False, fullgraph=True)
         step = _bench_worker.make_train_step(models[name], x, forward=forward)
@@ -256,10 +300,10 @@ def _prepare(
             t0 = time.perf_counter()
             losses[name] = float(step())
             _bench._sync(device)
-            if name == "compiled":
-                compile_s = time.perf_counter() - t0
+            if name in compile_s:
+                compile_s[name] = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001
-            verb = "torch.compile failed" if name == "compiled" else "the training step failed"
+            verb = "torch.compile failed" if name in compile_s else "the training step failed"
             reasons[name] = f"{verb}: {_bench._err(exc)}"
             continue
         fns[name] = step
@@ -314,13 +358,16 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     """The aligned plain-text table of the model rows."""
     head = [
         "model",
+        "layout",
         "batch",
         "input",
         "fused ms",
         "ref ms",
         "compile ms",
+        "c(fused) ms",
         "ref/fused [IQR]",
         "compile/fused [IQR]",
+        "compile/c(fused) [IQR]",
         "peak MB fused",
         "peak MB ref",
         "ref/fused mem",
@@ -334,14 +381,17 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         other = row["load"]["other_cpu_pct"]
         body.append(
             [
-                row["model"] if row["available"] else f"{row['model']} (not available)",
+                row["model_name"] if row["available"] else f"{row['model_name']} (not available)",
+                "nchw" if row["memory_format"] == "contiguous" else row["memory_format"],
                 str(row["batch"]),
                 "x".join(map(str, row["input_shape"])),
                 _bench._fmt_ms(t["fused"]),
                 _bench._fmt_ms(t["reference"]),
                 _bench._fmt_ms(t["compiled"]),
+                _bench._fmt_ms(t["compiled_fused"]),
                 _bench._fmt_ratio(row["ratios"]["reference/fused"]),
                 _bench._fmt_ratio(row["ratios"]["compiled/fused"]),
+                _bench._fmt_ratio(row["ratios"]["compiled/compiled_fused"]),
                 _fmt_mb(pk["fused"]),
                 _fmt_mb(pk["reference"]),
                 "-" if mem is None else f"{mem:.2f}x",
@@ -350,7 +400,7 @@ def render_table(rows: list[dict[str, Any]]) -> str:
             ]
         )
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
-    left = {0, 2}
+    left = {0, 1, 3}
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -361,7 +411,10 @@ def render_table(rows: list[dict[str, Any]]) -> str:
 def print_report(result: dict[str, Any]) -> None:
     """The model table, how it was measured, and why any figure is missing."""
     rows = result["rows"]
-    print("models: one training step (SGD), float32, fused vs reference vs torch.compile(reference); peak memory")
+    print(
+        "models: one training step (SGD), float32, fused vs reference vs torch.compile(reference) vs "
+        "torch.compile(fused model) (c(fused)); NCHW and channels_last; peak memory"
+    )
     print(render_table(rows))
     print(f"step: {OPTIMIZER}; same weights and batch for every implementation.")
     print("Times: medians in ms over alternating rounds; ratios: median of per-round ratios [IQR]; >1: fused faster.")
@@ -373,7 +426,12 @@ def print_report(result: dict[str, Any]) -> None:
             f"WARNING: other processes used more than 5% of the CPUs while {', '.join(disturbed)} were timed: "
             "those figures are disturbed; rerun on a quiet machine."
         )
-    compiled = [f"{r['model']} {r['compile_s']:.1f} s" for r in rows if r["compile_s"] is not None]
+    compiled = [
+        f"{r['model']} {name} {r['compile_s'][name]:.1f} s"
+        for r in rows
+        for name in ("compiled", "compiled_fused")
+        if r["compile_s"][name] is not None
+    ]
     if compiled:
         note = f"first compiled step (compilation included; {COMPILE_CACHE_NOTE})"
         print(f"torch.compile: {note}: {', '.join(compiled)}.")

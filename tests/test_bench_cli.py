@@ -188,9 +188,11 @@ def test_bench_quick_json_models(quick_report) -> None:
             sub: list[str] = []
             _check_figures(row[key], key, row["null_reasons"], sub, nonneg=key in (*COUNTS, "peak_mb", "first_loss"))
             problems += [f"{name}: {p}" for p in sub]
-        assert row["times_ms"]["compiled"] is None and "--quick" in row["null_reasons"]["times_ms.compiled"]
+        for impl in ("compiled", "compiled_fused"):
+            assert row["times_ms"][impl] is None and "--quick" in row["null_reasons"][f"times_ms.{impl}"]
         assert row["peak_mb"]["compiled"] is None and row["null_reasons"]["peak_mb.compiled"]
-        if name not in list_models():  # reported, never invented
+        assert row["memory_format"] == ("channels_last" if name.endswith(bench_models.CL) else "contiguous"), name
+        if row["model_name"] not in list_models():  # reported, never invented
             assert not row["available"] and row["times_ms"]["fused"] is None and row["peak_mb"]["fused"] is None
             assert "not registered" in row["null_reasons"]["times_ms.fused"]
             continue

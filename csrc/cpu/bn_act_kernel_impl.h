@@ -121,6 +121,20 @@ inline Vectorized<double> select_bits(uint32_t bits, const Vectorized<double>& a
 #endif
 }
 
+// relu that propagates NaN like torch.relu in one instruction: max(0, z) returns its second operand (z) when
+// either is NaN.
+template <typename V>
+inline V relu_vec(const V& z) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<V, Vectorized<float>>) return _mm512_max_ps(_mm512_setzero_ps(), z);
+  if constexpr (std::is_same_v<V, Vectorized<double>>) return _mm512_max_pd(_mm512_setzero_pd(), z);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<V, Vectorized<float>>) return _mm256_max_ps(_mm256_setzero_ps(), z);
+  if constexpr (std::is_same_v<V, Vectorized<double>>) return _mm256_max_pd(_mm256_setzero_pd(), z);
+#endif
+  return at::vec::maximum(z, V(0));
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Packed mask: bit i of the little-endian byte stream is element i in memory order. A writer owns the bit
 // range [start, end); words wholly inside it are stored plainly, the (at most two) words it shares with a
@@ -192,6 +206,67 @@ class BitReader {
   int64_t pos_;
 };
 
+// Direct mask I/O for runs made of whole vectors that start at an element offset divisible by W, with W a
+// multiple of 8: each vector owns W / 8 whole bytes of the mask, so its bits are stored (loaded) with one
+// plain byte store (load): no shifting buffer, no atomics, and no need for a zeroed mask. BitWriter / BitReader
+// handle every other geometry. Same sequential interface: append(bits, W) / take(W).
+template <int W>
+class DirectBitWriter {
+  static_assert(W % 8 == 0, "direct mask stores need whole bytes per vector");
+
+ public:
+  explicit DirectBitWriter(uint8_t* base, int64_t start) : p_(base != nullptr ? base + (start >> 3) : nullptr) {}
+  void append(uint32_t bits, int /*n == W*/) {
+    if constexpr (W == 8) {
+      *p_ = static_cast<uint8_t>(bits);
+    } else {
+      std::memcpy(p_, &bits, W / 8);  // little-endian: the low W bits
+    }
+    p_ += W / 8;
+  }
+
+ private:
+  uint8_t* p_;
+};
+
+template <int W>
+class DirectBitReader {
+  static_assert(W % 8 == 0, "direct mask loads need whole bytes per vector");
+
+ public:
+  explicit DirectBitReader(const uint8_t* base, int64_t start)
+      : p_(base != nullptr ? base + (start >> 3) : nullptr) {}
+  uint32_t take(int /*n == W*/) {
+    uint32_t bits = 0;
+    if constexpr (W == 8) {
+      bits = *p_;
+    } else {
+      std::memcpy(&bits, p_, W / 8);
+    }
+    p_ += W / 8;
+    return bits;
+  }
+
+ private:
+  const uint8_t* p_;
+};
+
+// Whether runs of `len` elements starting at multiples of `len` can use the direct mask I/O for T's vectors.
+template <typename T>
+inline bool direct_mask(int64_t len) {
+  constexpr int W = VecIO<T>::W;
+  return W % 8 == 0 && len % W == 0;
+}
+
+// The mask a kernel writes: whole when the direct path writes every bit (only the bytes past the last element
+// are cleared, so the buffer's content is deterministic), zeroed first otherwise (BitWriter ORs shared words).
+inline void prepare_mask(uint8_t* mask, int64_t numel, bool direct) {
+  if (mask == nullptr) return;
+  const int64_t total = math::mask_bytes(numel);
+  const int64_t first = direct ? numel / 8 : 0;
+  std::memset(mask + first, 0, static_cast<size_t>(total - first));
+}
+
 template <typename V>
 inline typename V::value_type hsum(const V& v) {
   return at::vec::vec_reduce_all<typename V::value_type>([](V& a, V& b) { return a + b; }, v);
@@ -234,35 +309,46 @@ double run_reduce(const T* x, int64_t len, typename VecIO<T>::acc_t center) {
   return total;
 }
 
-// Forward elementwise over one contiguous run: z = x * scale + shift (+ r); y = act(z); mask bits.
-// PER_ELEM: scale/shift are arrays indexed like the run (a channels_last row); else one value each.
-template <typename T, int ACT, bool RES, bool PER_ELEM>
-void forward_run(const T* x, const T* r, T* y, int64_t len, const acc_type_t<T>* scale,
-                 const acc_type_t<T>* shift, acc_type_t<T> slope, BitWriter* bw, bool stream = false) {
+// Forward elementwise over one contiguous run: z = (x - center) * scale + shift (+ r); y = act(z); mask bits.
+// center is the mean rounded to acc_t and shift = bias - (mean - center) * scale, so no large mean * scale is
+// ever cancelled: inputs with a large mean keep their precision (x - center is exact when x is near the mean).
+// PER_ELEM: center/scale/shift are arrays indexed like the run (a channels_last row); else one value each.
+// BW: BitWriter (any geometry), or DirectBitWriter<W> (len a multiple of W; no scalar head is taken).
+template <typename T, int ACT, bool RES, bool PER_ELEM, typename BW = BitWriter>
+void forward_run(const T* x, const T* r, T* y, int64_t len, const acc_type_t<T>* center, const acc_type_t<T>* scale,
+                 const acc_type_t<T>* shift, acc_type_t<T> slope, BW* bw, bool stream = false) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
   constexpr int W = IO::W;
-  const V vscale(scale[0]), vshift(shift[0]), vslope(slope), zero(0);
+  constexpr bool kDirect = !std::is_same_v<BW, BitWriter>;
+  const V vcenter(center[0]), vscale(scale[0]), vshift(shift[0]), vslope(slope), zero(0);
   auto one = [&](int64_t i) {
-    acc_t z = static_cast<acc_t>(x[i]) * scale[PER_ELEM ? i : 0] + shift[PER_ELEM ? i : 0];
+    const int64_t j = PER_ELEM ? i : 0;
+    acc_t z = (static_cast<acc_t>(x[i]) - center[j]) * scale[j] + shift[j];
     if constexpr (RES) z += static_cast<acc_t>(r[i]);
-    if constexpr (ACT != kIdentity) bw->append(math::act_mask_bit(z) ? 1u : 0u, 1);
+    if constexpr (ACT != kIdentity && !kDirect) bw->append(math::act_mask_bit(z) ? 1u : 0u, 1);
     y[i] = static_cast<T>(math::act_forward(z, ACT, slope));
   };
   stream = stream && can_stream<T>();
   int64_t i = 0;
   if (stream) {
-    for (const int64_t head = head_to_align(y, len); i < head; ++i) one(i);
+    const int64_t head = head_to_align(y, len);
+    if constexpr (kDirect) {
+      stream = head == 0;  // the direct writer takes whole vectors only
+    } else {
+      for (; i < head; ++i) one(i);
+    }
   }
   for (; i + W <= len; i += W) {
+    const V c = PER_ELEM ? V::loadu(center + i) : vcenter;
     const V s = PER_ELEM ? V::loadu(scale + i) : vscale;
     const V b = PER_ELEM ? V::loadu(shift + i) : vshift;
-    V z = at::vec::fmadd(IO::load(x + i), s, b);
+    V z = at::vec::fmadd(IO::load(x + i) - c, s, b);
     if constexpr (RES) z = z + IO::load(r + i);
     if constexpr (ACT == kReLU) {
       bw->append(gt_zero_bits(z), W);
-      z = at::vec::maximum(z, zero);  // propagates NaN like torch.relu
+      z = relu_vec(z);
     } else if constexpr (ACT == kLeakyReLU) {
       const uint32_t bits = gt_zero_bits(z);
       bw->append(bits, W);
@@ -274,26 +360,29 @@ void forward_run(const T* x, const T* r, T* y, int64_t len, const acc_type_t<T>*
       IO::store(y + i, z);
     }
   }
-  if (const int n = static_cast<int>(len - i); n > 0) {  // the tail as one partial vector (zero lanes beyond n)
-    const V s = PER_ELEM ? V::loadu(scale + i, n) : vscale;
-    const V b = PER_ELEM ? V::loadu(shift + i, n) : vshift;
-    V z = at::vec::fmadd(IO::load_n(x + i, n), s, b);
-    if constexpr (RES) z = z + IO::load_n(r + i, n);
-    if constexpr (ACT == kReLU) {
-      bw->append(gt_zero_bits(z) & ((1u << n) - 1u), n);
-      z = at::vec::maximum(z, zero);
-    } else if constexpr (ACT == kLeakyReLU) {
-      const uint32_t bits = gt_zero_bits(z) & ((1u << n) - 1u);
-      bw->append(bits, n);
-      z = select_bits(bits, z, z * vslope);
+  if constexpr (!kDirect) {
+    if (const int n = static_cast<int>(len - i); n > 0) {  // the tail as one partial vector (zero lanes beyond n)
+      const V c = PER_ELEM ? V::loadu(center + i, n) : vcenter;
+      const V s = PER_ELEM ? V::loadu(scale + i, n) : vscale;
+      const V b = PER_ELEM ? V::loadu(shift + i, n) : vshift;
+      V z = at::vec::fmadd(IO::load_n(x + i, n) - c, s, b);
+      if constexpr (RES) z = z + IO::load_n(r + i, n);
+      if constexpr (ACT == kReLU) {
+        bw->append(gt_zero_bits(z) & ((1u << n) - 1u), n);
+        z = at::vec::maximum(z, zero);
+      } else if constexpr (ACT == kLeakyReLU) {
+        const uint32_t bits = gt_zero_bits(z) & ((1u << n) - 1u);
+        bw->append(bits, n);
+        z = select_bits(bits, z, z * vslope);
+      }
+      IO::store_n(y + i, z, n);
     }
-    IO::store_n(y + i, z, n);
   }
 }
 
 // dz = dy * act'(z) for one vector, from the mask bits.
-template <int ACT, typename V>
-inline V dz_vec(const V& dy, BitReader* br, const V& vslope) {
+template <int ACT, typename V, typename BR>
+inline V dz_vec(const V& dy, BR* br, const V& vslope) {
   if constexpr (ACT == kIdentity) {
     return dy;
   } else {
@@ -303,8 +392,8 @@ inline V dz_vec(const V& dy, BitReader* br, const V& vslope) {
 }
 
 // dz for the first n (< V::size()) lanes of a partial vector (dy's other lanes are zero, and so are dz's).
-template <int ACT, typename V>
-inline V dz_vec_n(const V& dy, BitReader* br, const V& vslope, int n) {
+template <int ACT, typename V, typename BR>
+inline V dz_vec_n(const V& dy, BR* br, const V& vslope, int n) {
   if constexpr (ACT == kIdentity) {
     return dy;
   } else {
@@ -313,8 +402,8 @@ inline V dz_vec_n(const V& dy, BitReader* br, const V& vslope, int n) {
   }
 }
 
-template <int ACT, typename acc_t>
-inline acc_t dz_scalar(acc_t dy, BitReader* br, acc_t slope) {
+template <int ACT, typename acc_t, typename BR>
+inline acc_t dz_scalar(acc_t dy, BR* br, acc_t slope) {
   if constexpr (ACT == kIdentity) {
     return dy;
   } else {
@@ -322,9 +411,10 @@ inline acc_t dz_scalar(acc_t dy, BitReader* br, acc_t slope) {
   }
 }
 
-// Backward reduction over one contiguous run of a single channel: (sum dz, sum dz * (x - mean)).
-template <typename T, int ACT>
-void backward_reduce_run(const T* dy, const T* x, int64_t len, BitReader* br, acc_type_t<T> mean,
+// Backward reduction over one contiguous run of a single channel: (sum dz, sum dz * (x - mean)). Two vectors per
+// step into independent accumulators, so the loop is not bound by the add / fma latency chain.
+template <typename T, int ACT, typename BR = BitReader>
+void backward_reduce_run(const T* dy, const T* x, int64_t len, BR* br, acc_type_t<T> mean,
                          acc_type_t<T> slope, double& sum_dz, double& sum_dzxc) {
   using IO = VecIO<T>;
   using V = typename IO::V;
@@ -334,19 +424,27 @@ void backward_reduce_run(const T* dy, const T* x, int64_t len, BitReader* br, ac
   int64_t i = 0;
   while (i < len) {
     const int64_t stop = std::min(len, i + kReduceBlock);
-    V a(0), b(0);
+    V a0(0), b0(0), a1(0), b1(0);
+    for (; i + 2 * W <= stop; i += 2 * W) {
+      const V dz0 = dz_vec<ACT>(IO::load(dy + i), br, vslope);
+      const V dz1 = dz_vec<ACT>(IO::load(dy + i + W), br, vslope);
+      a0 = a0 + dz0;
+      a1 = a1 + dz1;
+      b0 = at::vec::fmadd(dz0, IO::load(x + i) - vmean, b0);
+      b1 = at::vec::fmadd(dz1, IO::load(x + i + W) - vmean, b1);
+    }
     for (; i + W <= stop; i += W) {
       const V dz = dz_vec<ACT>(IO::load(dy + i), br, vslope);
-      a = a + dz;
-      b = at::vec::fmadd(dz, IO::load(x + i) - vmean, b);
+      a0 = a0 + dz;
+      b0 = at::vec::fmadd(dz, IO::load(x + i) - vmean, b0);
     }
     if (const int n = static_cast<int>(stop - i); n > 0) {  // lanes beyond n: dz = 0, so they add nothing
       const V dz = dz_vec_n<ACT>(IO::load_n(dy + i, n), br, vslope, n);
-      a = a + dz;
-      b = at::vec::fmadd(dz, IO::load_n(x + i, n) - vmean, b);
+      a0 = a0 + dz;
+      b0 = at::vec::fmadd(dz, IO::load_n(x + i, n) - vmean, b0);
       i = stop;
     }
-    const acc_t sa = hsum(a), sb = hsum(b);
+    const acc_t sa = hsum(a0 + a1), sb = hsum(b0 + b1);
     sum_dz += static_cast<double>(sa);
     sum_dzxc += static_cast<double>(sb);
   }
@@ -363,8 +461,8 @@ struct BwdCoef {
 };
 
 // Backward elementwise over one contiguous run: dx (TRAIN or eval form) and/or dresidual = dz.
-template <typename T, int ACT, bool PER_ELEM, bool TRAIN, bool DX, bool DR>
-void backward_elementwise_run(const T* dy, const T* x, T* dx, T* dr, int64_t len, BitReader* br,
+template <typename T, int ACT, bool PER_ELEM, bool TRAIN, bool DX, bool DR, typename BR = BitReader>
+void backward_elementwise_run(const T* dy, const T* x, T* dx, T* dr, int64_t len, BR* br,
                               const BwdCoef<acc_type_t<T>>& k, acc_type_t<T> slope, bool stream = false) {
   using IO = VecIO<T>;
   using V = typename IO::V;
@@ -396,7 +494,12 @@ void backward_elementwise_run(const T* dy, const T* x, T* dx, T* dr, int64_t len
            (!(DX && DR) || reinterpret_cast<uintptr_t>(dx) % 64 == reinterpret_cast<uintptr_t>(dr) % 64);
   int64_t i = 0;
   if (stream) {
-    for (const int64_t head = head_to_align(DX ? dx : dr, len); i < head; ++i) one(i);
+    const int64_t head = head_to_align(DX ? dx : dr, len);
+    if constexpr (!std::is_same_v<BR, BitReader>) {
+      stream = head == 0;  // the direct reader takes whole vectors only
+    } else {
+      for (; i < head; ++i) one(i);
+    }
   }
   for (; i + W <= len; i += W) {
     const V dz = dz_vec<ACT>(IO::load(dy + i), br, vslope);
@@ -431,6 +534,132 @@ void backward_elementwise_run(const T* dy, const T* x, T* dx, T* dr, int64_t len
 }
 
 // ---------------------------------------------------------------------------------------------------
+// channels_last rows of whole vectors (C = nv * W, W a multiple of 8): the elementwise passes as one loop over
+// rows, with the per-channel coefficients loaded once per row (held in registers when NV, the compile-time
+// number of vectors per row, is small) and the mask read / written directly (DirectBitWriter / Reader).
+// NV == 0: any such C, nv = C / W at run time.
+
+// Software prefetch distance of the row loops, and a prefetch of the cache lines of one row (past the end of
+// the tensor it is a harmless hint: prefetches never fault).
+constexpr int64_t kPrefetchBytes = 2048;
+
+template <typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(c + b, 0, 3);
+}
+
+template <typename T, int ACT, bool RES, int NV>
+void forward_rows(const T* x, const T* r, T* y, int64_t y_ld, uint8_t* mask, int64_t r0, int64_t r1, int64_t C,
+                  const acc_type_t<T>* center, const acc_type_t<T>* scale, const acc_type_t<T>* shift,
+                  acc_type_t<T> slope, bool stream) {
+  using IO = VecIO<T>;
+  using V = typename IO::V;
+  constexpr int W = IO::W;
+  const int64_t nv = NV > 0 ? NV : C / W;
+  const V vslope(slope);
+  stream = stream && can_stream<T>() && reinterpret_cast<uintptr_t>(y) % (W * sizeof(T)) == 0 &&
+           (y_ld * static_cast<int64_t>(sizeof(T))) % (W * static_cast<int64_t>(sizeof(T))) == 0;
+  DirectBitWriter<W % 8 == 0 ? W : 8> bw(mask, r0 * C);
+  // Rows are short: prefetch the inputs a few KB ahead (the hardware prefetcher alone leaves L3 latency exposed).
+  const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / std::max<int64_t>(1, C * static_cast<int64_t>(sizeof(T))));
+  for (int64_t row = r0; row < r1; ++row) {
+    const T* xr = x + row * C;
+    T* yr = y + row * y_ld;
+    prefetch_row(x + (row + ahead) * C, C);
+    if constexpr (RES) prefetch_row(r + (row + ahead) * C, C);
+    for (int64_t v = 0; v < nv; ++v) {
+      const int64_t j = v * W;
+      V z = at::vec::fmadd(IO::load(xr + j) - V::loadu(center + j), V::loadu(scale + j), V::loadu(shift + j));
+      if constexpr (RES) z = z + IO::load(r + row * C + j);
+      if constexpr (ACT == kReLU) {
+        bw.append(gt_zero_bits(z), W);
+        z = relu_vec(z);
+      } else if constexpr (ACT == kLeakyReLU) {
+        const uint32_t bits = gt_zero_bits(z);
+        bw.append(bits, W);
+        z = select_bits(bits, z, z * vslope);
+      }
+      if (stream) {
+        store_stream(yr + j, z);
+      } else {
+        IO::store(yr + j, z);
+      }
+    }
+  }
+  if (stream) stream_fence();
+}
+
+// dx = a * (dz - mdz) - (x - mean) * q (training) or a * dz (eval), and/or dresidual = dz, for rows [r0, r1).
+template <typename T, int ACT, bool TRAIN, bool DX, bool DR, int NV>
+void backward_rows(const T* dy, int64_t dy_ld, const T* x, T* dx, T* dr, const uint8_t* mask, int64_t r0, int64_t r1,
+                   int64_t C, const BwdCoef<acc_type_t<T>>& k, acc_type_t<T> slope, bool stream) {
+  using IO = VecIO<T>;
+  using V = typename IO::V;
+  constexpr int W = IO::W;
+  const int64_t nv = NV > 0 ? NV : C / W;
+  const V vslope(slope);
+  stream = stream && can_stream<T>() && reinterpret_cast<uintptr_t>(DX ? dx : dr) % (W * sizeof(T)) == 0 &&
+           (!(DX && DR) || reinterpret_cast<uintptr_t>(dx) % 64 == reinterpret_cast<uintptr_t>(dr) % 64);
+  auto put = [&](T* p, const V& v) {
+    if (stream) {
+      store_stream(p, v);
+    } else {
+      IO::store(p, v);
+    }
+  };
+  DirectBitReader<W % 8 == 0 ? W : 8> br(mask, r0 * C);
+  const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / std::max<int64_t>(1, C * static_cast<int64_t>(sizeof(T))));
+  // Local copies of the coefficient pointers: stores through T* could alias the struct's fields for the compiler.
+  const acc_type_t<T>* const ka = k.a;
+  const acc_type_t<T>* const kmdz = k.mdz;
+  const acc_type_t<T>* const kmean = k.mean;
+  const acc_type_t<T>* const kq = k.q;
+  for (int64_t row = r0; row < r1; ++row) {
+    const T* dyr = dy + row * dy_ld;
+    const int64_t off = row * C;
+    prefetch_row(dy + (row + ahead) * dy_ld, C);
+    if constexpr (DX && TRAIN) prefetch_row(x + off + ahead * C, C);
+    for (int64_t v = 0; v < nv; ++v) {
+      const int64_t j = v * W;
+      const V dz = dz_vec<ACT>(IO::load(dyr + j), &br, vslope);
+      if constexpr (DR) put(dr + off + j, dz);
+      if constexpr (DX) {
+        if constexpr (TRAIN) {
+          put(dx + off + j,
+              V::loadu(ka + j) * (dz - V::loadu(kmdz + j)) - (IO::load(x + off + j) - V::loadu(kmean + j)) * V::loadu(kq + j));
+        } else {
+          put(dx + off + j, V::loadu(ka + j) * dz);
+        }
+      }
+    }
+  }
+  if (stream) stream_fence();
+}
+
+// Calls f(std::integral_constant<int, NV>) with NV = C / W for narrow rows (1 to 4 vectors), else NV = 0.
+template <int W, typename F>
+void dispatch_row_vectors(int64_t C, F&& f) {
+  switch (C / W) {
+    case 1:
+      f(std::integral_constant<int, 1>{});
+      break;
+    case 2:
+      f(std::integral_constant<int, 2>{});
+      break;
+    case 3:
+      f(std::integral_constant<int, 3>{});
+      break;
+    case 4:
+      f(std::integral_constant<int, 4>{});
+      break;
+    default:
+      f(std::integral_constant<int, 0>{});
+      break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // channels_last helpers: rows of C values. Work is split into a fixed number of row chunks (independent of
 // how the runtime schedules threads), each producing its own partial results, merged in chunk order, so
 // results are deterministic for a given thread count.
@@ -460,40 +689,53 @@ inline int64_t rows_per_block(int64_t C, int64_t elem_size) {
 //   kGrad:   s1 += dz, s2 += dz * (x - center)      (dz from dy and the mask; center = the batch mean)
 enum ColumnOp { kStats0, kStats1, kGrad };
 
-template <typename T, int OP, int ACT, int G>
+// G vectors of channels x U rows per step: G * U independent accumulator pairs, so that narrow tensors (C of one or
+// two vectors) are not bound by the latency of one add / fma chain per vector.
+template <typename T, int OP, int ACT, int G, int U>
 inline void column_group(const T* x, const T* dy, int64_t dy_ld, const uint8_t* mask, int64_t row0, int64_t nrows,
                          int64_t C, int64_t j, const acc_type_t<T>* center, acc_type_t<T> slope, acc_type_t<T>* s1,
                          acc_type_t<T>* s2) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   constexpr int W = IO::W;
-  V c[G], a1[G], a2[G];
-  for (int g = 0; g < G; ++g) {
-    c[g] = V::loadu(center + j + g * W);
-    a1[g] = V(0);
-    a2[g] = V(0);
+  V c[G], a1[G * U], a2[G * U];
+  for (int g = 0; g < G; ++g) c[g] = V::loadu(center + j + g * W);
+  for (int k = 0; k < G * U; ++k) {
+    a1[k] = V(0);
+    a2[k] = V(0);
   }
   const V vslope(slope);
-  for (int64_t r = 0; r < nrows; ++r) {
-    const int64_t off = (row0 + r) * C + j;
+  auto step = [&](int64_t row, int u) {
+    const int64_t off = row * C + j;
     for (int g = 0; g < G; ++g) {
+      const int k = u * G + g;
       const V d = IO::load(x + off + g * W) - c[g];
       if constexpr (OP == kGrad) {
-        V dz = IO::load(dy + (row0 + r) * dy_ld + j + g * W);
+        V dz = IO::load(dy + row * dy_ld + j + g * W);
         if constexpr (ACT != kIdentity) {
           dz = select_bits(read_bits(mask, off + g * W, W), dz, ACT == kReLU ? V(0) : dz * vslope);
         }
-        a1[g] = a1[g] + dz;
-        a2[g] = at::vec::fmadd(dz, d, a2[g]);
+        a1[k] = a1[k] + dz;
+        a2[k] = at::vec::fmadd(dz, d, a2[k]);
       } else {
-        a1[g] = a1[g] + d;
-        if constexpr (OP == kStats1) a2[g] = at::vec::fmadd(d, d, a2[g]);
+        a1[k] = a1[k] + d;
+        if constexpr (OP == kStats1) a2[k] = at::vec::fmadd(d, d, a2[k]);
       }
     }
+  };
+  int64_t r = 0;
+  for (; r + U <= nrows; r += U) {
+    for (int u = 0; u < U; ++u) step(row0 + r + u, u);
   }
+  for (; r < nrows; ++r) step(row0 + r, 0);
   for (int g = 0; g < G; ++g) {
-    (V::loadu(s1 + j + g * W) + a1[g]).store(s1 + j + g * W);
-    if constexpr (OP != kStats0) (V::loadu(s2 + j + g * W) + a2[g]).store(s2 + j + g * W);
+    V t1 = a1[g], t2 = a2[g];
+    for (int u = 1; u < U; ++u) {
+      t1 = t1 + a1[u * G + g];
+      t2 = t2 + a2[u * G + g];
+    }
+    (V::loadu(s1 + j + g * W) + t1).store(s1 + j + g * W);
+    if constexpr (OP != kStats0) (V::loadu(s2 + j + g * W) + t2).store(s2 + j + g * W);
   }
 }
 
@@ -529,18 +771,27 @@ inline void column_tail(const T* x, const T* dy, int64_t dy_ld, const uint8_t* m
 template <typename T, int OP, int ACT = kIdentity>
 void column_reduce(const T* x, const T* dy, int64_t dy_ld, const uint8_t* mask, int64_t row0, int64_t nrows,
                    int64_t C, const acc_type_t<T>* center, acc_type_t<T> slope, acc_type_t<T>* s1, acc_type_t<T>* s2) {
-  using acc_t = acc_type_t<T>;
   constexpr int W = VecIO<T>::W;
   int64_t j = 0;
-  for (; j + 4 * W <= C; j += 4 * W) column_group<T, OP, ACT, 4>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2);
-  for (; j + W <= C; j += W) column_group<T, OP, ACT, 1>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2);
+  for (; j + 4 * W <= C; j += 4 * W) {
+    column_group<T, OP, ACT, 4, 1>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2);
+  }
+  if (j + 2 * W <= C) {
+    column_group<T, OP, ACT, 2, 2>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2);
+    j += 2 * W;
+  }
+  if (j + W <= C) {
+    column_group<T, OP, ACT, 1, 4>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2);
+    j += W;
+  }
   if (j < C) column_tail<T, OP, ACT>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2);
 }
 
-// Batch mean and biased variance of a channels_last tensor. Per row block (sized to stay in L2), two
-// passes of shifted sums: pass 0 sums x - pivot (pivot = the block's first row, so the float sums stay
-// small even for inputs with a large mean) to find a centre close to the block mean; pass 1 sums
-// d = x - centre and d^2, giving the block's exact mean (centre + sum d / n) and M2 (sum d^2 - (sum d)^2 / n).
+// Batch mean and biased variance of a channels_last tensor. Per row block (sized to stay in L2), shifted
+// sums of d = x - centre and d^2 give the block's exact mean (centre + sum d / n) and M2 (sum d^2 - (sum d)^2 / n),
+// accurate while the centre is near the block mean: the chunk's first block finds one with a pass of x - pivot
+// (pivot = its first row, so the float sums stay small even for inputs with a large mean), later blocks use the
+// chunk's mean so far.
 // Blocks merge into per-chunk (count, mean, M2) in double with Chan et al.'s formula, then chunks merge.
 template <typename T>
 void stats_channels_last(const T* x, int64_t rows, int64_t C, double* mean_out, double* var_out) {
@@ -559,11 +810,18 @@ void stats_channels_last(const T* x, int64_t rows, int64_t C, double* mean_out, 
       int64_t count = 0;
       for (int64_t b0 = r0; b0 < r1; b0 += block) {
         const int64_t b1 = std::min(r1, b0 + block), nb = b1 - b0;
-        for (int64_t j = 0; j < C; ++j) center[j] = static_cast<acc_t>(x[b0 * C + j]);
-        std::fill(s1.begin(), s1.end(), acc_t(0));
-        column_reduce<T, kStats0>(x, nullptr, 0, nullptr, b0 + 1, nb - 1, C, center.data(), acc_t(0), s1.data(), nullptr);
-        for (int64_t j = 0; j < C; ++j) {
-          center[j] = static_cast<acc_t>(static_cast<double>(center[j]) + static_cast<double>(s1[j]) / nb);
+        if (count == 0) {
+          // The chunk's first block: a pivoted pass finds a centre near its mean.
+          for (int64_t j = 0; j < C; ++j) center[j] = static_cast<acc_t>(x[b0 * C + j]);
+          std::fill(s1.begin(), s1.end(), acc_t(0));
+          column_reduce<T, kStats0>(x, nullptr, 0, nullptr, b0 + 1, nb - 1, C, center.data(), acc_t(0), s1.data(),
+                                    nullptr);
+          for (int64_t j = 0; j < C; ++j) {
+            center[j] = static_cast<acc_t>(static_cast<double>(center[j]) + static_cast<double>(s1[j]) / nb);
+          }
+        } else {
+          // Later blocks: the chunk's mean so far is the centre (one pass per block).
+          for (int64_t j = 0; j < C; ++j) center[j] = static_cast<acc_t>(tmean[j]);
         }
         std::fill(s1.begin(), s1.end(), acc_t(0));
         std::fill(s2.begin(), s2.end(), acc_t(0));
@@ -600,9 +858,24 @@ void stats_channels_last(const T* x, int64_t rows, int64_t C, double* mean_out, 
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Per-channel normalise coefficients (see forward_run): z = (x - center) * scale + shift, from the statistics
+// in double (training) or the given acc_t ones (eval, building blocks: center = mean exactly).
+template <typename acc_t>
+struct FwdCoef {
+  acc_t center, scale, shift;
+  static FwdCoef from(double mu, double is, acc_t w, acc_t b) {
+    FwdCoef k;
+    k.center = static_cast<acc_t>(mu);
+    k.scale = static_cast<acc_t>(static_cast<double>(w) * is);
+    k.shift = static_cast<acc_t>(static_cast<double>(b) - (mu - static_cast<double>(k.center)) * k.scale);
+    return k;
+  }
+};
+
 template <typename T, int ACT, bool RES>
 void forward_typed(const BnActForwardArgs& a) {
   using acc_t = acc_type_t<T>;
+  constexpr int W = VecIO<T>::W;
   const T* x = static_cast<const T*>(a.x);
   const T* r = static_cast<const T*>(a.residual);
   T* y = static_cast<T*>(a.y);
@@ -621,8 +894,26 @@ void forward_typed(const BnActForwardArgs& a) {
   const bool stream = out_bytes >= kStreamBytes && !(a.channels_last && y_ld != C);
   const bool stats_only = y == nullptr;
   TORCH_INTERNAL_ASSERT(!stats_only || a.training, "bn_act forward kernel: y may be null only in training");
+  // Runs (NCHW planes of S, channels_last rows of C) of whole vectors write the mask directly.
+  constexpr int kDirectW = W % 8 == 0 ? W : 8;  // direct is false when W is not a multiple of 8
+  const bool direct = direct_mask<T>(a.channels_last ? C : S);
+  if (!stats_only && ACT != kIdentity) prepare_mask(a.mask, N * C * S, direct);
+  auto eval_coef = [&](int64_t c) { return FwdCoef<acc_t>{mean[c], w[c] * invstd[c], b[c]}; };
 
   if (!a.channels_last) {
+    // One plane (n, c) of S values.
+    auto plane = [&](int64_t n, int64_t c, const FwdCoef<acc_t>& k) {
+      const int64_t off = (n * C + c) * S;
+      const T* rp = RES ? r + off : nullptr;
+      T* yp = y + n * y_ld + c * S;
+      if (direct) {
+        DirectBitWriter<kDirectW> bw(a.mask, off);
+        forward_run<T, ACT, RES, false>(x + off, rp, yp, S, &k.center, &k.scale, &k.shift, slope, &bw, stream);
+      } else {
+        BitWriter bw(a.mask, off, off + S);
+        forward_run<T, ACT, RES, false>(x + off, rp, yp, S, &k.center, &k.scale, &k.shift, slope, &bw, stream);
+      }
+    };
     if (a.training) {
       // One thread per channel from statistics to output: the channel's planes stay in L2 across the three
       // passes (sum, squared deviations, normalise), so DRAM sees x once.
@@ -639,39 +930,38 @@ void forward_typed(const BnActForwardArgs& a) {
           var[c] = static_cast<acc_t>(v);
           invstd[c] = static_cast<acc_t>(is);
           if (stats_only) continue;
-          const acc_t scale = static_cast<acc_t>(static_cast<double>(w[c]) * is);
-          const acc_t shift = static_cast<acc_t>(static_cast<double>(b[c]) - mu * static_cast<double>(scale));
-          for (int64_t n = 0; n < N; ++n) {
-            const int64_t off = (n * C + c) * S;
-            BitWriter bw(a.mask, off, off + S);
-            forward_run<T, ACT, RES, false>(x + off, RES ? r + off : nullptr, y + n * y_ld + c * S, S, &scale, &shift,
-                                            slope, &bw, stream);
-          }
+          const FwdCoef<acc_t> k = FwdCoef<acc_t>::from(mu, is, w[c], b[c]);
+          for (int64_t n = 0; n < N; ++n) plane(n, c, k);
         }
         if (stream) stream_fence();
       });
     } else {
-      std::vector<acc_t> scale(C), shift(C);
-      for (int64_t c = 0; c < C; ++c) {
-        scale[c] = w[c] * invstd[c];
-        shift[c] = b[c] - mean[c] * scale[c];
-      }
+      std::vector<FwdCoef<acc_t>> k(C);
+      for (int64_t c = 0; c < C; ++c) k[c] = eval_coef(c);
       const int64_t grain = std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(1, S));
-      at::parallel_for(0, N * C, grain, [&](int64_t p0, int64_t p1) {
-        BitWriter bw(a.mask, p0 * S, p1 * S);
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t n = p / C, c = p % C, off = p * S;
-          forward_run<T, ACT, RES, false>(x + off, RES ? r + off : nullptr, y + n * y_ld + c * S, S, &scale[c],
-                                          &shift[c], slope, &bw, stream);
-        }
-        if (stream) stream_fence();
-      });
+      if (direct) {
+        at::parallel_for(0, N * C, grain, [&](int64_t p0, int64_t p1) {
+          for (int64_t p = p0; p < p1; ++p) plane(p / C, p % C, k[p % C]);
+          if (stream) stream_fence();
+        });
+      } else {
+        // Planes not made of whole vectors share mask words: one BitWriter per task (atomics only at its ends).
+        at::parallel_for(0, N * C, grain, [&](int64_t p0, int64_t p1) {
+          BitWriter bw(a.mask, p0 * S, p1 * S);
+          for (int64_t p = p0; p < p1; ++p) {
+            const int64_t n = p / C, c = p % C, off = p * S;
+            forward_run<T, ACT, RES, false>(x + off, RES ? r + off : nullptr, y + n * y_ld + c * S, S, &k[c].center,
+                                            &k[c].scale, &k[c].shift, slope, &bw, stream);
+          }
+          if (stream) stream_fence();
+        });
+      }
     }
     return;
   }
 
   // channels_last: statistics over all rows first (they span the whole tensor), then one normalise pass.
-  std::vector<acc_t> scale(C), shift(C);
+  std::vector<acc_t> center(C), scale(C), shift(C);
   if (a.training) {
     std::vector<double> mu(C), v(C);
     stats_channels_last<T>(x, M, C, mu.data(), v.data());
@@ -680,23 +970,36 @@ void forward_typed(const BnActForwardArgs& a) {
       mean[c] = static_cast<acc_t>(mu[c]);
       var[c] = static_cast<acc_t>(v[c]);
       invstd[c] = static_cast<acc_t>(is);
-      scale[c] = static_cast<acc_t>(static_cast<double>(w[c]) * is);
-      shift[c] = static_cast<acc_t>(static_cast<double>(b[c]) - mu[c] * static_cast<double>(scale[c]));
+      const FwdCoef<acc_t> k = FwdCoef<acc_t>::from(mu[c], is, w[c], b[c]);
+      center[c] = k.center;
+      scale[c] = k.scale;
+      shift[c] = k.shift;
     }
     if (stats_only) return;
   } else {
     for (int64_t c = 0; c < C; ++c) {
-      scale[c] = w[c] * invstd[c];
-      shift[c] = b[c] - mean[c] * scale[c];
+      const FwdCoef<acc_t> k = eval_coef(c);
+      center[c] = k.center;
+      scale[c] = k.scale;
+      shift[c] = k.shift;
     }
   }
   const int64_t grain = std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(1, C));
+  if (direct) {
+    dispatch_row_vectors<W>(C, [&](auto nv) {
+      at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+        forward_rows<T, ACT, RES, nv()>(x, r, y, y_ld, a.mask, r0, r1, C, center.data(), scale.data(), shift.data(),
+                                        slope, stream);
+      });
+    });
+    return;
+  }
   at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
     BitWriter bw(a.mask, r0 * C, r1 * C);
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t off = row * C;
-      forward_run<T, ACT, RES, true>(x + off, RES ? r + off : nullptr, y + row * y_ld, C, scale.data(), shift.data(),
-                                     slope, &bw, stream);
+      forward_run<T, ACT, RES, true>(x + off, RES ? r + off : nullptr, y + row * y_ld, C, center.data(), scale.data(),
+                                     shift.data(), slope, &bw, stream);
     }
     if (stream) stream_fence();
   });
@@ -733,6 +1036,9 @@ void backward_typed(const BnActBackwardArgs& a) {
   const bool stream =
       (a.stream_bytes > 0 ? a.stream_bytes : N * C * S * static_cast<int64_t>(sizeof(T))) >= kStreamBytes;
   constexpr bool kElementwise = DX || DR;
+  // Runs (NCHW planes, channels_last rows) of whole vectors read the mask directly (see DirectBitReader).
+  constexpr int kDirectW = VecIO<T>::W % 8 == 0 ? VecIO<T>::W : 8;
+  const bool direct = direct_mask<T>(a.channels_last ? C : S);
 
   // Per-channel coefficients of the elementwise pass, from the channel's reduction (training) or not (eval).
   auto coefficients = [&](int64_t c, double sdz, double sdzxc, acc_t* ka, acc_t* kmdz, acc_t* kq) {
@@ -752,8 +1058,13 @@ void backward_typed(const BnActBackwardArgs& a) {
         if (reduce) {
           for (int64_t n = 0; n < N; ++n) {
             const int64_t off = (n * C + c) * S;
-            BitReader br(a.mask, off);
-            backward_reduce_run<T, ACT>(dy + n * dy_ld + c * S, x + off, S, &br, mean[c], slope, sdz, sdzxc);
+            if (direct) {
+              DirectBitReader<kDirectW> br(a.mask, off);
+              backward_reduce_run<T, ACT>(dy + n * dy_ld + c * S, x + off, S, &br, mean[c], slope, sdz, sdzxc);
+            } else {
+              BitReader br(a.mask, off);
+              backward_reduce_run<T, ACT>(dy + n * dy_ld + c * S, x + off, S, &br, mean[c], slope, sdz, sdzxc);
+            }
           }
           sum_dz[c] = static_cast<acc_t>(sdz);
           sum_dzxhat[c] = static_cast<acc_t>(sdzxc * static_cast<double>(invstd[c]));
@@ -764,10 +1075,16 @@ void backward_typed(const BnActBackwardArgs& a) {
           const BwdCoef<acc_t> k{mean + c, &ka, &kmdz, &kq};
           for (int64_t n = 0; n < N; ++n) {
             const int64_t off = (n * C + c) * S;
-            BitReader br(a.mask, off);
-            backward_elementwise_run<T, ACT, false, TRAIN, DX, DR>(dy + n * dy_ld + c * S, x + off,
-                                                                   DX ? dx + off : nullptr, DR ? dr + off : nullptr,
-                                                                   S, &br, k, slope, stream);
+            const T* dyp = dy + n * dy_ld + c * S;
+            T* dxp = DX ? dx + off : nullptr;
+            T* drp = DR ? dr + off : nullptr;
+            if (direct) {
+              DirectBitReader<kDirectW> br(a.mask, off);
+              backward_elementwise_run<T, ACT, false, TRAIN, DX, DR>(dyp, x + off, dxp, drp, S, &br, k, slope, stream);
+            } else {
+              BitReader br(a.mask, off);
+              backward_elementwise_run<T, ACT, false, TRAIN, DX, DR>(dyp, x + off, dxp, drp, S, &br, k, slope, stream);
+            }
           }
         }
       }
@@ -818,6 +1135,14 @@ void backward_typed(const BnActBackwardArgs& a) {
     for (int64_t c = 0; c < C; ++c) coefficients(c, sdz[c], sdzxc[c], &ka[c], &kmdz[c], &kq[c]);
     const BwdCoef<acc_t> k{mean, ka.data(), kmdz.data(), kq.data()};
     const int64_t grain = std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(1, C));
+    if (direct) {
+      dispatch_row_vectors<VecIO<T>::W>(C, [&](auto nv) {
+        at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+          backward_rows<T, ACT, TRAIN, DX, DR, nv()>(dy, dy_ld, x, dx, dr, a.mask, r0, r1, C, k, slope, stream);
+        });
+      });
+      return;
+    }
     at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
       BitReader br(a.mask, r0 * C);
       for (int64_t row = r0; row < r1; ++row) {
@@ -843,7 +1168,7 @@ void dense_forward_cl_typed(const BnActForwardArgs* parts, int64_t n_parts) {
   using acc_t = acc_type_t<T>;
   const int64_t M = parts[0].N * parts[0].S, Cw = parts[0].y_ld;
   const acc_t slope = static_cast<acc_t>(parts[0].negative_slope);
-  std::vector<std::vector<acc_t>> scale(n_parts), shift(n_parts);
+  std::vector<std::vector<acc_t>> center(n_parts), scale(n_parts), shift(n_parts);
   for (int64_t j = 0; j < n_parts; ++j) {
     const BnActForwardArgs& a = parts[j];
     const int64_t C = a.C;
@@ -851,25 +1176,27 @@ void dense_forward_cl_typed(const BnActForwardArgs* parts, int64_t n_parts) {
     const acc_t* b = static_cast<const acc_t*>(a.bias);
     acc_t* mean = static_cast<acc_t*>(a.mean);
     acc_t* invstd = static_cast<acc_t*>(a.invstd);
+    center[j].resize(C);
     scale[j].resize(C);
     shift[j].resize(C);
+    std::vector<double> mu, v;
     if (a.training) {
-      std::vector<double> mu(C), v(C);
+      mu.resize(C);
+      v.resize(C);
       stats_channels_last<T>(static_cast<const T*>(a.x), M, C, mu.data(), v.data());
-      acc_t* var = static_cast<acc_t*>(a.var);
-      for (int64_t c = 0; c < C; ++c) {
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      FwdCoef<acc_t> k{mean[c], w[c] * invstd[c], b[c]};
+      if (a.training) {
         const double is = 1.0 / std::sqrt(v[c] + a.eps);
         mean[c] = static_cast<acc_t>(mu[c]);
-        var[c] = static_cast<acc_t>(v[c]);
+        static_cast<acc_t*>(a.var)[c] = static_cast<acc_t>(v[c]);
         invstd[c] = static_cast<acc_t>(is);
-        scale[j][c] = static_cast<acc_t>(static_cast<double>(w[c]) * is);
-        shift[j][c] = static_cast<acc_t>(static_cast<double>(b[c]) - mu[c] * static_cast<double>(scale[j][c]));
+        k = FwdCoef<acc_t>::from(mu[c], is, w[c], b[c]);
       }
-    } else {
-      for (int64_t c = 0; c < C; ++c) {
-        scale[j][c] = w[c] * invstd[c];
-        shift[j][c] = b[c] - mean[c] * scale[j][c];
-      }
+      center[j][c] = k.center;
+      scale[j][c] = k.scale;
+      shift[j][c] = k.shift;
     }
   }
   const int64_t block = std::max<int64_t>(1, rows_per_block(Cw, sizeof(T)) / 2);
@@ -884,7 +1211,8 @@ void dense_forward_cl_typed(const BnActForwardArgs* parts, int64_t n_parts) {
         T* y = static_cast<T*>(a.y);
         BitWriter bw(a.mask, b0 * C, b1 * C);
         for (int64_t row = b0; row < b1; ++row) {
-          forward_run<T, ACT, false, true>(x + row * C, nullptr, y + row * Cw, C, scale[j].data(), shift[j].data(),
+          forward_run<T, ACT, false, true>(x + row * C, nullptr, y + row * Cw, C, center[j].data(), scale[j].data(),
+                                           shift[j].data(),
                                            slope, &bw);
         }
       }
