@@ -419,9 +419,10 @@ for _act, _act_name in (
 
 @register_branch_op(timm_layers.DropPath)
 def _drop_path(module: nn.Module) -> BranchOp:
-    description = f"DropPath(drop_prob={module.drop_prob})"
-    return BranchOp("per_sample" if module.drop_prob else "identity", description)
+    if not module.drop_prob:
+        return BranchOp("identity", "DropPath(drop_prob=0)")
+    return BranchOp("per_sample", "DropPath with drop_prob > 0, stochastic depth")
 
 
 for _se in (timm_layers.SEModule, timm_layers.EffectiveSEModule, timm_layers.EcaModule, timm_layers.CecaModule):
-    register_branch_op(_se)(lambda m: BranchOp("per_sample_channel", f"{type(m).__name__}, squeeze-excitation"))
+    register_branch_op(_se)(lambda m: BranchOp("per_sample_channel", f"{type(m).__name__}, a channel attention"))

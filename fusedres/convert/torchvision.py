@@ -314,12 +314,12 @@ register_default_converter(tv_densenet.DenseNet)(convert_densenet)
 
 @register_branch_op(StochasticDepth)
 def _stochastic_depth(module: nn.Module) -> BranchOp:
-    description = f"StochasticDepth(p={module.p}, mode={module.mode!r})"
     if module.p == 0:
-        return BranchOp("identity", description)
+        return BranchOp("identity", "StochasticDepth(p=0)")
+    description = f"StochasticDepth(mode={module.mode!r}) with p > 0, stochastic depth"
     return BranchOp("per_sample" if module.mode == "row" else "whole_branch", description)
 
 
 @register_branch_op(SqueezeExcitation)
 def _squeeze_excitation(module: nn.Module) -> BranchOp:
-    return BranchOp("per_sample_channel", "SqueezeExcitation")
+    return BranchOp("per_sample_channel", "SqueezeExcitation, a channel attention")
