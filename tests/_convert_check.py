@@ -159,6 +159,17 @@ def check_converted_training_step(
     """Builds the model (float64), converts it, checks the fused share, state_dict keys, a float64 training step,
     eval outputs, then a float32 training step within 2x of the original's float32 error. Returns the converted
     float64 model (after the step) and the report."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small models on a shared 2-core machine: threads would mostly wait for each other
+    try:
+        return _check_converted_training_step(build, shape, min_share, rtol64, atol64, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_converted_training_step(
+    build: Callable[[], nn.Module], shape: tuple[int, ...], min_share: float, rtol64: float, atol64: float, seed: int
+) -> tuple[nn.Module, ConvertReport]:
     torch.manual_seed(seed)
     original = randomize_norms(build()).double().train()
     damp_residual_branches(original)
