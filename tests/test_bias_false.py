@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from _convert_check import assert_same, randomize_norms, step
 from torch import nn
 
 import fusedres
-from _convert_check import assert_same, randomize_norms, step
 from fusedres.nn import (
     BatchNormAct1d,
     BatchNormAct2d,

@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 import torchvision
+from _convert_check import assert_same, check_converted_training_step, randomize_norms, step
 from torch import nn
 from torchvision.models.densenet import DenseNet, _DenseBlock, _DenseLayer, _Transition
 from torchvision.models.regnet import ResBottleneckBlock
 
 import fusedres
-from _convert_check import assert_same, check_converted_training_step, randomize_norms, step
 from fusedres.convert import _CONVERTERS, ConvertContext, ConvertReport, register_converter
 from fusedres.convert import torchvision as tv_convert
 from fusedres.convert._core import register_default_converter
@@ -357,7 +357,9 @@ def test_densenet_parts_that_cannot_fuse_are_left_and_reported() -> None:
         f"features.denseblock{b}.denselayer{layer}.norm{n}" for b, layer in ((1, 2), (2, 1)) for n in (1, 2)
     }
     assert "the _DenseLayer has hooks" in untouched["features.denseblock1.denselayer2.norm1"]
-    assert "relu2: activation silu is not fused by the kernels yet" in untouched["features.denseblock2.denselayer1.norm2"]
+    assert (
+        "relu2: activation silu is not fused by the kernels yet" in untouched["features.denseblock2.denselayer1.norm2"]
+    )
     assert report.num_pairs == 2 and len(report.converted) == 11 - 4
     _assert_parity(converted, original)
 
@@ -447,7 +449,7 @@ def test_mobile_models_report_what_waits_for_the_kernels(name: str, share: float
 
 def test_sync_batchnorm_pairs_and_default_converters_do_not_override_users() -> None:
     seq = nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4), nn.ReLU())
-    converted, report = fusedres.convert(seq, report=True)
+    converted = fusedres.convert(seq)
     assert type(converted[1]) is SyncBatchNormAct2d and converted[1].activation == "relu"
     x = torch.randn(2, 3, 5, 5)
     torch.testing.assert_close(converted(x), seq(x), rtol=1e-5, atol=1e-6)

@@ -20,16 +20,16 @@ from torch import nn
 
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install timm): the timm converters go untested")
 
-import fusedres  # noqa: E402
-from fusedres.convert import ConvertContext, ConvertReport, block_end_problem, branch_op  # noqa: E402
-from fusedres.convert import timm as timm_convert  # noqa: E402
-from fusedres.nn import BatchNormAct2d, DenseLayer, DenseNormAct2d, DenseTransition, SyncBatchNormAct2d  # noqa: E402
-from timm.layers import BatchNormAct2d as TimmBatchNormAct2d  # noqa: E402
-from timm.layers import DropBlock2d, DropPath, SyncBatchNormAct  # noqa: E402
-from timm.models import densenet as timm_densenet  # noqa: E402
-from timm.models import resnet as timm_resnet  # noqa: E402
+from _convert_check import assert_same, check_converted_training_step, randomize_norms, step
+from timm.layers import BatchNormAct2d as TimmBatchNormAct2d
+from timm.layers import DropBlock2d, DropPath, SyncBatchNormAct
+from timm.models import densenet as timm_densenet
+from timm.models import resnet as timm_resnet
 
-from _convert_check import assert_same, check_converted_training_step, randomize_norms, step  # noqa: E402
+import fusedres
+from fusedres.convert import ConvertContext, ConvertReport, block_end_problem, branch_op
+from fusedres.convert import timm as timm_convert
+from fusedres.nn import BatchNormAct2d, DenseLayer, DenseNormAct2d, DenseTransition, SyncBatchNormAct2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,7 +99,7 @@ def test_se_and_drop_path_boundary_is_all_that_is_left(name: str, kwargs: dict, 
         or (type(m).__name__ == "Bottleneck" and isinstance(getattr(m, "drop_path", None), DropPath))
     }
     assert ends
-    converted, report = fusedres.convert(model, inplace=True, report=True)
+    _, report = fusedres.convert(model, inplace=True, report=True)
     left = {u.name: u.reason for u in report.untouched}
     want = {f"{n}.bn3" if hasattr(m, "bn3") else f"{n}.conv3.bn" for n, m in ends.items()}
     assert set(left) == want
@@ -146,7 +146,7 @@ def test_training_step_matches_the_unconverted_model(name: str, kwargs: dict, mi
     def build() -> nn.Module:
         return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
 
-    converted, report = check_converted_training_step(build, SHAPE, min_share=min_share)
+    _, report = check_converted_training_step(build, SHAPE, min_share=min_share)
     assert report.fused_share == pytest.approx(min_share)
 
 
@@ -229,7 +229,7 @@ def test_norm_act_with_hooks_or_subclassed_is_left() -> None:
 def test_sync_norm_act_becomes_sync_batchnorm_act() -> None:
     layer = timm.layers.convert_sync_batchnorm(nn.Sequential(_norm_act(act_layer="leaky_relu")))
     assert type(layer[0]) is SyncBatchNormAct
-    converted, report = fusedres.convert(layer, report=True)
+    converted = fusedres.convert(layer)
     assert type(converted[0]) is SyncBatchNormAct2d and converted[0].activation == "leaky_relu"
     assert list(converted.state_dict()) == list(layer.state_dict())
     x = torch.randn(4, 6, 5, 5, dtype=torch.float64)  # no process group: both run the single-process BatchNorm

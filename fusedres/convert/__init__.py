@@ -29,8 +29,8 @@ Extension points: ``register_converter(module_type)`` registers a function for a
 residual block's last BatchNorm and its shortcut add (see :func:`block_end_problem`).
 """
 
+from fusedres.convert._core import _CONVERTERS as _CONVERTERS  # the registry itself, for tests and tools
 from fusedres.convert._core import (
-    _CONVERTERS,
     ActivationSpec,
     BranchOp,
     ConvertContext,

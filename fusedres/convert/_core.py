@@ -377,9 +377,7 @@ class ConvertContext:
         self, bn: nn.Module, name: str, spec: ActivationSpec, *, residual: bool, via: str, cls: type | None = None
     ) -> nn.Module:
         """:meth:`fuse` with the activation given as an :class:`ActivationSpec`."""
-        return self.fuse(
-            bn, name, spec.name, negative_slope=spec.negative_slope, residual=residual, via=via, cls=cls
-        )
+        return self.fuse(bn, name, spec.name, negative_slope=spec.negative_slope, residual=residual, via=via, cls=cls)
 
 
 def _fused_norm(bn: nn.Module, activation: str, negative_slope: float, cls: type[nn.Module] | None) -> nn.Module:

@@ -35,7 +35,7 @@ def load_library_converters() -> list[str]:
     """Registers the converters of every supported library that is imported; returns the libraries loaded."""
     loaded = []
     for library, module in _LIBRARIES.items():
-        if library in sys.modules:
+        if sys.modules.get(library) is not None:
             importlib.import_module(module)
             loaded.append(library)
     return loaded

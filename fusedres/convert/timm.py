@@ -29,14 +29,13 @@ Importing this module imports timm; :func:`fusedres.convert` imports it by itsel
 
 from __future__ import annotations
 
-from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-
 import timm.layers as timm_layers
 from timm.layers import activations as timm_act
 from timm.models import densenet as timm_densenet
 from timm.models import regnet as timm_regnet
 from timm.models import resnet as timm_resnet
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from fusedres.convert._core import (
     FUSED_NORMS,
@@ -314,7 +313,9 @@ def convert_regnet_block(block: nn.Module, name: str, ctx: ConvertContext) -> nn
     if block.downsample is None:  # no shortcut (RegNetZ): forward is act3(conv3(x)), a BN -> act pair
         spec = activation_spec(block.act3)
         if isinstance(spec, ActivationSpec) and spec.name != "identity" and ctx.plain_norm_problem(bn) is None:
-            conv3.bn = ctx.fuse_spec(bn, f"{prefix}conv3.bn", spec, residual=False, via="timm RegNet Bottleneck (BN+act)")
+            conv3.bn = ctx.fuse_spec(
+                bn, f"{prefix}conv3.bn", spec, residual=False, via="timm RegNet Bottleneck (BN+act)"
+            )
             block.act3 = identity_like(block.act3)
         else:
             ctx.skip(bn, f"conv3.bn -> act3 in a timm RegNet Bottleneck without shortcut: act3 {spec}")

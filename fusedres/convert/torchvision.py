@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torchvision.models import densenet as tv_densenet
 from torchvision.models import regnet as tv_regnet
 from torchvision.models import resnet as tv_resnet
-from torchvision.ops import StochasticDepth, SqueezeExcitation
+from torchvision.ops import SqueezeExcitation, StochasticDepth
 
 from fusedres.convert._core import (
     ActivationSpec,
@@ -87,7 +87,9 @@ def convert_resnet_block(block: nn.Module, name: str, ctx: ConvertContext) -> nn
     if has_hooks(block):
         problems.append(f"the {kind} has hooks")
     if problems:
-        ctx.skip_all([getattr(block, n, None) for n in norms], f"in a {kind} that cannot be fused ({'; '.join(problems)})")
+        ctx.skip_all(
+            [getattr(block, n, None) for n in norms], f"in a {kind} that cannot be fused ({'; '.join(problems)})"
+        )
         return block
     cls = fr_resnet.Bottleneck if bottleneck else fr_resnet.BasicBlock
     # The fused block class without its __init__ (which would allocate and initialise new convolutions), given
@@ -185,7 +187,9 @@ def _dense_layer_problems(layer: nn.Module, ctx: ConvertContext) -> list[str]:
     # torchvision's _DenseLayer.forward: conv1(relu1(norm1(cat(inputs)))), then conv2(relu2(norm2(.))), dropout.
     problems = [f"{n}: {r}" for n in ("norm1", "norm2") if (r := ctx.plain_norm_problem(getattr(layer, n, None)))]
     problems += [f"{n}: {r}" for n in ("relu1", "relu2") if (r := _relu_problem(getattr(layer, n, None)))]
-    problems += [f"{n}: {r}" for n in ("conv1", "conv2") if (r := dense_unit_conv_problem(getattr(layer, n, None), ctx))]
+    problems += [
+        f"{n}: {r}" for n in ("conv1", "conv2") if (r := dense_unit_conv_problem(getattr(layer, n, None), ctx))
+    ]
     if has_hooks(layer):
         problems.append("the _DenseLayer has hooks")
     return problems
