@@ -236,6 +236,24 @@ def test_sync_norm_act_becomes_sync_batchnorm_act() -> None:
     assert_same(step(converted, x), step(layer, x), rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("sync", ["torch", "timm"])
+def test_models_converted_to_sync_batchnorm_first_fuse_the_same(sync: str) -> None:
+    """nn.SyncBatchNorm (PyTorch's converter) and timm's SyncBatchNormAct (timm's) become SyncBatchNormAct2d, with
+    the residual add at the block ends; one process here, so both run the single-process BatchNorm."""
+    torch.manual_seed(0)
+    model = randomize_norms(timm.create_model("resnet18", num_classes=5, layers=(1, 1, 1, 1))).double()
+    if sync == "torch":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    else:  # timm's converter keeps its norm-act layers' activations: the stem of a RegNet
+        model = timm.layers.convert_sync_batchnorm(randomize_norms(timm.create_model("regnetx_002", num_classes=5)))
+        model = model.double()
+    converted, report = fusedres.convert(model, report=True)
+    assert report.fused_share == 1.0 and sum(c.residual for c in report.converted) > 0
+    assert all(type(m) is SyncBatchNormAct2d for m in converted.modules() if isinstance(m, nn.SyncBatchNorm))
+    x = torch.randn(*SHAPE, dtype=torch.float64)  # not 32x32: stage 4 would normalise 2 values per channel
+    assert_same(step(converted, x), step(model, x), rtol=1e-9, atol=1e-11)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Converters one by one
 
