@@ -1,8 +1,16 @@
 """Shared checks for the convert() coverage tests: a training step of a converted model against the original.
 
 float64: outputs, input and parameter gradients and buffers (running statistics) after the step equal to rounding.
-float32: each of them within 2x the error of the original float32 model, both measured against the original in
-float64 on the same (rounded) input and parameters.
+float32: each of them within 2x the error of the original float32 model (or within 1e-4 of the entry's largest
+value), both measured against the original in float64 on the same rounded input and parameters: the project's
+low-precision criterion (tests/test_resnet_models.py).
+
+Two things make float32 whole-model comparisons a lottery unless kept out, and the setup keeps them out: a deep,
+randomly initialised residual network trained on a batch of 2 is chaotic (a ReLU mask flipped by rounding is
+amplified by BatchNorms over a few values per channel), so the residual branches are damped (their last BatchNorm
+weight x 0.2, like a partial zero_init_residual); and a max-pool routes its gradient by an argmax, so where rounding
+breaks a near-tie differently from float64 the gradients upstream of that max-pool are not compared (everything
+after it still is).
 """
 
 from __future__ import annotations

@@ -213,6 +213,14 @@ def test_norm_act_that_cannot_fuse_is_left_with_the_reason(kwargs: dict, reason:
     assert [u.name for u in report.untouched] == ["0"] and reason in report.untouched[0].reason
 
 
+def test_norm_act_without_activation_pairs_with_a_following_relu() -> None:
+    layer = _norm_act(apply_act=False)
+    converted, report = fusedres.convert(nn.Sequential(layer, nn.LeakyReLU(0.3)), report=True)
+    assert type(converted[0]) is BatchNormAct2d and converted[0].activation == "leaky_relu"
+    assert converted[0].negative_slope == 0.3 and isinstance(converted[1], nn.Identity)
+    assert [c.via for c in report.converted] == ["Sequential pair"]
+
+
 def test_norm_act_with_hooks_or_subclassed_is_left() -> None:
     hooked = _norm_act()
     hooked.act.register_forward_hook(lambda m, i, o: None)

@@ -7,6 +7,7 @@ converters for their library's module types, :mod:`fusedres.convert.sequential` 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -279,6 +280,11 @@ def register_norm_adapter(module_type: type[_BatchNorm], adapter: NormAdapter) -
     _NORM_ADAPTERS[module_type] = adapter
 
 
+def is_norm_act_type(module_type: type) -> bool:
+    """Whether ``module_type`` is a registered norm + activation type (e.g. timm's ``BatchNormAct2d``)."""
+    return module_type in _NORM_ADAPTERS
+
+
 def _torch_base(module: nn.Module) -> type[nn.Module] | None:
     """The torch BatchNorm class ``module`` is an instance of (SyncBatchNorm before the others), or None."""
     for base in (nn.SyncBatchNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
@@ -451,10 +457,9 @@ def retyped(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     if not issubclass(cls, type(module)):
         raise TypeError(f"cls must be a subclass of {type(module).__name__}, got {cls.__name__}")
     new = cls.__new__(cls)
-    new.__dict__.update(module.__dict__)
-    # Own containers, so that replacing a child of the new module leaves the original's untouched.
-    for attr in ("_modules", "_parameters", "_buffers"):
-        new.__dict__[attr] = dict(module.__dict__[attr])
+    # Own copies of the containers (children, parameters, buffers, hooks), so that replacing a child of the new
+    # module or registering a hook on it leaves the original untouched; their contents are the same objects.
+    new.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()})
     return new
 
 

@@ -18,6 +18,7 @@ from fusedres.convert._core import (
     ConvertReport,
     UntouchedNorm,
     converter_for,
+    is_norm_act_type,
 )
 from fusedres.convert.sequential import fuse_sequential_pairs, is_plain_sequential
 
@@ -58,6 +59,12 @@ def _walk(module: nn.Module, name: str, ctx: ConvertContext) -> nn.Module:
 
 
 def _default_reason(bn: nn.Module) -> str:
+    if is_norm_act_type(type(bn)):  # its converter leaves it only when it has no activation of its own
+        return (
+            f"{type(bn).__name__} without an activation, and not directly followed by one convert can fuse (a "
+            "BatchNorm alone is left to PyTorch unless a block gives it the residual add or it is a shortcut "
+            "projection)"
+        )
     if type(bn) not in BN_TO_ACT:
         return f"{type(bn).__name__} is not exactly nn.BatchNorm1d/2d/3d/SyncBatchNorm or a known norm-act layer"
     return (

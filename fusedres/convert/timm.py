@@ -119,12 +119,7 @@ def convert_norm_act(module: nn.Module, name: str, ctx: ConvertContext) -> nn.Mo
         ctx.skip(module, spec)
         return module
     if spec.name == "identity":
-        ctx.skip(
-            module,
-            f"{type(module).__name__} without an activation (a BatchNorm alone is left to PyTorch unless a block "
-            "gives it the residual add or it is a shortcut projection)",
-        )
-        return module
+        return module  # a BatchNorm alone: a Sequential pair (an activation after it) may still take it
     return ctx.fuse_spec(module, name, spec, residual=False, via=f"timm {type(module).__name__}")
 
 
@@ -162,7 +157,11 @@ def _fuse_pair(
 
 
 def _end_problem(
-    ctx: ConvertContext, bn: nn.Module | None, bn_name: str, between: list[tuple[str, nn.Module | None]], act
+    ctx: ConvertContext,
+    bn: nn.Module | None,
+    bn_name: str,
+    between: list[tuple[str, nn.Module | None]],
+    act: nn.Module | None,
 ) -> ActivationSpec | str:
     """The activation the block end ``act(bn(x) [between] + shortcut)`` fuses, or why it cannot."""
     if (r := ctx.plain_norm_problem(bn)) is not None:
