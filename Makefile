@@ -13,7 +13,7 @@ SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 $(VENV)/.stamp-deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
-	$(PIP) install $(TORCH_PINS) ninja pybind11 pytest pytest-benchmark hypothesis numpy expecttest tqdm scikit-learn matplotlib
+	$(PIP) install $(TORCH_PINS) ninja pybind11 pytest pytest-benchmark hypothesis numpy expecttest tqdm scikit-learn matplotlib timm==1.0.31
 	touch $@
 
 # The extension is rebuilt whenever a source changes (in place, for the editable install).

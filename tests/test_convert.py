@@ -7,11 +7,15 @@ import copy
 import pytest
 import torch
 import torchvision
+from _convert_check import assert_same, check_converted_training_step, randomize_norms, step
 from torch import nn
 from torchvision.models.densenet import DenseNet, _DenseBlock, _DenseLayer, _Transition
+from torchvision.models.regnet import ResBottleneckBlock
 
 import fusedres
 from fusedres.convert import _CONVERTERS, ConvertContext, ConvertReport, register_converter
+from fusedres.convert import torchvision as tv_convert
+from fusedres.convert._core import register_default_converter
 from fusedres.models import densenet as fr_densenet
 from fusedres.models import resnet as fr
 from fusedres.nn import (
@@ -22,6 +26,7 @@ from fusedres.nn import (
     DenseLayer,
     DenseNormAct2d,
     DenseTransition,
+    SyncBatchNormAct2d,
 )
 
 
@@ -352,7 +357,9 @@ def test_densenet_parts_that_cannot_fuse_are_left_and_reported() -> None:
         f"features.denseblock{b}.denselayer{layer}.norm{n}" for b, layer in ((1, 2), (2, 1)) for n in (1, 2)
     }
     assert "the _DenseLayer has hooks" in untouched["features.denseblock1.denselayer2.norm1"]
-    assert "relu2: SiLU is not exactly one of ReLU" in untouched["features.denseblock2.denselayer1.norm2"]
+    assert (
+        "relu2: activation silu is not fused by the kernels yet" in untouched["features.denseblock2.denselayer1.norm2"]
+    )
     assert report.num_pairs == 2 and len(report.converted) == 11 - 4
     _assert_parity(converted, original)
 
@@ -384,3 +391,81 @@ def test_convert_standalone_dense_layer() -> None:
     strided.conv2.stride = (2, 2)
     kept, report = fusedres.convert(strided, report=True)
     assert type(kept) is _DenseLayer and "conv2: Conv2d(8, 4" in report.untouched[0].reason
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torchvision beyond ResNet / DenseNet: RegNet's block end, Conv2dNormActivation pairs, activations not fused yet
+
+
+def test_convert_regnet_y_400mf_training_step() -> None:
+    """Every BatchNorm of torchvision's RegNetY-400MF fused: Conv2dNormActivation BN -> ReLU pairs, each block's
+    f.c BatchNorm with the shortcut add and ReLU (the SE sits before f.c), the projections as identity BatchNorms."""
+    converted, report = check_converted_training_step(
+        lambda: torchvision.models.regnet_y_400mf(num_classes=10), (2, 3, 64, 64), min_share=1.0
+    )
+    assert report.num_batchnorms == 53 and sum(c.residual for c in report.converted) == 16
+    block = converted.trunk_output.block1[0]
+    assert isinstance(block, tv_convert.ResBottleneckBlock) and isinstance(block, ResBottleneckBlock)
+    assert block.f.c[1].activation == "relu" and isinstance(block.activation, nn.Identity)
+    assert block.proj[1].activation == "identity" and isinstance(block.f.a[1], BatchNormAct2d)
+
+
+def test_regnet_block_without_projection_and_with_hooks() -> None:
+    torch.manual_seed(0)
+    block = randomize_norms(ResBottleneckBlock(8, 8, 1, nn.BatchNorm2d, nn.ReLU, 4, 1.0, 0.25)).double()
+    assert block.proj is None
+    original = copy.deepcopy(block)
+    converted = fusedres.convert(block)
+    assert isinstance(converted, tv_convert.ResBottleneckBlock)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    assert_same(step(converted, x), step(original, x), rtol=1e-10, atol=1e-12)
+    hooked = copy.deepcopy(original)
+    hooked.f.c.register_forward_hook(lambda m, i, o: None)
+    kept, report = fusedres.convert(hooked, report=True)
+    assert type(kept) is ResBottleneckBlock and [u.name for u in report.untouched] == ["f.c.1"]
+    assert "ResBottleneckBlock end: f's last module is not a hook-free Sequential" in report.untouched[0].reason
+
+
+@pytest.mark.parametrize(
+    "name, share, pending",
+    [("mobilenet_v2", 0 / 52, "relu6"), ("efficientnet_b0", 0 / 49, "silu"), ("mnasnet0_5", 35 / 52, None)],
+)
+def test_mobile_models_report_what_waits_for_the_kernels(name: str, share: float, pending: str | None) -> None:
+    """MobileNetV2 (ReLU6) and EfficientNet (SiLU) wait for those activations in the kernels; MNASNet's
+    Conv2dNormActivation-style BN -> ReLU pairs fuse. The rest: BatchNorms with no activation after them."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, num_classes=10)
+    converted, report = fusedres.convert(model, report=True)
+    assert report.fused_share == pytest.approx(share)
+    reasons = {u.reason for u in report.untouched}
+    if pending is not None:
+        assert f"activation {pending} is not fused by the kernels yet" in reasons
+    assert all(r.startswith(("activation ", "not directly followed")) for r in reasons), reasons
+    if share:
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(converted.eval()(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_sync_batchnorm_pairs_and_default_converters_do_not_override_users() -> None:
+    seq = nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4), nn.ReLU())
+    converted = fusedres.convert(seq)
+    assert type(converted[1]) is SyncBatchNormAct2d and converted[1].activation == "relu"
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(converted(x), seq(x), rtol=1e-5, atol=1e-6)
+
+    class Block(nn.Module):
+        pass
+
+    def mine(m: nn.Module, name: str, ctx: ConvertContext) -> nn.Module:
+        return m
+
+    def builtin(m: nn.Module, name: str, ctx: ConvertContext) -> nn.Module:
+        return m
+
+    try:
+        register_converter(Block)(mine)
+        register_default_converter(Block)(builtin)  # what a library module does when loaded after the user's
+        assert _CONVERTERS[Block] is mine
+    finally:
+        _CONVERTERS.pop(Block, None)

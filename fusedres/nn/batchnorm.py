@@ -36,12 +36,15 @@ class _BatchNormActMixin:
         device: Any = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         activation: str = "relu",
         negative_slope: float = 0.01,
         fused: bool = True,
     ) -> None:
         # super() is the nn.BatchNorm*d that follows this mixin in the subclass's MRO.
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)  # type: ignore[call-arg]
+        super().__init__(  # type: ignore[call-arg]
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
         self.activation = check_activation(activation)
         self.negative_slope = float(negative_slope)
         self.fused = bool(fused)
@@ -112,7 +115,8 @@ class _BatchNormActMixin:
 def _init_doc(parent: type) -> str:
     return (
         f"Args: those of ``nn.{parent.__name__}`` (num_features, eps, momentum, affine, track_running_stats, device,"
-        ' dtype), then activation ("relu", "identity" or "leaky_relu"), negative_slope (leaky_relu slope) and'
+        " dtype, then keyword-only bias: False keeps the affine weight without a bias, and the state_dict has no"
+        ' ``bias`` key), then activation ("relu", "identity" or "leaky_relu"), negative_slope (leaky_relu slope) and'
         " fused (False runs the pure PyTorch reference: one definition builds both)."
     )
 
