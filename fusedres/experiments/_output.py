@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Progress", "Table", "format_number", "pyplot", "write_json"]
+__all__ = ["Progress", "Table", "format_number", "progress", "pyplot", "write_json"]
 
 
 def format_number(value: Any, digits: int = 3) -> str:
@@ -139,12 +140,17 @@ class Progress:
             self._bar.set_description(desc, refresh=False)
 
     def close(self) -> None:
+        """Removes the bar (idempotent)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
 
-    def __enter__(self) -> Progress:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+@contextmanager
+def progress(total: int, desc: str, enabled: bool) -> Iterator[Progress]:
+    """A :class:`Progress` closed on exit, also when the experiment fails."""
+    bar = Progress(total, desc, enabled)
+    try:
+        yield bar
+    finally:
+        bar.close()

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fusedres.data import ImageDataset, batches, load_digits
-from fusedres.experiments._output import Progress, Table, pyplot
+from fusedres.experiments._output import Progress, Table, progress, pyplot
 from fusedres.experiments._setup import build_models, check_positive, resolve_config
 from fusedres.models.resnet import CifarResNet
 
@@ -53,7 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """This experiment's options (each defaults to the preset's value)."""
     d = DEFAULT
     parser.add_argument(
-        "--depths", type=int, nargs="+", metavar="D", help=f"CIFAR depths 6n + 2, plain and residual (default {d.depths})"
+        "--depths",
+        type=int,
+        nargs="+",
+        metavar="D",
+        help=f"CIFAR depths 6n + 2, plain and residual (default {d.depths})",
     )
     parser.add_argument("--epochs", type=int, help=f"training epochs (default {d.epochs})")
     parser.add_argument("--batch-size", type=int, help=f"batch size (default {d.batch_size})")
@@ -91,7 +95,7 @@ def _test_error(model: nn.Module, data: ImageDataset, config: Config) -> float:
     return 100.0 * wrong / total
 
 
-def _train(model: nn.Module, data: ImageDataset, config: Config, seed: int, progress: Progress) -> dict[str, Any]:
+def _train(model: nn.Module, data: ImageDataset, config: Config, seed: int, bar: Progress) -> dict[str, Any]:
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
     batch_error: list[float] = []
     batch_loss: list[float] = []
@@ -112,10 +116,15 @@ def _train(model: nn.Module, data: ImageDataset, config: Config, seed: int, prog
             wrong, total = wrong + batch_wrong, total + labels.numel()
             batch_error.append(100.0 * batch_wrong / labels.numel())
             batch_loss.append(loss.item())
-            progress.update(1, loss=f"{batch_loss[-1]:.3f}")
+            bar.update(1, loss=f"{batch_loss[-1]:.3f}")
         epoch_error.append(100.0 * wrong / total)
         test_error.append(_test_error(model, data, config))
-    return {"batch_train_error": batch_error, "batch_loss": batch_loss, "train_error": epoch_error, "test_error": test_error}
+    return {
+        "batch_train_error": batch_error,
+        "batch_loss": batch_loss,
+        "train_error": epoch_error,
+        "test_error": test_error,
+    }
 
 
 def run(config: Config, impls: tuple[str, ...], seed: int, show_progress: bool) -> dict[str, Any]:
@@ -128,7 +137,7 @@ def run(config: Config, impls: tuple[str, ...], seed: int, show_progress: bool) 
     data = load_digits()
     results: dict[str, list[dict[str, Any]]] = {impl: [] for impl in impls}
     total = len(config.depths) * len(KINDS) * len(impls) * config.epochs * _num_batches(data, config)
-    with Progress(total, NAME, show_progress) as progress:
+    with progress(total, NAME, show_progress) as bar:
         for kind in KINDS:
             for depth in config.depths:
 
@@ -137,14 +146,14 @@ def run(config: Config, impls: tuple[str, ...], seed: int, show_progress: bool) 
 
                 for impl, model in build_models(build, impls, seed).items():
                     name = f"{'plain' if kind == 'plain' else 'resnet'}{depth}"
-                    progress.describe(f"{NAME} {name} {impl}")
+                    bar.describe(f"{NAME} {name} {impl}")
                     record = {
                         "kind": kind,
                         "depth": depth,
                         "name": name,
                         "parameters": sum(p.numel() for p in model.parameters()),
                     }
-                    record.update(_train(model, data, config, seed, progress))
+                    record.update(_train(model, data, config, seed, bar))
                     results[impl].append(record)
     agreement = None
     if len(impls) == 2:
@@ -204,8 +213,18 @@ def plot(payload: dict[str, Any], path: Path) -> None:
             colour = colours(depths.index(r["depth"]))
             per_epoch = len(r["batch_train_error"]) // epochs
             x = [(i + 1) / per_epoch for i in range(len(r["batch_train_error"]))]
-            ax.plot(x, _moving_average(r["batch_train_error"], per_epoch), color=colour, lw=1, label=f"{r['name']} train")
-            ax.plot(range(1, epochs + 1), r["test_error"], color=colour, lw=2.5, ls="--", marker="o", label=f"{r['name']} test")
+            ax.plot(
+                x, _moving_average(r["batch_train_error"], per_epoch), color=colour, lw=1, label=f"{r['name']} train"
+            )
+            ax.plot(
+                range(1, epochs + 1),
+                r["test_error"],
+                color=colour,
+                lw=2.5,
+                ls="--",
+                marker="o",
+                label=f"{r['name']} test",
+            )
         ax.set_title(f"{'plain networks' if kind == 'plain' else 'ResNets'} ({impl})")
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)

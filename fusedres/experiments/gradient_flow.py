@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fusedres.experiments._output import Progress, Table, pyplot
+from fusedres.experiments._output import Progress, Table, progress, pyplot
 from fusedres.experiments._setup import (
     build_models,
     check_positive,
@@ -117,7 +117,7 @@ def _grad_norms(model: StackMLP, x: Tensor, y: Tensor) -> tuple[list[float], flo
     return norms, loss.item()
 
 
-def _train(model: StackMLP, x: Tensor, y: Tensor, config: Config, seed: int, progress: Progress) -> None:
+def _train(model: StackMLP, x: Tensor, y: Tensor, config: Config, seed: int, bar: Progress) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
     generator = torch.Generator().manual_seed(seed + 1)  # the same batches for every network
     done = 0
@@ -130,7 +130,7 @@ def _train(model: StackMLP, x: Tensor, y: Tensor, config: Config, seed: int, pro
             loss.backward()
             optimizer.step()
             done += 1
-            progress.update(1)
+            bar.update(1)
 
 
 def _ratio(norms: list[float]) -> float:
@@ -151,7 +151,7 @@ def run(config: Config, impls: tuple[str, ...], seed: int, show_progress: bool) 
     x_probe, y_probe = x_all[probe], y_all[probe]
     results: dict[str, list[dict[str, Any]]] = {impl: [] for impl in impls}
     total = len(config.depths) * len(KINDS) * len(impls) * config.steps
-    with Progress(total, NAME, show_progress) as progress:
+    with progress(total, NAME, show_progress) as bar:
         for depth in config.depths:
             for kind in KINDS:
 
@@ -159,9 +159,9 @@ def run(config: Config, impls: tuple[str, ...], seed: int, show_progress: bool) 
                     return StackMLP(64, config.width, depth, 10, residual=kind == "residual", fused=fused)
 
                 for impl, model in build_models(build, impls, seed).items():
-                    progress.describe(f"{NAME} {kind}-{depth} {impl}")
+                    bar.describe(f"{NAME} {kind}-{depth} {impl}")
                     init, loss_init = _grad_norms(model, x_probe, y_probe)
-                    _train(model, x_all, y_all, config, seed, progress)
+                    _train(model, x_all, y_all, config, seed, bar)
                     trained, loss_trained = _grad_norms(model, x_probe, y_probe)
                     results[impl].append(
                         {

@@ -15,15 +15,16 @@ unit carries its input; near 1: it transforms), per unit, and for one test image
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fusedres.experiments._output import Progress, Table, pyplot
+from fusedres.experiments._output import Table, progress, pyplot
 from fusedres.experiments._setup import (
     build_models,
     check_positive,
@@ -146,9 +147,9 @@ def run(config: Config, impls: tuple[str, ...], seed: int, show_progress: bool) 
 
     results: dict[str, dict[str, Any]] = {}
     steps_per_epoch = -(-x_train.shape[0] // config.batch_size)
-    with Progress(len(impls) * config.epochs * steps_per_epoch, NAME, show_progress) as progress:
+    with progress(len(impls) * config.epochs * steps_per_epoch, NAME, show_progress) as bar:
         for impl, model in build_models(build, impls, seed).items():
-            progress.describe(f"{NAME} {impl}")
+            bar.describe(f"{NAME} {impl}")
             init = _gate_stats(model, x_test, y_test)
             optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
             generator = torch.Generator().manual_seed(seed + 1)
@@ -162,7 +163,7 @@ def run(config: Config, impls: tuple[str, ...], seed: int, show_progress: bool) 
                     loss.backward()
                     optimizer.step()
                     total += loss.item() * idx.numel()
-                    progress.update(1, loss=f"{loss.item():.3f}")
+                    bar.update(1, loss=f"{loss.item():.3f}")
                 losses.append(total / x_train.shape[0])
             results[impl] = {
                 "parameters": sum(p.numel() for p in model.parameters()),

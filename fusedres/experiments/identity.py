@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fusedres.experiments._output import Progress, Table, pyplot
+from fusedres.experiments._output import Progress, Table, progress, pyplot
 from fusedres.experiments._setup import (
     build_models,
     check_positive,
@@ -123,7 +123,7 @@ def _test_mse(model: IdentityStack, x: Tensor) -> float:
     return nn.functional.mse_loss(model(x), x).item()
 
 
-def _train(model: IdentityStack, data: dict[str, Tensor], config: Config, seed: int, progress: Progress) -> dict:
+def _train(model: IdentityStack, data: dict[str, Tensor], config: Config, seed: int, bar: Progress) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(seed + 1)  # the same batches for every stack
     x_train, x_test = data["train"], data["test"]
@@ -140,7 +140,7 @@ def _train(model: IdentityStack, data: dict[str, Tensor], config: Config, seed: 
             loss.backward()
             optimizer.step()
             total, count = total + loss.item() * idx.numel(), count + idx.numel()
-            progress.update(1)
+            bar.update(1)
         train_mse.append(total / count)
         test_mse.append(_test_mse(model, x_test))
     return {"test_mse": test_mse, "train_mse": train_mse}
@@ -162,7 +162,7 @@ def run(config: Config, impls: tuple[str, ...], seed: int, show_progress: bool) 
     results: dict[str, list[dict[str, Any]]] = {impl: [] for impl in impls}
     batches_per_epoch = sum(1 for i in range(0, config.train_size, config.batch_size) if config.train_size - i >= 2)
     total = len(config.depths) * len(KINDS) * len(impls) * config.epochs * batches_per_epoch
-    with Progress(total, NAME, show_progress) as progress:
+    with progress(total, NAME, show_progress) as bar:
         for depth in config.depths:
             for kind in KINDS:
 
@@ -170,13 +170,13 @@ def run(config: Config, impls: tuple[str, ...], seed: int, show_progress: bool) 
                     return IdentityStack(config.width, depth, residual=kind == "residual", fused=fused)
 
                 for impl, model in build_models(build, impls, seed).items():
-                    progress.describe(f"{NAME} {kind}-{depth} {impl}")
+                    bar.describe(f"{NAME} {kind}-{depth} {impl}")
                     record: dict[str, Any] = {
                         "kind": kind,
                         "depth": depth,
                         "parameters": sum(p.numel() for p in model.parameters()),
                     }
-                    record.update(_train(model, data, config, seed, progress))
+                    record.update(_train(model, data, config, seed, bar))
                     record["epochs_to_threshold"] = next(
                         (e for e, mse in enumerate(record["test_mse"]) if mse < THRESHOLD), None
                     )

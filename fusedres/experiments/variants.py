@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fusedres.experiments._output import Progress, Table, pyplot
+from fusedres.experiments._output import Table, progress, pyplot
 from fusedres.experiments._setup import build_models, check_positive, resolve_config
 from fusedres.nn import BatchNormAct1d, DenseBatchNormAct2d, Highway
 
@@ -153,7 +153,9 @@ def _block_records(config: Config, impls: tuple[str, ...], seed: int) -> list[di
             "kind": kind,
             "skip": skip,
             "output_width": out.shape[1],
-            "weights": sum(p.numel() for name, p in first.named_parameters() if name.endswith("weight") and p.dim() > 1),
+            "weights": sum(
+                p.numel() for name, p in first.named_parameters() if name.endswith("weight") and p.dim() > 1
+            ),
             "weights_formula": weight_count(kind, config.width),
             "parameters": sum(p.numel() for p in first.parameters()),
         }
@@ -215,7 +217,9 @@ def _model_record(name: str, config: Config, impls: tuple[str, ...], seed: int) 
         model.train()
         record["first_step_loss"][impl] = _step(model, optimizers[impl], x, y)[1]
     if len(impls) == 2:
-        record["first_step_loss_abs_diff"] = abs(record["first_step_loss"]["fused"] - record["first_step_loss"]["reference"])
+        record["first_step_loss_abs_diff"] = abs(
+            record["first_step_loss"]["fused"] - record["first_step_loss"]["reference"]
+        )
     seconds: dict[str, list[float]] = {impl: [] for impl in impls}
     for round_ in range(config.repeats):
         order = list(impls) if round_ % 2 == 0 else list(reversed(impls))
@@ -239,14 +243,14 @@ def run(config: Config, impls: tuple[str, ...], seed: int, show_progress: bool) 
     names = list(config.models) if config.models is not None else list_models()
     blocks = _block_records(config, impls, seed)
     models, timings = [], []
-    with Progress(len(names), NAME, show_progress) as progress:
+    with progress(len(names), NAME, show_progress) as bar:
         for name in names:
-            progress.describe(f"{NAME} {name}")
+            bar.describe(f"{NAME} {name}")
             record, timing = _model_record(name, config, impls, seed)
             models.append(record)
             if timing is not None:
                 timings.append(timing)
-            progress.update(1)
+            bar.update(1)
     agreement = None
     if len(impls) == 2:
         agreement = {
