@@ -268,7 +268,6 @@ def plot(payload: dict[str, Any], path: Path) -> None:
                     label=f"depth {depth}",
                 )
             ax.set_yscale("log")
-            ax.set_xscale("log")
             ax.set_title(f"{kind}, {when}")
             ax.set_xlabel("layer (1 = nearest the input)")
             ax.grid(True, which="both", alpha=0.3)
