@@ -5,8 +5,10 @@ of 16 / 32 / 64 channels, option-A shortcuts) and the same definition with ``sho
 ``plain20`` / ``plain56``: same layers, same parameters, no shortcuts). Each is trained from the same seed on
 scikit-learn's digits (1500 training / 297 test images: the 3x32x32 images of ``fusedres train``, averaged down to
 ``--image-size``, 16 by default: the 8x8 digits hold no more detail, and it is 4x less work) with
-He et al.'s optimiser (SGD, momentum 0.9, weight decay 1e-4, learning rate 0.1, constant here: the first phase of
-their schedule), the same batches in the same order for every network.
+He et al.'s optimiser (SGD, momentum 0.9, weight decay 1e-4, constant learning rate: the first phase of their
+schedule), the same batches in the same order for every network. Their batch of 128 would give only 12 updates
+per epoch of 1500 images, so the batch is 32 (47 updates per epoch) and their learning rate of 0.1 is scaled with
+it (0.1 x 32 / 128 = 0.025, the linear scaling rule).
 
 The effect to look for: the deeper plain net trains worse (higher training error) than the shallower one, while
 the deeper residual net does not. Training error is measured on each batch before its update (as in the paper's
@@ -41,8 +43,8 @@ class Config:
 
     depths: tuple[int, ...] = (20, 56)
     epochs: int = 6
-    batch_size: int = 128
-    lr: float = 0.1
+    batch_size: int = 32
+    lr: float = 0.025
     weight_decay: float = 1e-4
     max_batches: int | None = None
     image_size: int = 16

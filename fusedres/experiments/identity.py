@@ -38,7 +38,7 @@ NAME = "identity"
 SUMMARY = "MSE of plain vs residual stacks of depth 2-20 learning f(x) = x, at init and after each epoch"
 DEFAULT_IMPLEMENTATIONS = ("fused",)
 KINDS = ("plain", "residual")
-THRESHOLD = 0.01  # "learned": test MSE below 1% of Var(x)
+THRESHOLD = 0.1  # "learned": test MSE below 10% of Var(x)
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def run(config: Config, impls: tuple[str, ...], seed: int, show_progress: bool) 
     Returns:
         {"results": {impl: [record per stack]}, "agreement": {...} or None}; a record holds the kind, depth,
         parameters, test MSE at init and after each epoch (epochs + 1 values), mean training MSE per epoch and the
-        first epoch whose test MSE is below 0.01 (None if none).
+        first epoch whose test MSE is below THRESHOLD = 0.1 (None if none).
     """
     generator = torch.Generator().manual_seed(seed)
     data = {
@@ -196,7 +196,7 @@ def run(config: Config, impls: tuple[str, ...], seed: int, show_progress: bool) 
 
 
 def tables(payload: dict[str, Any]) -> list[Table]:
-    """Test MSE at init, after the first, middle and last epoch, and the epochs needed to get below 0.01."""
+    """Test MSE at init, after the first, middle and last epoch, and the epochs needed to get below THRESHOLD."""
     impl = payload["implementations"][0]
     cfg = payload["config"]
     epochs = cfg["epochs"]
