@@ -146,7 +146,10 @@ def test_schema_png_and_agreement(name: str, compare_runs: dict[str, dict], tmp_
         assert all(b["weights"] == b["weights_formula"] for b in blocks.values())
         assert agreement["block_output_max_abs_diff"] < 1e-5
         assert [m["model"] for m in results["models"]] == list(payload["config"]["models"])
-        assert all(m["first_step_loss_abs_diff"] < 1e-5 for m in results["models"])
+        for m in results["models"]:
+            assert m["first_step_loss_abs_diff"] < 1e-5
+            errors = m["first_step_loss_rel_error"]  # against the reference in float64
+            assert errors["fused"] <= 2 * errors["reference"] + 1e-6, m
         # Timings are recorded apart from the deterministic results, and nothing is asserted about their values.
         assert {t["model"] for t in payload["timing"]["models"]} == set(payload["config"]["models"])
 

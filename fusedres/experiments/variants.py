@@ -25,6 +25,7 @@ machine shared with other work), unlike every other number of the experiments.
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import statistics
 import time
@@ -213,13 +214,20 @@ def _model_record(name: str, config: Config, impls: tuple[str, ...], seed: int) 
         "parameters": sum(p.numel() for p in next(iter(models.values())).parameters()),
         "first_step_loss": {},
     }
+    if len(impls) == 2:  # the judge of the two float32 losses: the reference in float64, same weights and batch
+        with torch.no_grad():
+            exact = copy.deepcopy(models["reference"]).double().train()
+            record["first_step_loss"]["float64"] = nn.functional.cross_entropy(exact(x.double()), y).item()
+        del exact
     for impl, model in models.items():  # the warm-up step: also the first, deterministic, loss
         model.train()
         record["first_step_loss"][impl] = _step(model, optimizers[impl], x, y)[1]
     if len(impls) == 2:
-        record["first_step_loss_abs_diff"] = abs(
-            record["first_step_loss"]["fused"] - record["first_step_loss"]["reference"]
-        )
+        losses = record["first_step_loss"]
+        record["first_step_loss_abs_diff"] = abs(losses["fused"] - losses["reference"])
+        record["first_step_loss_rel_error"] = {
+            impl: abs(losses[impl] - losses["float64"]) / abs(losses["float64"]) for impl in impls
+        }
     seconds: dict[str, list[float]] = {impl: [] for impl in impls}
     for round_ in range(config.repeats):
         order = list(impls) if round_ % 2 == 0 else list(reversed(impls))
@@ -236,7 +244,8 @@ def run(config: Config, impls: tuple[str, ...], seed: int, show_progress: bool) 
 
     Returns:
         {"results": {"blocks": [...], "models": [...]}, "agreement": {...} or None, "timing": {"models": [...]}}:
-        results are deterministic (parameters, output widths, first-step losses); timings are not.
+        results are deterministic (parameters, output widths, first-step losses, with both implementations also the
+        float64 reference's loss and each float32 loss's relative error against it); timings are not.
     """
     from fusedres.models import list_models
 
@@ -258,6 +267,13 @@ def run(config: Config, impls: tuple[str, ...], seed: int, show_progress: bool) 
             "first_step_loss_max_abs_diff": max(
                 (m["first_step_loss_abs_diff"] for m in models if "first_step_loss_abs_diff" in m), default=0.0
             ),
+            "first_step_loss_max_rel_error_vs_float64": {
+                impl: max(
+                    (m["first_step_loss_rel_error"][impl] for m in models if "first_step_loss_rel_error" in m),
+                    default=0.0,
+                )
+                for impl in impls
+            },
         }
     return {"results": {"blocks": blocks, "models": models}, "agreement": agreement, "timing": {"models": timings}}
 
@@ -292,7 +308,7 @@ def tables(payload: dict[str, Any]) -> list[Table]:
     models = Table(
         f"variants: every model, one training step of {cfg['batch_size']} images 3x{cfg['image_size']}x"
         f"{cfg['image_size']} (median of {cfg['repeats']}; indicative timings)",
-        columns + (["speedup", "first-step loss |diff|"] if both else []),
+        columns + (["speedup", "loss: fused vs float64", "reference vs float64"] if both else []),
     )
     for m in payload["results"]["models"]:
         if "skipped" in m:
@@ -301,12 +317,22 @@ def tables(payload: dict[str, Any]) -> list[Table]:
         t = timing.get(m["model"], {"step_ms": {}})
         row = [m["model"], m["parameters"], *(t["step_ms"].get(impl) for impl in payload["implementations"])]
         if both:
-            row += [f"{t['speedup']:.2f}x" if "speedup" in t else None, f"{m['first_step_loss_abs_diff']:.1e}"]
+            errors = m["first_step_loss_rel_error"]
+            row += [
+                f"{t['speedup']:.2f}x" if "speedup" in t else None,
+                f"{errors['fused']:.1e}",
+                f"{errors['reference']:.1e}",
+            ]
         models.add(*row)
     models.notes.append(
         "speedup: median over rounds of reference / fused step time; timings are taken on a shared machine from "
         "one small step each and are indicative only"
     )
+    if both:
+        models.notes.append(
+            "loss vs float64: relative error of the first step's loss (same weights, same batch) against the "
+            "reference model run in float64"
+        )
     return [blocks, models]
 
 
