@@ -1,4 +1,5 @@
-"""``python -m fusedres bench [...]`` (fusedres/bench.py), ``train [...]`` (fusedres/train.py) and ``info``."""
+"""``python -m fusedres bench [...]`` (fusedres/bench.py), ``train [...]`` (fusedres/train.py), ``experiment NAME
+[...]`` (fusedres/experiments/) and ``info``."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def _info() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fusedres", description=__doc__)
-    sub = parser.add_subparsers(dest="command", metavar="{bench,train,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,train,experiment,info}")
     from fusedres import bench
 
     bench.add_arguments(
@@ -51,12 +52,24 @@ def main(argv: list[str] | None = None) -> int:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
+    from fusedres import experiments
+
+    experiments.add_arguments(
+        sub.add_parser(
+            "experiment",
+            help="the classic skip-connection experiments on the fused models: tables, JSON and plots",
+            description=experiments.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     sub.add_parser("info", help="what this build of fusedres can do")
     args = parser.parse_args(argv)
     if args.command == "bench":
         return bench.main(args)
     if args.command == "train":
         return train.main(args)
+    if args.command == "experiment":
+        return experiments.main(args)
     if args.command == "info":
         return _info()
     parser.print_help()

@@ -16,7 +16,8 @@ fused=False)``): one definition, two implementations, interchangeable state_dict
 
 CIFAR models (He et al. 2016, "Deep Residual Learning", section 4.2): ``resnet20/32/44/56/110`` have a 3x3 16-channel
 stem, three stages of n BasicBlocks with 16, 32 and 64 channels (depth 6n + 2) and parameter-free "option A"
-shortcuts (subsample by 2 and zero-pad the new channels). The pre-activation variants ``preact_resnet20`` ...
+shortcuts (subsample by 2 and zero-pad the new channels); ``plain20/32/44/56`` are the same nets without shortcuts
+(the paper's plain baselines, :class:`PlainBasicBlock`). The pre-activation variants ``preact_resnet20`` ...
 ``preact_resnet110`` (He et al. 2016, "Identity Mappings in Deep Residual Networks") order each block
 BN -> ReLU -> conv -> BN -> ReLU -> conv, plus a final BN -> ReLU before the pooling.
 
@@ -44,10 +45,15 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "CifarResNet",
+    "PlainBasicBlock",
     "PreActBasicBlock",
     "PreActResNet",
     "ResNet",
     "ShortcutA",
+    "plain20",
+    "plain32",
+    "plain44",
+    "plain56",
     "preact_resnet20",
     "preact_resnet32",
     "preact_resnet44",
@@ -166,6 +172,31 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.bn1(self.conv1(x))
         return self.bn2(self.conv2(out), identity)
+
+
+class PlainBasicBlock(nn.Module):
+    """A :class:`BasicBlock` without its shortcut: conv1 -> bn1 (BN+ReLU) -> conv2 -> bn2 (BN+ReLU).
+
+    He et al.'s "plain" counterpart of a residual block (2016, section 4.2): the same modules under the same names,
+    so a plain CIFAR net and the ResNet of the same depth have interchangeable state_dicts (option-A shortcuts hold
+    no parameters).
+    """
+
+    expansion: int = 1
+
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, *, norm_layer: NormLayer | None = None, fused: bool = True
+    ) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = make_norm(norm_layer, planes, "relu", fused)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = make_norm(norm_layer, planes, "relu", fused)
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: Tensor[N, inplanes, H, W] -> Tensor[N, planes, H / stride, W / stride]."""
+        return self.bn2(self.conv2(self.bn1(self.conv1(x))))
 
 
 class Bottleneck(nn.Module):
@@ -362,6 +393,8 @@ class CifarResNet(nn.Module):
         num_classes: output logits.
         fused, zero_init_residual, norm_layer: as :class:`ResNet`.
         in_channels: input image channels.
+        shortcut: False builds He et al.'s "plain" net of the same depth: :class:`PlainBasicBlock` s, no shortcuts
+            (``zero_init_residual`` is refused: it would zero the only path).
     """
 
     def __init__(
@@ -373,19 +406,25 @@ class CifarResNet(nn.Module):
         zero_init_residual: bool = False,
         norm_layer: NormLayer | None = None,
         in_channels: int = 3,
+        shortcut: bool = True,
     ) -> None:
         super().__init__()
         n = _cifar_blocks(depth)
+        if zero_init_residual and not shortcut:
+            raise ValueError("zero_init_residual=True needs shortcut=True (a plain net has no residual branch)")
         self.fused = bool(fused)
         self.conv1 = conv3x3(in_channels, 16)
         self.bn1 = make_norm(norm_layer, 16, "relu", self.fused)
         inplanes = 16
         for i, planes in enumerate((16, 32, 64)):
-            blocks = []
+            blocks: list[nn.Module] = []
             for j in range(n):
                 stride = 2 if i > 0 and j == 0 else 1
-                downsample = ShortcutA(inplanes, planes, stride) if stride != 1 or inplanes != planes else None
-                blocks.append(BasicBlock(inplanes, planes, stride, downsample, norm_layer=norm_layer, fused=fused))
+                if not shortcut:
+                    blocks.append(PlainBasicBlock(inplanes, planes, stride, norm_layer=norm_layer, fused=fused))
+                else:
+                    downsample = ShortcutA(inplanes, planes, stride) if stride != 1 or inplanes != planes else None
+                    blocks.append(BasicBlock(inplanes, planes, stride, downsample, norm_layer=norm_layer, fused=fused))
                 inplanes = planes
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
@@ -579,6 +618,21 @@ def _cifar_builder(depth: int, preact: bool) -> Callable[..., nn.Module]:
     return register_model(build)
 
 
+def _plain_builder(depth: int) -> Callable[..., CifarResNet]:
+    def build(*, num_classes: int = 10, fused: bool = True, **kwargs: Any) -> CifarResNet:
+        return CifarResNet(depth, num_classes, fused=fused, shortcut=False, **kwargs)
+
+    build.__name__ = build.__qualname__ = f"plain{depth}"
+    build.__doc__ = f"""He et al.'s plain-{depth}: ResNet-{depth} for CIFAR without its shortcuts (the paper's Figure 1).
+
+    Args:
+        num_classes: output logits (10 for CIFAR-10).
+        fused: False builds the same model on the pure PyTorch reference.
+        **kwargs: norm_layer, in_channels (see :class:`CifarResNet`).
+    """
+    return register_model(build)
+
+
 resnet20 = _cifar_builder(20, preact=False)
 resnet32 = _cifar_builder(32, preact=False)
 resnet44 = _cifar_builder(44, preact=False)
@@ -589,3 +643,7 @@ preact_resnet32 = _cifar_builder(32, preact=True)
 preact_resnet44 = _cifar_builder(44, preact=True)
 preact_resnet56 = _cifar_builder(56, preact=True)
 preact_resnet110 = _cifar_builder(110, preact=True)
+plain20 = _plain_builder(20)
+plain32 = _plain_builder(32)
+plain44 = _plain_builder(44)
+plain56 = _plain_builder(56)

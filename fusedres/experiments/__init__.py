@@ -1,0 +1,128 @@
+"""``python -m fusedres experiment NAME``: the classic skip-connection experiments on the fused models.
+
+    python -m fusedres experiment gradient-flow            # plain vs residual gradient norms, depths 5-100
+    python -m fusedres experiment degradation               # He et al.'s Figure 1: plain-20/56 vs ResNet-20/56
+    python -m fusedres experiment identity                  # how fast plain / residual stacks learn f(x) = x
+    python -m fusedres experiment highway-gates             # transform-gate activity of a trained highway MLP
+    python -m fusedres experiment variants                  # residual / dense / highway blocks; every model
+    python -m fusedres experiment NAME --reference          # the same on the pure-PyTorch reference models
+    python -m fusedres experiment NAME --compare --out DIR  # both, same weights and data; files in DIR
+
+Each prints its table(s) and writes ``DIR/NAME.json`` (configuration, every measured number) and
+``DIR/NAME.png`` (the plot). Data: scikit-learn's digits (offline) or synthetic; nothing is downloaded.
+Deterministic: the same ``--seed`` gives the same numbers (timings aside), fused and reference start from the
+same weights. ``python -m fusedres experiment NAME --help`` lists an experiment's sizes and their defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import platform
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from fusedres.experiments import degradation, gradient_flow, highway_gates, identity, variants
+from fusedres.experiments._output import write_json
+from fusedres.experiments._setup import add_common_arguments, implementations
+
+__all__ = ["EXPERIMENTS", "SCHEMA_VERSION", "add_arguments", "main", "run_experiment"]
+
+SCHEMA_VERSION = 1
+EXPERIMENTS: dict[str, ModuleType] = {
+    module.NAME: module for module in (gradient_flow, degradation, identity, highway_gates, variants)
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One sub-command per experiment, each with the common options and its own sizes."""
+    sub = parser.add_subparsers(dest="experiment", metavar="{" + ",".join(EXPERIMENTS) + "}", required=True)
+    for name, module in EXPERIMENTS.items():
+        p = sub.add_parser(
+            name,
+            help=module.SUMMARY,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+        add_common_arguments(p, module.DEFAULT_IMPLEMENTATIONS)
+
+
+def _finite(value: Any) -> Any:
+    """value with every NaN / infinity replaced by None (JSON has no spelling for them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs the experiment ``args`` names, prints its tables, writes its JSON file and plot.
+
+    Returns:
+        The payload written as JSON: experiment, schema_version, seed, implementations, config, results,
+        agreement (fused vs reference, or None), timing (variants only, else None), environment, files.
+    """
+    module = EXPERIMENTS[args.experiment]
+    try:
+        config = module.configure(args)
+    except ValueError as e:
+        raise SystemExit(f"python -m fusedres experiment {module.NAME}: {e}") from e
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    impls = implementations(args)
+    out = Path(args.out)
+    files = {"json": str(out / f"{module.NAME}.json"), "png": None if args.no_plot else str(out / f"{module.NAME}.png")}
+    print(
+        f"fusedres experiment {module.NAME}: {' and '.join(impls)} models, seed {args.seed}, "
+        f"torch threads {torch.get_num_threads()}, {', '.join(f'{k} {v}' for k, v in dataclasses.asdict(config).items())}",
+        flush=True,
+    )
+    try:
+        measured = module.run(config, impls, args.seed, not args.quiet)
+    except (ModuleNotFoundError, ValueError) as e:
+        raise SystemExit(f"python -m fusedres experiment {module.NAME}: {e}") from e
+    payload: dict[str, Any] = {
+        "experiment": module.NAME,
+        "schema_version": SCHEMA_VERSION,
+        "seed": args.seed,
+        "implementations": list(impls),
+        "config": dataclasses.asdict(config),
+        "results": measured["results"],
+        "agreement": measured.get("agreement"),
+        "timing": measured.get("timing"),
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads(),
+            "isa": torch.backends.cpu.get_cpu_capability(),
+        },
+        "files": files,
+    }
+    for table in module.tables(payload):
+        print()
+        print(table.as_markdown() if args.markdown else table.render(), flush=True)
+    write_json(Path(files["json"]), _finite(payload))
+    print(f"\nwrote {files['json']}", flush=True)
+    if files["png"] is not None:
+        try:
+            module.plot(payload, Path(files["png"]))
+        except ModuleNotFoundError as e:
+            raise SystemExit(f"python -m fusedres experiment {module.NAME}: {e}") from e
+        print(f"wrote {files['png']}", flush=True)
+    return payload
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``python -m fusedres experiment`` (parsed options of :func:`add_arguments`)."""
+    run_experiment(args)
+    return 0
