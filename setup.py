@@ -5,6 +5,9 @@ Knobs (environment variables):
   TORCH_CUDA_ARCH_LIST     CUDA archs to build for (default "8.0;9.0").
   MAX_JOBS                 parallel compile jobs (ninja), honoured by torch's build_ext.
   FUSEDRES_DEBUG=1         -O0 -g build.
+  FUSEDRES_SANITIZE=1      AddressSanitizer + UndefinedBehaviorSanitizer build of the C++ (host) code, -O1 -g; load
+                           it with the runtimes preloaded (tools/sanitize.sh builds it into build/sanitize and runs
+                           the tests: `make sanitize`).
 """
 
 from __future__ import annotations
@@ -79,15 +82,19 @@ def get_extensions():
     if mode == "1" and cuda_home is None:
         raise SystemExit("FUSEDRES_CUDA=1 but no nvcc was found (set CUDA_HOME)")
     debug = os.environ.get("FUSEDRES_DEBUG", "0") == "1"
+    sanitize = os.environ.get("FUSEDRES_SANITIZE", "0") == "1"
 
     sources = ["csrc/fusedres.cpp"] + sorted(set(glob.glob("csrc/*.cpp")) - {"csrc/fusedres.cpp"})
     # Baseline translation units first: for inline functions that several TUs emit, the linker keeps the
     # first copy, so the ISA-specific kernel TUs (listed last) never provide code the baseline path runs.
     sources += sorted(glob.glob("csrc/cpu/*.cpp"), key=lambda s: ("_avx" in s, s))
     opt = ["-O0", "-g"] if debug else ["-O3"]
+    # -O1 keeps a sanitized build fast enough to run the tests and its stacks readable.
+    sanitizer = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1"] if sanitize else []
     cxx_flags = opt + ["-std=c++20", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-fopenmp"]
+    cxx_flags += sanitizer
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
-    extra_link = ["-fopenmp"]
+    extra_link = ["-fopenmp"] + (["-fsanitize=address,undefined"] if sanitize else [])
     include_dirs = [os.path.join(ROOT, "csrc")]
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     if with_cuda:
@@ -124,7 +131,7 @@ def get_extensions():
     print(
         f"fusedres build: cuda={'yes' if with_cuda else 'no'} (FUSEDRES_CUDA={mode}, CUDA_HOME={cuda_home}), "
         f"archs={archs if with_cuda else '-'}, MAX_JOBS={os.environ.get('MAX_JOBS', 'default')}, "
-        f"debug={debug}, sources={len(sources)}",
+        f"debug={debug}, sanitize={sanitize}, sources={len(sources)}",
         flush=True,
     )
     return [ext], BuildExtension

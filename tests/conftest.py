@@ -13,6 +13,8 @@ INFO = fusedres.info()
 NATIVE = INFO["native_loaded"]
 ALLOW_NO_NATIVE = os.environ.get("FUSEDRES_ALLOW_NO_NATIVE") == "1"
 CUDA_READY = NATIVE and INFO["cuda_compiled"] and torch.cuda.is_available()
+# Long runs (every model under autocast and torch.compile, ...): skipped unless asked for (make test-models).
+EXHAUSTIVE = os.environ.get("FUSEDRES_EXHAUSTIVE") == "1"
 
 
 def _cuda_skip_reason() -> str:
@@ -25,6 +27,11 @@ def _cuda_skip_reason() -> str:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "needs_native: needs the native module fusedres._C (torch.ops.fusedres)")
+    config.addinivalue_line(
+        "markers",
+        "exhaustive: too slow for make test on 2 CPU cores (tens of minutes in all); run with FUSEDRES_EXHAUSTIVE=1 "
+        "(make test-models)",
+    )
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -40,7 +47,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_cuda = pytest.mark.skip(reason=_cuda_skip_reason())
     skip_native = pytest.mark.skip(reason=f"needs the native module fusedres._C: {INFO['native_error']}")
+    skip_exhaustive = pytest.mark.skip(reason="exhaustive: set FUSEDRES_EXHAUSTIVE=1 (make test-models) to run it")
     for item in items:
+        if "exhaustive" in item.keywords and not EXHAUSTIVE:
+            item.add_marker(skip_exhaustive)
         if "needs_cuda" in item.keywords and not CUDA_READY:
             item.add_marker(skip_cuda)
         if "needs_native" in item.keywords and not NATIVE:

@@ -15,6 +15,11 @@ from fusedres.nn.highway import Highway, HighwayConv2d
 
 __all__ = ["HighwayConvNet", "HighwayMLP", "highway_convnet", "highway_mlp"]
 
+# highway_mlp's defaults fit ``python -m fusedres train``'s images (3x32x32, digits upsampled or CIFAR-10), flattened.
+MLP_IN_FEATURES = 3 * 32 * 32
+MLP_HIDDEN = 256
+MLP_DEPTH = 10
+
 
 class HighwayMLP(nn.Module):
     """``stem`` Linear(in_features, hidden) -> ``layers``: depth x Highway(hidden) -> ``fc`` Linear(hidden, classes).
@@ -25,10 +30,10 @@ class HighwayMLP(nn.Module):
 
     def __init__(
         self,
-        in_features: int,
-        hidden: int,
-        depth: int,
-        num_classes: int,
+        in_features: int = MLP_IN_FEATURES,
+        hidden: int = MLP_HIDDEN,
+        depth: int = MLP_DEPTH,
+        num_classes: int = 10,
         *,
         fused: bool = True,
         activation: str = "relu",
@@ -38,6 +43,7 @@ class HighwayMLP(nn.Module):
         super().__init__()
         if depth < 0:
             raise ValueError(f"depth must be >= 0, got {depth}")
+        self.in_features = int(in_features)
         self.stem = nn.Linear(in_features, hidden)
         self.layers = nn.Sequential(
             *(
@@ -49,7 +55,13 @@ class HighwayMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: Tensor[N, *] with prod(*) = in_features -> logits Tensor[N, num_classes]."""
-        return self.fc(self.layers(self.stem(x.flatten(1))))
+        x = x.flatten(1)
+        if x.shape[1] != self.in_features:
+            raise ValueError(
+                f"x must have in_features={self.in_features} values per sample (flattened from dim 1), got shape "
+                f"{list(x.shape)}: build highway_mlp(in_features=...) for this input"
+            )
+        return self.fc(self.layers(self.stem(x)))
 
 
 class HighwayConvNet(nn.Module):
@@ -95,10 +107,10 @@ class HighwayConvNet(nn.Module):
 
 
 def highway_mlp(
-    in_features: int,
-    hidden: int,
-    depth: int,
-    num_classes: int,
+    in_features: int = MLP_IN_FEATURES,
+    hidden: int = MLP_HIDDEN,
+    depth: int = MLP_DEPTH,
+    num_classes: int = 10,
     *,
     fused: bool = True,
     activation: str = "relu",
@@ -106,6 +118,9 @@ def highway_mlp(
     coupled: bool = True,
 ) -> HighwayMLP:
     """A fully connected highway network.
+
+    The defaults (``get_model("highway_mlp")``) take the 3x32x32 images of ``python -m fusedres train`` (3072
+    features once flattened): 10 highway layers of width 256, 10 classes.
 
     Args:
         in_features: input features (the input is flattened from dimension 1).

@@ -74,6 +74,19 @@ def _conv(x: Tensor, weight: Tensor, padding: int) -> Tensor:
     return torch.ops.aten.convolution(x, weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1)
 
 
+def _autocast_dtype(t: Tensor) -> torch.dtype:
+    """The dtype autocast gives ``t`` as an operand of a convolution (on every device's lower-precision list).
+
+    Autocast casts a floating operand on its device to the autocast dtype unless it is float64; the unit calls
+    ``aten.convolution`` (which autocast does not intercept) and its backward runs outside any autocast region,
+    so it applies that rule itself and records the result for backward.
+    """
+    device = t.device.type
+    if t.is_floating_point() and t.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return t.dtype
+
+
 class _DenseBnActConvFunction(torch.autograd.Function):
     """conv(act(BN(cat(inputs)))) in training mode, keeping only the inputs and per-channel vectors."""
 
@@ -98,7 +111,10 @@ class _DenseBnActConvFunction(torch.autograd.Function):
             list(inputs), weight, bias, running_mean, running_var, batch_mean, batch_var, True, momentum, eps,
             activation, negative_slope,
         )  # fmt: skip
-        out = _conv(normed, conv_weight, padding)
+        # Under autocast the convolution runs in the autocast dtype, as F.conv2d would; BatchNorm + act (not on
+        # any autocast list) run in the inputs' dtype, as F.batch_norm would.
+        ctx.normed_dtype, ctx.conv_dtypes = normed.dtype, (_autocast_dtype(normed), _autocast_dtype(conv_weight))
+        out = _conv(normed.to(ctx.conv_dtypes[0]), conv_weight.to(ctx.conv_dtypes[1]), padding)
         del normed  # the point of the exercise: backward recomputes it
         ctx.save_for_backward(conv_weight, weight, bias, batch_mean, batch_var, *inputs)
         ctx.eps = eps
@@ -122,11 +138,16 @@ class _DenseBnActConvFunction(torch.autograd.Function):
             ctx.negative_slope,
         )  # fmt: skip
         p = ctx.padding
+        normed_dtype, weight_dtype = ctx.conv_dtypes
         grad_normed, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
-            grad_out, normed, conv_weight, None, [1, 1], [p, p], [1, 1], False, [0, 0], 1,
-            [need_bn, need_conv_weight, False],
+            grad_out.to(normed_dtype), normed.to(normed_dtype), conv_weight.to(weight_dtype), None, [1, 1], [p, p],
+            [1, 1], False, [0, 0], 1, [need_bn, need_conv_weight, False],
         )  # fmt: skip
         del normed
+        if need_bn:  # the gradients of autocast's casts: back to the dtypes of the tensors that were cast
+            grad_normed = grad_normed.to(ctx.normed_dtype)
+        if need_conv_weight:
+            grad_conv_weight = grad_conv_weight.to(conv_weight.dtype)
         grad_inputs: list[Tensor | None] = [None] * len(inputs)
         grad_weight = grad_bias = None
         if need_bn:

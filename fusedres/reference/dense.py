@@ -35,7 +35,6 @@ def check_dense_inputs(inputs: object) -> list[Tensor]:
         if not isinstance(x, Tensor):
             raise TypeError(f"inputs[{j}] must be a Tensor, got {type(x).__name__}")
     x0 = inputs[0]
-    expected = "[" + ", ".join([str(x0.shape[0]), "*", *map(str, x0.shape[2:])]) + "]"
     if not 2 <= x0.dim() <= 5:
         raise ValueError(
             "inputs[0] must have 2 to 5 dimensions ((N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W)), got "
@@ -45,6 +44,8 @@ def check_dense_inputs(inputs: object) -> list[Tensor]:
         raise TypeError(f"inputs must have a floating dtype (float32, float64, bfloat16 or float16), got {x0.dtype}")
     for j, x in enumerate(inputs[1:], 1):
         if x.dim() != x0.dim() or x.shape[0] != x0.shape[0] or x.shape[2:] != x0.shape[2:]:
+            # Built only on failure: str() of a symbolic size would break a torch.compile graph on every call.
+            expected = "[" + ", ".join([str(x0.shape[0]), "*", *map(str, x0.shape[2:])]) + "]"
             raise ValueError(
                 f"inputs[{j}] must have the batch size and spatial size of inputs[0] (shape {expected}; only the "
                 f"channels, dim 1, may differ), got shape {list(x.shape)}"

@@ -1,0 +1,286 @@
+"""A training step of every model of ``fusedres.models.list_models()``, fused against the reference, as a new user
+would run it: default arguments plus ``num_classes``, a small batch, in float64, float32, channels_last, CPU bfloat16
+autocast and under ``torch.compile``.
+
+A step is forward, cross-entropy, backward and one SGD step (momentum 0.9). Every parameter must get a finite
+gradient of its own dtype. What is compared:
+
+* float64 (the CIFAR-sized models, where it is cheap): everything a step produces — loss, logits, every parameter
+  gradient, every parameter after the step and every buffer (running statistics) — fused equal to the reference
+  to float64 rounding amplified by the depth of the network.
+* float32 and channels_last: the forward results (loss, logits, running statistics after the step) within 2x the
+  reference model's float32 error of the float64 reference step (CIFAR models), or equal to the reference's float32
+  step to float32 tolerance (ImageNet models, no float64 run); the gradients together (one vector) to a deep-network
+  float32 tolerance. Per-tensor gradient errors are not judged in float32: one ReLU whose input is within rounding of
+  zero takes the other branch in one of the two float32 networks (their rounding differs) and moves every upstream
+  gradient by ~1e-3 relative — resnet110 does that here; float64 parity is the gradients' check.
+* autocast (bfloat16): loss, logits, running statistics and the gradient vector within 2x the reference model's
+  autocast error of the reference's float32 step, plus a bfloat16 floor.
+* torch.compile (Inductor) of the fused model: one graph, no graph break, no recompile on the next step, the eager
+  reference's float32 step to float32 tolerance.
+
+Inputs: CIFAR-sized models take 2 x 3 x 32 x 32; ImageNet models 2 x 3 x 64 x 64, so that their last stage still
+sees 8 values per channel (with 2, BatchNorm's output is +-1 whatever the input and the step is ill-conditioned:
+float32 and float64 losses of densenet121 differ in the second digit).
+
+Default run (``make test``): float64 / float32 / channels_last for every CIFAR-sized model and for one ImageNet model
+of each block type (resnet18, resnet50, resnext50_32x4d, densenet121); autocast for one model of each kind; compile
+for the small models. bfloat16 convolutions and Inductor compiles are slow on 2 CPU cores and the deeper ImageNet
+models only repeat the same blocks, so the rest is marked ``exhaustive`` (``make test-models``,
+``FUSEDRES_EXHAUSTIVE=1``: tens of minutes).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch._dynamo.utils import counters
+
+from fusedres.models import get_model, list_models
+
+pytestmark = pytest.mark.needs_native
+
+MODELS = list_models()
+NUM_CLASSES = 10
+BATCH = 2
+CIFAR = {
+    "densenet_bc_100", "highway_convnet", "highway_mlp", "preact_resnet20", "preact_resnet32", "preact_resnet44",
+    "preact_resnet56", "preact_resnet110", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+}  # fmt: skip
+IMAGENET_DEFAULT = {"resnet18", "resnet50", "resnext50_32x4d", "densenet121"}
+# One model of each kind for the slow modes: CIFAR ResNet (option-A shortcut), pre-activation ResNet, ImageNet
+# BasicBlock and Bottleneck, the CIFAR and ImageNet DenseNets, both highway networks.
+AUTOCAST_DEFAULT = {
+    "resnet20", "preact_resnet20", "resnet18", "resnet50", "densenet_bc_100", "densenet121", "highway_mlp",
+    "highway_convnet",
+}  # fmt: skip
+COMPILE_DEFAULT = {"resnet20", "preact_resnet20", "highway_mlp", "highway_convnet"}
+
+# Relative (to each tensor's norm) floors of the 2x rule: float32 summation noise of a deep network; bfloat16.
+FLOOR32 = 1e-5
+FLOOR_AUTOCAST = 4e-3
+# Fused vs reference float32, no float64 judge (ImageNet models, compiled models): forward results; gradients.
+TOL_FORWARD32 = 1e-4
+TOL_GRADS32 = 1e-2
+# float64 fused vs reference: 1e-16 rounding amplified by up to 100 layers.
+TOL64 = 1e-8
+
+
+def image_size(name: str) -> int:
+    return 32 if name in CIFAR else 64
+
+
+def _params(modes: dict[str, set[str]], names=MODELS) -> list:
+    """(name, mode) cases, model by model (one model pair is alive at a time); non-default ones are exhaustive."""
+    return [
+        pytest.param(name, mode, marks=[] if name in default else [pytest.mark.exhaustive], id=f"{name}-{mode}")
+        for name in names
+        for mode, default in modes.items()
+    ]
+
+
+# ------------------------------------------------------------------------------------------------------- harness
+
+
+class Pair:
+    """The reference model built with a fixed seed and the fused model loaded with its state_dict, a batch, the
+    initial state, and the reference's step results per setting (several tests judge against the same ones)."""
+
+    def __init__(self, name: str) -> None:
+        torch.manual_seed(0)
+        self.name = name
+        self.ref = get_model(name, fused=False, num_classes=NUM_CLASSES)
+        self.fused = get_model(name, fused=True, num_classes=NUM_CLASSES)
+        self.state = {k: v.clone() for k, v in self.ref.state_dict().items()}
+        self.fused.load_state_dict(self.state, strict=True)
+        g = torch.Generator().manual_seed(1)
+        size = image_size(name)
+        self.x = torch.randn(BATCH, 3, size, size, generator=g)
+        self.y = torch.randint(0, NUM_CLASSES, (BATCH,), generator=g)
+        self.results: dict[tuple, dict] = {}
+
+    def reset(self, model: nn.Module, dtype: torch.dtype, channels_last: bool) -> nn.Module:
+        model.to(dtype=dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        model.load_state_dict(self.state, strict=True)
+        return model
+
+    def step(self, fused: bool, dtype: torch.dtype = torch.float32, channels_last: bool = False, amp: bool = False):
+        key = (fused, dtype, channels_last, amp)
+        if key not in self.results:
+            model = self.reset(self.fused if fused else self.ref, dtype, channels_last)
+            x = self.x.to(dtype)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            self.results[key] = training_step(model, model, x, self.y, amp)
+        return self.results[key]
+
+
+@functools.lru_cache(maxsize=1)
+def pair(name: str) -> Pair:
+    return Pair(name)
+
+
+def training_step(call: nn.Module, model: nn.Module, x: Tensor, y: Tensor, amp: bool) -> dict[str, Tensor]:
+    """Forward (through ``call``), cross-entropy, backward, one SGD step of ``model``; everything it produces, in
+    float64: "loss", "logits", "grad <name>", "param <name>" (after the step), "buffer <name>"."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        logits = call(x)
+    loss = F.cross_entropy(logits.float(), y)
+    loss.backward()
+    out = {"loss": loss.detach().double().reshape(1), "logits": logits.detach().double()}
+    for n, p in model.named_parameters():
+        assert p.grad is not None, f"{n}: no gradient"
+        assert p.grad.dtype == p.dtype, f"{n}: gradient dtype {p.grad.dtype} != parameter dtype {p.dtype}"
+        assert torch.isfinite(p.grad).all(), f"{n}: non-finite gradient"
+        out[f"grad {n}"] = p.grad.detach().double()
+    opt.step()
+    for n, p in model.named_parameters():
+        out[f"param {n}"] = p.detach().double()
+    for n, b in model.named_buffers():
+        out[f"buffer {n}"] = b.detach().double()
+    return out
+
+
+def rel(a: Tensor, b: Tensor) -> float:
+    """||a - b|| / ||b|| (0 when both are zero)."""
+    num, den = (a - b).norm().item(), b.norm().item()
+    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+def forward_part(res: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Loss, logits and buffers (running statistics: forward quantities, continuous in the inputs)."""
+    return {k: v for k, v in res.items() if k in ("loss", "logits") or k.startswith("buffer ")}
+
+
+def grad_vector(res: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {"gradients (one vector)": torch.cat([v.flatten() for k, v in res.items() if k.startswith("grad ")])}
+
+
+def assert_2x_rel(ours: dict, same: dict, judge: dict, floor: float, what: str) -> None:
+    """Per entry: rel(ours, judge) <= 2 rel(same, judge) + floor (``same``: the reference in ours' setting)."""
+    assert ours.keys() == judge.keys() == same.keys()
+    bad = []
+    for k, j in judge.items():
+        assert torch.isfinite(ours[k]).all(), f"{what}: {k} is not finite"
+        err, ref_err = rel(ours[k], j), rel(same[k], j)
+        if not err <= 2 * ref_err + floor:
+            bad.append(f"{k}: {err:.3g} > 2 x {ref_err:.3g} + {floor:g}")
+    assert not bad, f"{what}: {len(bad)} of {len(judge)} outside the 2x rule:\n  " + "\n  ".join(bad[:10])
+
+
+def assert_close_rel(ours: dict, same: dict, tol: float, what: str) -> None:
+    assert ours.keys() == same.keys()
+    bad = [f"{k}: {rel(ours[k], v):.3g}" for k, v in same.items() if not rel(ours[k], v) <= tol]
+    assert not bad, f"{what}: {len(bad)} of {len(same)} differ by more than {tol:g} (relative norm):\n  " + "\n  ".join(
+        bad[:10]
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ the tests
+
+EAGER_DEFAULT = CIFAR | IMAGENET_DEFAULT
+
+
+@pytest.mark.parametrize(("name", "mode"), _params({"float64": CIFAR}, [n for n in MODELS if n in CIFAR]))
+def test_training_step_float64(name: str, mode: str) -> None:
+    """The fused and reference models compute the same training step (everything it produces)."""
+    p = pair(name)
+    assert_close_rel(p.step(True, torch.float64), p.step(False, torch.float64), TOL64, f"{name} float64")
+
+
+@pytest.mark.parametrize(("name", "mode"), _params({"float32": EAGER_DEFAULT, "channels_last": EAGER_DEFAULT}))
+def test_training_step_float32(name: str, mode: str) -> None:
+    p = pair(name)
+    cl = mode == "channels_last"
+    ours, same = p.step(True, channels_last=cl), p.step(False, channels_last=cl)
+    if name in CIFAR:
+        judge = p.step(False, torch.float64)
+        assert_2x_rel(forward_part(ours), forward_part(same), forward_part(judge), FLOOR32, f"{name} {mode}")
+    else:
+        assert_close_rel(forward_part(ours), forward_part(same), TOL_FORWARD32, f"{name} {mode}")
+    assert_close_rel(grad_vector(ours), grad_vector(same), TOL_GRADS32, f"{name} {mode}")
+
+
+@pytest.mark.parametrize(("name", "mode"), _params({"autocast": AUTOCAST_DEFAULT}))
+def test_training_step_autocast(name: str, mode: str) -> None:
+    """CPU bfloat16 autocast, judged against the reference's float32 step."""
+    p = pair(name)
+    ours, same, judge = p.step(True, amp=True), p.step(False, amp=True), p.step(False)
+    assert ours["logits"].shape == (BATCH, NUM_CLASSES)
+    sel = lambda r: {**forward_part(r), **grad_vector(r)}  # noqa: E731
+    assert_2x_rel(sel(ours), sel(same), sel(judge), FLOOR_AUTOCAST, f"{name} autocast")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "mode"), _params({"compile": COMPILE_DEFAULT}))
+def test_training_step_compiled(name: str, mode: str) -> None:
+    p = pair(name)
+    torch._dynamo.reset()
+    counters.clear()
+    model = p.reset(p.fused, torch.float32, False)
+    compiled = torch.compile(model)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        ours = training_step(compiled, model, p.x, p.y, False)
+        training_step(compiled, model, p.x, p.y, False)  # the next step runs the same graph
+    assert not counters["graph_break"], f"{name}: graph breaks {dict(counters['graph_break'])}"
+    assert counters["stats"]["unique_graphs"] == 1, f"{name}: {dict(counters['stats'])}"
+    same = p.step(False)
+    assert_close_rel(forward_part(ours), forward_part(same), TOL_FORWARD32, f"{name} compiled")
+    assert_close_rel(grad_vector(ours), grad_vector(same), TOL_GRADS32, f"{name} compiled")
+
+
+def test_compiled_densenet_does_not_recompile_per_layer() -> None:
+    """torch.compile of a fused DenseNet traces the whole model once: its layers take lists of different lengths,
+    so a graph break inside a layer would compile the layer's forward once per length (Dynamo's recompile limit is
+    8: a 16-layer block then runs eager). Static shapes, then dynamic ones (a changed batch size), no recompile.
+    Dynamo's "eager" backend: the guards and graph breaks are Dynamo's, whatever the backend."""
+    from fusedres.models.densenet import DenseNet
+
+    torch.manual_seed(0)
+    model = DenseNet(growth_rate=4, block_config=(10, 2), num_init_features=8, bn_size=2, num_classes=5, small_inputs=True)
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, backend="eager", dynamic=dynamic)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for batch in (2, 3) if dynamic else (2, 2):
+                compiled(torch.randn(batch, 3, 8, 8)).sum().backward()
+        assert not counters["graph_break"], f"dynamic={dynamic}: graph breaks {dict(counters['graph_break'])}"
+        assert counters["frames"]["total"] == 1 and counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+# --------------------------------------------------------------------------------------- what a model cannot do
+
+
+def test_clear_errors() -> None:
+    """Misuse is refused up front with a message naming the argument, never a crash deep inside."""
+    with pytest.raises(ValueError, match=r"name must be one of the registered models .*got 'resnet9'"):
+        get_model("resnet9")
+    mlp = get_model("highway_mlp", num_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match=r"in_features=3072 values per sample .* got shape \[2, 784\]"):
+        mlp(torch.randn(2, 1, 28, 28))
+    with pytest.raises(ValueError, match="norm_layer must be a callable"):
+        get_model("resnet20", norm_layer=nn.BatchNorm2d)
+    with pytest.raises(ValueError, match="checkpoint=True is the reference's torchvision-style baseline"):
+        get_model("densenet_bc_100", checkpoint=True)
+    # Double backward (e.g. a gradient penalty) through the fused kernels is refused explicitly.
+    model = get_model("resnet20", num_classes=NUM_CLASSES)
+    x = torch.randn(BATCH, 3, 32, 32, requires_grad=True)
+    (gx,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        gx.square().sum().backward()
+
+
+def test_default_run_covers_every_kind() -> None:
+    """Every registered model is in the matrix; the default subsets name registered models only."""
+    assert set(MODELS) >= CIFAR | IMAGENET_DEFAULT | AUTOCAST_DEFAULT | COMPILE_DEFAULT
+    assert {n for n in MODELS if n not in CIFAR} >= IMAGENET_DEFAULT
