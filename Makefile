@@ -34,7 +34,7 @@ test: install
 bench: install
 	$(PY) -m fusedres bench
 
-# Same allocator setting as `fusedres bench` (DESIGN.md section 6: no page faults in the timings).
+# Same allocator setting as `fusedres bench` (docs/design.md section 6: no page faults in the timings).
 bench-pytest: install
 	MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 $(PY) -m pytest benchmarks --benchmark-only
 

@@ -6,9 +6,9 @@ One group per shape x layout x residual x direction, holding the three implement
 * ``fwd+bwd``  training forward + ``torch.autograd.grad`` of input, residual, weight and bias;
 * ``eval``     eval forward under ``torch.no_grad()``.
 
-``extra_info`` carries the minimal bytes of the call (DESIGN.md section 1, 1-bit mask) and the achieved GB/s at the
+``extra_info`` carries the minimal bytes of the call (docs/design.md section 1, 1-bit mask) and the achieved GB/s at the
 median time. torch.compile compiles each configuration once (outside the timing) and is warmed up like the others.
-Run with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`` for page-fault-free figures (DESIGN.md section 6);
+Run with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`` for page-fault-free figures (docs/design.md section 6);
 the setting in force is recorded in ``extra_info``. For ratios measured in alternating rounds use
 ``python -m fusedres bench``.
 """

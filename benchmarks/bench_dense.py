@@ -10,7 +10,7 @@ One group per layout x direction (fusedres/bench_dense.py's CONFIG: 16 inputs of
 
 Directions: ``fwd`` (training forward with autograd recording) and ``fwd+bwd`` (+ autograd.grad of every input,
 weight and bias). ``extra_info`` carries the minimal bytes and the achieved GB/s at the median time. Run with
-``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`` for page-fault-free figures (DESIGN.md section 6); the
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`` for page-fault-free figures (docs/design.md section 6); the
 setting in force is recorded. FUSEDRES_BENCH_TINY=1 shrinks the shape. For ratios measured in alternating rounds
 use ``python -m fusedres bench``.
 """

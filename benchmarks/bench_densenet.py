@@ -20,7 +20,7 @@ Two entry points:
 * ``python benchmarks/bench_densenet.py [--batch 64] [--rounds 5]``: the report (time per step from alternating
   rounds, medians of per-round ratios to the reference, and peak memory with both allocator settings). It
   re-executes itself with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 for the timing (as
-  ``python -m fusedres bench`` does; DESIGN.md section 6) unless --default-allocator.
+  ``python -m fusedres bench`` does; docs/design.md section 6) unless --default-allocator.
 """
 
 from __future__ import annotations

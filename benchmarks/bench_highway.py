@@ -7,10 +7,10 @@ Groups (one per configuration, the implementations side by side):
   passes transform, gate and carry as three tensors, ``packed`` the single [transform | gate] projection;
 * ``highway_mlp step``: one SGD step of ``highway_mlp(1024, 1024, depth=20, 10)`` at batch 256.
 
-``extra_info`` has the minimal bytes of DESIGN.md section 2 (fwd 4 tensor passes, fwd+bwd 11) and the achieved
+``extra_info`` has the minimal bytes of docs/design.md section 2 (fwd 4 tensor passes, fwd+bwd 11) and the achieved
 GB/s at the median. Cases and byte floors are shared with ``python -m fusedres bench`` (fusedres/bench_highway.py),
 which also gives ratios from alternating rounds. Run with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000``
-for page-fault-free figures (DESIGN.md section 6); the setting in force is recorded in ``extra_info``.
+for page-fault-free figures (docs/design.md section 6); the setting in force is recorded in ``extra_info``.
 """
 
 from __future__ import annotations

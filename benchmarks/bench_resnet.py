@@ -4,7 +4,7 @@ Configurations (issue 5's targets on the 2-core CPU: resnet56 step >= 1.3x the e
 resnet20 and resnet56 at batch 128, 32x32; resnet50 at batch 16, 224x224; NCHW and channels_last. One group per
 model x layout holding the three implementations; all start from the same weights. ``FUSEDRES_BENCH_TINY=1`` shrinks
 the batches and images (for collection tests). Run with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000``
-for page-fault-free figures (DESIGN.md section 6); the setting in force is recorded in ``extra_info``. For ratios
+for page-fault-free figures (docs/design.md section 6); the setting in force is recorded in ``extra_info``. For ratios
 measured in alternating rounds use ``python -m fusedres bench``.
 """
 

@@ -1,7 +1,7 @@
 """pytest-benchmark setup for benchmarks/bench_*.py (run: ``pytest benchmarks --benchmark-only``).
 
 ``bench_*.py`` files are collected through ``python_files`` in pyproject.toml. Says in the header and in the
-machine info which glibc allocator setting the figures were taken under (DESIGN.md section 6) and records the
+machine info which glibc allocator setting the figures were taken under (docs/design.md section 6) and records the
 measured copy bandwidth next to them.
 """
 
@@ -15,7 +15,7 @@ def pytest_report_header(config) -> list[str]:
     lines = [f"fusedres benchmarks: allocator {bench.describe_allocator(setting)}"]
     if not setting["no_page_fault_setting"]:
         env = " ".join(f"{k}={v}" for k, v in bench.ALLOCATOR_ENV.items())
-        lines.append(f"  for page-fault-free figures (DESIGN.md section 6) run with {env}")
+        lines.append(f"  for page-fault-free figures (docs/design.md section 6) run with {env}")
     return lines
 
 

@@ -31,7 +31,7 @@ TORCH_LIBRARY(fusedres, m) {
       "Tensor mask, bool training, str activation, float negative_slope, bool[4] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
 
-  // The same op in its building blocks (DESIGN.md section 7), for synchronised BatchNorm and for statistics
+  // The same op in its building blocks (docs/design.md section 7), for synchronised BatchNorm and for statistics
   // computed once and reused (dense blocks). Same kernels, same numerics, same mask contract as above.
   //   bn_stats: per-channel batch mean and biased variance of input [N, C, *], each [C] in the accumulation
   //   dtype (float64 for float64 input, else float32); shifted two-pass sums, stable for a large mean.
@@ -54,7 +54,7 @@ TORCH_LIBRARY(fusedres, m) {
       "Tensor mask, Tensor sum_dz, Tensor sum_dz_xhat, int count, str activation, float negative_slope, "
       "bool[2] output_mask) -> (Tensor, Tensor)");
 
-  // act(batch_norm(cat(inputs, 1))) without building the concatenation (DESIGN.md section 3). The inputs agree
+  // act(batch_norm(cat(inputs, 1))) without building the concatenation (docs/design.md section 3). The inputs agree
   // in N, spatial size, dtype and device and may differ in channels; C = sum of their channels. Returns
   // (output [N, C, *] dense in inputs[0]'s suggested memory format, save_mean [C], save_invstd [C], mask):
   //   mask  uint8: one segment per input, segment j = mask_bytes(inputs[j].numel()) bytes, bit i = element i of

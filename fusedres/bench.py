@@ -22,13 +22,13 @@ for three implementations: ``fused`` (:func:`fusedres.batch_norm_act`), ``refere
 How (CONVENTIONS.md, Benchmarks): every implementation is warmed up, then each round times every implementation
 once, rotating which goes first; times are medians over rounds and a ratio is the median of the per-round ratios,
 with its inter-quartile range as the spread. A noise check measures two identical functions the same way first
-(it should read 1.00x +- 0.1). Achieved GB/s use the minimal bytes of DESIGN.md section 1 (fp32, 1-bit mask):
+(it should read 1.00x +- 0.1). Achieved GB/s use the minimal bytes of docs/design.md section 1 (fp32, 1-bit mask):
 
 * fwd:     read x (+ read r) + write y + write the mask (numel / 8 bytes);
 * fwd+bwd: fwd + read dy + read x + read the mask + write dx (+ write dr);
 * eval:    read x (+ read r) + write y.
 
-Page faults decide naive measurements on large tensors (DESIGN.md section 6), so ``bench`` re-executes itself with
+Page faults decide naive measurements on large tensors (docs/design.md section 6), so ``bench`` re-executes itself with
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`` unless they are set already or ``--default-allocator``
 is given; the setting in force is printed and recorded, with the minor page faults per call of each side.
 """
@@ -117,7 +117,7 @@ TIMING_METHOD = (
     "spread = inter-quartile range (q25..q75) and min..max of those per-round ratios"
 )
 GBPS_METHOD = (
-    "minimal bytes (DESIGN.md section 1, 1-bit mask = numel/8 bytes) / median time; fwd: read x (+r), write y, "
+    "minimal bytes (docs/design.md section 1, 1-bit mask = numel/8 bytes) / median time; fwd: read x (+r), write y, "
     "write mask; fwd+bwd: fwd + read dy, x, mask, write dx (+dr); eval: read x (+r), write y"
 )
 
@@ -353,7 +353,7 @@ def noise_check(case: BnActCase, rounds: int, device: str) -> dict[str, Any]:
 
 
 def floor_bytes(numel: int, residual: bool, direction: str, elem_size: int = 4) -> int:
-    """Minimal bytes of one call (DESIGN.md section 1) with a 1-bit mask; ``direction`` in DIRECTIONS."""
+    """Minimal bytes of one call (docs/design.md section 1) with a 1-bit mask; ``direction`` in DIRECTIONS."""
     t = numel * elem_size
     mask = numel // 8
     io = t * (2 + int(residual))  # read x (+ r), write y

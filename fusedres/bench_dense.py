@@ -12,7 +12,7 @@ training mode, per layout (NCHW, channels_last) x direction, four ways:
 Shape (CONFIG): 16 inputs of (64, C_j, 32, 32), C = 36 + 15 x 12 = 216 channels (a growth-rate-12 block's later
 layer; the first input carries the block's 36 input channels). Directions: ``fwd`` (training forward, inputs and
 parameters require grad) and ``fwd+bwd`` (+ ``torch.autograd.grad`` of every input, weight and bias). Minimal bytes
-(DESIGN.md sections 1 and 3, no residual, 1-bit mask): fwd = read the inputs + write y + the mask; fwd+bwd = fwd +
+(docs/design.md sections 1 and 3, no residual, 1-bit mask): fwd = read the inputs + write y + the mask; fwd+bwd = fwd +
 read dy, the inputs and the mask + write dx. FUSEDRES_BENCH_TINY=1 shrinks the shape to a few values.
 
 Measured with the same alternating rounds, noise check and allocator setting as the bn_act rows (fusedres/bench.py).
@@ -55,7 +55,7 @@ IMPLS = ("fused", EXTRA_IMPL, "reference", "compiled")
 EXTRA_RATIO = ("reference/fused+stats", "reference", EXTRA_IMPL)
 
 GBPS_METHOD = (
-    "minimal bytes (DESIGN.md sections 1 and 3, no residual, 1-bit mask = numel/8 bytes) / median time; fwd: read "
+    "minimal bytes (docs/design.md sections 1 and 3, no residual, 1-bit mask = numel/8 bytes) / median time; fwd: read "
     "the inputs, write y, write the mask; fwd+bwd: fwd + read dy, the inputs and the mask, write dx"
 )
 SAVED_BYTES_METHOD = (

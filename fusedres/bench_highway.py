@@ -10,7 +10,7 @@ Per shape x input form x direction, three implementations of the coupled highway
 
 Shapes: (4096, 1024) packs along the last dimension (a Linear(1024, 2048)), (256, 64, 32, 32) along the channels (a
 conv to 128 channels). Directions: ``fwd`` (training forward, inputs require grad) and ``fwd+bwd`` (+
-``torch.autograd.grad`` of every input). Minimal bytes (DESIGN.md section 2, coupled): forward 4 tensor passes
+``torch.autograd.grad`` of every input). Minimal bytes (docs/design.md section 2, coupled): forward 4 tensor passes
 (read h, g, x; write y), backward 7 (read dy, h, g, x; write dh, dg, dx): fwd+bwd 11.
 
 The training step of ``highway_mlp(1024, 1024, depth=20, 10)`` at batch 256 (MLP_STEP; HighwayMLPStep is the case
@@ -56,7 +56,7 @@ MLP_STEP: dict[str, int] = {"in_features": 1024, "hidden": 1024, "depth": 20, "n
 MLP_STEP_TINY: dict[str, int] = {"in_features": 12, "hidden": 16, "depth": 2, "num_classes": 4, "batch": 8}
 
 GBPS_METHOD = (
-    "minimal bytes (DESIGN.md section 2, coupled gate) / median time; fwd: 4 tensor passes (read h, g, x; write y); "
+    "minimal bytes (docs/design.md section 2, coupled gate) / median time; fwd: 4 tensor passes (read h, g, x; write y); "
     "fwd+bwd: 11 (+ read dy, h, g, x; write dh, dg, dx); the same for the packed form"
 )
 SAVED_BYTES_METHOD = (
@@ -66,7 +66,7 @@ SAVED_BYTES_METHOD = (
 
 
 def floor_bytes(numel: int, direction: str, elem_size: int = 4) -> int:
-    """Minimal bytes of one coupled highway call (DESIGN.md section 2) on ``numel`` output elements."""
+    """Minimal bytes of one coupled highway call (docs/design.md section 2) on ``numel`` output elements."""
     passes = {"fwd": 4, "fwd+bwd": 11}.get(direction)
     if passes is None:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")

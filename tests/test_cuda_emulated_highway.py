@@ -4,7 +4,7 @@ A small library (tests/cuda_emu/emu_highway.cpp) is built with g++ (the build he
 the project's kernel headers and the launch sequences the .cu launcher calls (csrc/cuda/highway_launch.cuh), with
 the same sizing function (highway_launch_config). Operands are passed in the rows view of csrc/highway.h: a pointer
 to element (0, 0) and a row stride, so packed halves of one projection are read and written in place. Results are
-compared with a float64 evaluation of DESIGN.md §2 (independent of csrc/common/highway_math.h) and, when the native
+compared with a float64 evaluation of docs/design.md §2 (independent of csrc/common/highway_math.h) and, when the native
 module has them, with the CPU ops torch.ops.fusedres.highway_*.
 """
 
@@ -185,7 +185,7 @@ def _act_grad(h: torch.Tensor, H: torch.Tensor, act: str) -> torch.Tensor:
 
 
 def ref_forward(h, g, x, c, act):
-    """DESIGN.md §2 in float64 (torch.sigmoid is exact at +-inf)."""
+    """docs/design.md §2 in float64 (torch.sigmoid is exact at +-inf)."""
     h, g, x = h.double(), g.double(), x.double()
     H, T = _act(h, act), torch.sigmoid(g)
     return H * T + x * (torch.sigmoid(c.double()) if c is not None else 1 - T)

@@ -14,7 +14,7 @@ Deliberate differences (also in the README's Reliability section), asserted as s
 * An infinite BatchNorm weight: the channel's input gradient is non-finite in both, but NaN in ours where PyTorch
   may give +-Inf. The backward ``w * invstd * (dz - mean(dz) - x_hat * mean(dz * x_hat))`` meets Inf * 0 and
   Inf - Inf in a different order from PyTorch's; either way the channel's gradient carries no information.
-* Highway, an infinite upstream gradient: the gate gradient is ``dy * (H - x) * T * (1 - T)`` (DESIGN.md section 2),
+* Highway, an infinite upstream gradient: the gate gradient is ``dy * (H - x) * T * (1 - T)`` (docs/design.md section 2),
   +-Inf where PyTorch's autograd of ``H * T + x * (1 - T)`` forms ``Inf * H - Inf * x`` = NaN (same elements).
 
 Differences that are defects of today's kernels (the lead's, csrc/cpu) are marked ``xfail(strict=True)`` with the

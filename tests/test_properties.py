@@ -46,9 +46,11 @@ from _numerics import (
 pytestmark = pytest.mark.needs_native
 
 # Inputs are drawn with a mean of up to MAX_MEAN_OFFSET standard deviations (times a random sign and a per-channel
-# spread). 1e2: the largest power of ten at which today's CPU kernels meet the 2x rule in every drawn case; at 1e3
-# a few float32 training cases exceed it (see tests/test_large_mean.py). Raise it to 1e4 with the kernel fix.
-MAX_MEAN_OFFSET = 1e1
+# spread), up to 1e2. Float32 precision at means up to 1e4 std is tested in tests/test_large_mean.py (all cases pass
+# since the CPU kernels normalise as (x - centre) * scale + shift, docs/design.md section 1). Above 1e2 this suite's
+# float64 cases fail its floor: PyTorch's float64 "same-dtype" error is 0 by construction (it is the oracle), while
+# x - mean at 1e3 std carries ~1e3 ulps of float64; the floor needs to scale with the offset before raising this.
+MAX_MEAN_OFFSET = 1e2
 
 settings.register_profile(
     "ci",
@@ -515,7 +517,7 @@ def test_highway_packed_properties(case: dict) -> None:
     check_packed_case(case)
 
 
-# ---------------------------------------------------------------------------- building blocks (DESIGN.md section 7)
+# ---------------------------------------------------------------------------- building blocks (docs/design.md section 7)
 
 ops = torch.ops.fusedres
 

@@ -1,6 +1,6 @@
 """Synchronised BatchNorm + residual + activation (fusedres.nn.SyncBatchNormAct2d) over gloo processes.
 
-The oracle (DESIGN.md section 7): PyTorch's nn.SyncBatchNorm refuses CPU tensors, so every rank also runs a
+The oracle (docs/design.md section 7): PyTorch's nn.SyncBatchNorm refuses CPU tensors, so every rank also runs a
 single-process BatchNormAct2d over the concatenated global batch (all ranks draw the same global batch from
 the same seed and take their slice) and compares outputs, input and residual gradients, local and summed
 weight/bias gradients, running statistics and the number of collective calls. Each scenario runs in freshly

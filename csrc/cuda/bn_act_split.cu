@@ -1,4 +1,4 @@
-// CUDA launchers of the bn_act building-block ops (DESIGN.md section 7): bn_stats, bn_act_elemt,
+// CUDA launchers of the bn_act building-block ops (docs/design.md section 7): bn_stats, bn_act_elemt,
 // bn_act_backward_reduce and bn_act_backward_elemt. Checks, parameters and outputs follow the CPU backend
 // (cpu/bn_act.cpp, host helpers of bn_act_host.cpp); the launch sequences are those of bn_act_launch.cuh
 // (shared with the emulator tests): statistics only, eval-form elementwise, sums only, given-sums elementwise.

@@ -1,5 +1,5 @@
 // Host-side launch sequences of dense_bn_act_forward / dense_bn_act_backward: act(BN(cat(inputs, 1))) without the
-// concatenation (DESIGN.md section 3). Input j is a dense (N, C_j, S) tensor whose channels are the output's
+// concatenation (docs/design.md section 3). Input j is a dense (N, C_j, S) tensor whose channels are the output's
 // channels [channel_offset_j, channel_offset_j + C_j); every per-input step is one of the bn_act launch sequences
 // of bn_act_launch.cuh on input j, with the per-channel arrays at the channel offset, the output y (forward) /
 // grad_out (backward) addressed as a channel slice of the wider (N, C, S) tensor (pointer + element offset and a

@@ -1,4 +1,4 @@
-"""The building blocks of ``bn_act`` (DESIGN.md section 7): fake kernels and the ``bn_stats`` functional.
+"""The building blocks of ``bn_act`` (docs/design.md section 7): fake kernels and the ``bn_stats`` functional.
 
 ``torch.ops.fusedres.bn_stats`` (per-channel batch mean and biased variance), ``bn_act_elemt`` (normalise with
 given statistics), ``bn_act_backward_reduce`` (per-channel gradient sums) and ``bn_act_backward_elemt`` (input
