@@ -202,12 +202,12 @@ def test_training_step_float32(name: str, mode: str) -> None:
     p = pair(name)
     cl = mode == "channels_last"
     ours, same = p.step(True, channels_last=cl), p.step(False, channels_last=cl)
-    if name in CIFAR:
-        judge = p.step(False, torch.float64)
-        assert_2x_rel(forward_part(ours), forward_part(same), forward_part(judge), FLOOR32, f"{name} {mode}")
-    else:
-        assert_close_rel(forward_part(ours), forward_part(same), TOL_FORWARD32, f"{name} {mode}")
-    assert_close_rel(grad_vector(ours), grad_vector(same), TOL_GRADS32, f"{name} {mode}")
+    # Judged against the reference in float64 (the project's rule): a deep net's float32 gradients at batch 2 amplify
+    # rounding chaotically (fused and reference float32 differ by up to ~4% in resnet50 while both are as far from
+    # float64), so a fixed fused-vs-reference tolerance would decide by luck.
+    judge = p.step(False, torch.float64)
+    assert_2x_rel(forward_part(ours), forward_part(same), forward_part(judge), FLOOR32, f"{name} {mode}")
+    assert_2x_rel(grad_vector(ours), grad_vector(same), grad_vector(judge), FLOOR32, f"{name} {mode}")
 
 
 @pytest.mark.parametrize(("name", "mode"), _params({"autocast": AUTOCAST_DEFAULT}))

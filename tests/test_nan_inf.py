@@ -112,10 +112,25 @@ def _bn_expectation(position: str, value: str, training: bool, layout: str) -> s
     return "same"
 
 
+# Deliberate difference (docs/design.md section 1): the CPU kernels evaluate (x - centre) * scale + shift, PyTorch
+# x * alpha + beta with beta = b - mean * alpha. With an infinite weight alpha is infinite and PyTorch's form gives
+# inf - inf = NaN for most elements; ours gives +-inf (or NaN where x == centre), which the activation may turn into
+# a finite 0. What is kept: nothing is non-finite in ours where PyTorch's result is finite.
+WEIGHT_INF_DIFFERS = ("output", "grad_residual", "grad_weight", "grad_bias")
+
+
+def assert_nonfinite_within(name: str, ours, theirs) -> None:
+    bad = ~torch.isfinite(ours) & torch.isfinite(theirs)
+    assert not bad.any(), f"{name}: {int(bad.sum())} elements non-finite in ours but finite in PyTorch"
+
+
 def _check_bn_like(ours: dict, theirs: dict, expectation: str, dtype) -> None:
     for name in ours:
         if expectation == "weight-inf" and name == "grad_input":
             assert_same_nonfinite_set(name, ours[name], theirs[name])
+            continue
+        if expectation == "weight-inf" and name in WEIGHT_INF_DIFFERS:
+            assert_nonfinite_within(name, ours[name], theirs[name])
             continue
         assert_same_propagation(name, ours[name], theirs[name], _tol(dtype))
 
@@ -207,6 +222,8 @@ def test_dense_batch_norm_act(position: str, value: str, training: bool, layout:
     for name in ours:
         if expectation == "weight-inf" and name.startswith("grad inputs"):
             assert_same_nonfinite_set(name, ours[name], theirs[name])
+        elif expectation == "weight-inf" and not name.startswith("running"):
+            assert_nonfinite_within(name, ours[name], theirs[name])
         else:
             assert_same_propagation(name, ours[name], theirs[name], 1e-4)
 
