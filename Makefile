@@ -8,7 +8,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: install build test bench bench-pytest gpu-check clean
+.PHONY: install build test bench bench-pytest gpu-check fuzz sanitize test-models clean
 
 $(VENV)/.stamp-deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,23 @@ bench: install
 # Same allocator setting as `fusedres bench` (docs/design.md section 6: no page faults in the timings).
 bench-pytest: install
 	MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 $(PY) -m pytest benchmarks --benchmark-only
+
+# Property-based tests with many examples (tests/test_properties.py, `make test` runs a few hundred): FUZZ_EXAMPLES
+# per test (5 tests); random examples unless FUZZ_SEED is given; a failure prints its seed and a @reproduce_failure blob.
+FUZZ_EXAMPLES ?= 5000
+fuzz: install
+	FUSEDRES_HYPOTHESIS_PROFILE=fuzz FUSEDRES_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_properties.py \
+		--hypothesis-show-statistics $(if $(FUZZ_SEED),--hypothesis-seed=$(FUZZ_SEED))
+
+# AddressSanitizer + UndefinedBehaviorSanitizer build of the native code into build/sanitize (the in-place module is
+# untouched) and the CPU and CUDA-emulator tests against it; see tools/sanitize.sh. SANITIZE_QUICK=1: the CI subset.
+sanitize: $(VENV)/.stamp-deps
+	PY=$(PY) nice -n 19 tools/sanitize.sh
+
+# Every model under autocast and torch.compile, and the deep ImageNet models (tests marked exhaustive: too slow for
+# `make test` on 2 CPU cores).
+test-models: install
+	FUSEDRES_EXHAUSTIVE=1 $(PY) -m pytest -q tests/test_every_model.py
 
 # On a machine with an NVIDIA GPU and nvcc: build for that GPU, run the needs_cuda tests and the CUDA benchmarks.
 gpu-check:
