@@ -177,6 +177,7 @@ def test_seed_changes_the_numbers(compare_runs: dict[str, dict], tmp_path: Path)
 
 
 def test_reference_only_and_explicit_sizes(tmp_path: Path, capsys) -> None:
+    threads = torch.get_num_threads()
     payload = _run(
         "gradient-flow", tmp_path, "--reference", "--depths", "3", "--width", "6", "--steps", "0", "--no-plot"
     )
@@ -186,6 +187,7 @@ def test_reference_only_and_explicit_sizes(tmp_path: Path, capsys) -> None:
     assert rec_plain["kind"] == "plain"
     assert rec_plain["grad_norms_init"] == rec_plain["grad_norms_trained"]  # 0 steps: nothing changed
     assert "gradient-flow (reference)" in out and "tutorial plain" in out
+    assert torch.get_num_threads() == threads  # --threads 1 applied to the run only
 
 
 def test_markdown_tables(tmp_path: Path, capsys) -> None:

@@ -75,10 +75,18 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
         config = module.configure(args)
     except ValueError as e:
         raise SystemExit(f"python -m fusedres experiment {module.NAME}: {e}") from e
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads must be a positive integer, got {args.threads}")
+    threads = torch.get_num_threads()
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads must be a positive integer, got {args.threads}")
         torch.set_num_threads(args.threads)
+    try:
+        return _run(module, config, args)
+    finally:  # an in-process caller (the tests) keeps its own thread count
+        torch.set_num_threads(threads)
+
+
+def _run(module: ModuleType, config: Any, args: argparse.Namespace) -> dict[str, Any]:
     impls = implementations(args)
     out = Path(args.out)
     files = {"json": str(out / f"{module.NAME}.json"), "png": None if args.no_plot else str(out / f"{module.NAME}.png")}
