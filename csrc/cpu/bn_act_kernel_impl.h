@@ -868,7 +868,12 @@ struct FwdCoef {
     FwdCoef k;
     k.center = static_cast<acc_t>(mu);
     k.scale = static_cast<acc_t>(static_cast<double>(w) * is);
-    k.shift = static_cast<acc_t>(static_cast<double>(b) - (mu - static_cast<double>(k.center)) * k.scale);
+    // The correction only where it is a number: d == 0 (the mean is exact in acc_t) or an infinite scale (an
+    // infinite weight) leave shift = b, so z = (x - centre) * scale + b (not 0 * inf or inf - inf = NaN).
+    const double d = mu - static_cast<double>(k.center);
+    k.shift = (d == 0 || !std::isfinite(static_cast<double>(k.scale)))
+                  ? b
+                  : static_cast<acc_t>(static_cast<double>(b) - d * k.scale);
     return k;
   }
 };
