@@ -7,4 +7,5 @@
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #include "cpu/bn_act_kernel_impl.h"
+#include "cpu/dense_kernel_impl.h"
 #endif

@@ -6,4 +6,5 @@
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
 #include "cpu/bn_act_kernel_impl.h"
+#include "cpu/dense_kernel_impl.h"
 #endif

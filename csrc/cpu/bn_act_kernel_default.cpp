@@ -2,3 +2,4 @@
 #define CPU_CAPABILITY DEFAULT
 #define CPU_CAPABILITY_DEFAULT
 #include "cpu/bn_act_kernel_impl.h"
+#include "cpu/dense_kernel_impl.h"
