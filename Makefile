@@ -8,7 +8,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: install build test bench bench-pytest gpu-check fuzz sanitize test-models clean
+.PHONY: install build test bench bench-onednn bench-pytest gpu-check fuzz sanitize test-models clean
 
 $(VENV)/.stamp-deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ test: install
 
 bench: install
 	$(PY) -m fusedres bench
+
+# fusedres.batch_norm_act vs oneDNN's batch normalization with fused ReLU (NHWC, training, same run); downloads
+# oneDNN into build/onednn (benchmarks/onednn/build.sh), not a dependency of the package.
+bench-onednn: install
+	PY=$(PY) benchmarks/onednn/build.sh
+	MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 $(PY) benchmarks/onednn/compare.py
 
 # Same allocator setting as `fusedres bench` (docs/design.md section 6: no page faults in the timings).
 bench-pytest: install
