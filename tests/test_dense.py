@@ -305,6 +305,42 @@ SHAPES = [
 ]
 
 
+# Every C_j a multiple of 4 (DenseNet channel counts): float32 channels_last takes the row-major walk (units of 8
+# rows, 8- and 4-lane pieces, csrc/cpu/dense_kernel_impl.h); M = N * H * W leaves a partial last unit, and the larger
+# case spans several units per thread and both threads' row chunks.
+ROW_MAJOR_SHAPES = [
+    ((36, 12, 12, 4), 3, (5, 7)),  # M = 105: 13 whole units and one of 1 row
+    ((24, 12, 8, 12, 32), 4, (21, 19)),  # M = 1596: 4 rows in the last unit
+]
+
+
+@native
+@pytest.mark.parametrize(
+    ("training", "use_stats"), [(True, False), (True, True), (False, False)], ids=["train", "train-input-stats", "eval"]
+)
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "identity"])
+@pytest.mark.parametrize(("channels", "N", "spatial"), ROW_MAJOR_SHAPES, ids=lambda v: str(v).replace(" ", ""))
+def test_parity_row_major(channels, N, spatial, activation, use_stats, training):
+    case = DenseCase(channels, torch.float32, "channels_last", N=N, spatial=spatial, seed=17)
+    check_parity(case, training, activation, negative_slope=0.2, use_stats=use_stats)
+
+
+@native
+def test_parity_row_major_streamed():
+    """An output of 17 MB (above kStreamBytes): y and the dx are written through staging buffers with non-temporal
+    stores."""
+    case = DenseCase((36,) + (12,) * 8, torch.float32, "channels_last", N=32, spatial=(32, 32), seed=19, extra_steps=0)
+    check_parity(case, True, "relu")
+
+
+@native
+@pytest.mark.parametrize("requires", [(True, False, True, False), (False, False, False, True), (False,) * 4])
+def test_parity_row_major_some_grads(requires):
+    """Only the wanted inputs' dx rows are written; weight/bias sums still cover every input."""
+    case = DenseCase((36, 12, 12, 4), torch.float32, "channels_last", N=3, spatial=(5, 7), requires=requires, seed=18)
+    check_parity(case, True, "relu")
+
+
 @native
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -770,6 +770,48 @@ inline void column_tail(const T* x, const T* dy, int64_t dy_ld, const uint8_t* m
   if constexpr (OP != kStats0) (V::loadu(s2 + j, n) + a2).store(s2 + j, n);
 }
 
+// The last C - j (< W) channels when the row holds at least W (C >= W): the row's last W values as one full vector
+// (channels C - W .. C - 1, overlapping the previous group), lanes of channels below j cleared with a bit mask
+// (cleared, not multiplied: an infinite value in a lane already counted must not become a NaN here). A partial
+// load without hardware masking (AVX2) goes through a stack copy and a store-forwarding stall on every row.
+template <typename T, int OP, int ACT>
+inline void column_tail_overlap(const T* x, const T* dy, int64_t dy_ld, const uint8_t* mask, int64_t row0,
+                                int64_t nrows, int64_t C, int64_t j, const acc_type_t<T>* center, acc_type_t<T> slope,
+                                acc_type_t<T>* s1, acc_type_t<T>* s2) {
+  using IO = VecIO<T>;
+  using V = typename IO::V;
+  using acc_t = acc_type_t<T>;
+  using bits_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
+  constexpr int W = IO::W;
+  const int64_t j0 = C - W;
+  acc_t keep_lanes[W];
+  for (int l = 0; l < W; ++l) {
+    const bits_t b = j0 + l >= j ? ~bits_t(0) : bits_t(0);
+    std::memcpy(&keep_lanes[l], &b, sizeof(b));
+  }
+  const V keep = V::loadu(keep_lanes), c = V::loadu(center + j0), vslope(slope);
+  V a1(0), a2(0);
+  for (int64_t r = 0; r < nrows; ++r) {
+    const int64_t off = (row0 + r) * C + j0;
+    const V d = (IO::load(x + off) - c) & keep;
+    if constexpr (OP == kGrad) {
+      V dz = IO::load(dy + (row0 + r) * dy_ld + j0);
+      if constexpr (ACT != kIdentity) {
+        dz = select_bits(read_bits(mask, off, W), dz, ACT == kReLU ? V(0) : dz * vslope);
+      }
+      dz = dz & keep;
+      a1 = a1 + dz;
+      a2 = at::vec::fmadd(dz, d, a2);
+    } else {
+      a1 = a1 + d;
+      if constexpr (OP == kStats1) a2 = at::vec::fmadd(d, d, a2);
+    }
+  }
+  // Lanes below j hold exact zeros: adding them leaves those channels' sums unchanged.
+  (V::loadu(s1 + j0) + a1).store(s1 + j0);
+  if constexpr (OP != kStats0) (V::loadu(s2 + j0) + a2).store(s2 + j0);
+}
+
 template <typename T, int OP, int ACT = kIdentity>
 void column_reduce(const T* x, const T* dy, int64_t dy_ld, const uint8_t* mask, int64_t row0, int64_t nrows,
                    int64_t C, const acc_type_t<T>* center, acc_type_t<T> slope, acc_type_t<T>* s1, acc_type_t<T>* s2) {
@@ -786,7 +828,11 @@ void column_reduce(const T* x, const T* dy, int64_t dy_ld, const uint8_t* mask, 
     column_group<T, OP, ACT, 1, 4>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2);
     j += W;
   }
-  if (j < C) column_tail<T, OP, ACT>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2);
+  if (j < C && C >= W) {
+    column_tail_overlap<T, OP, ACT>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2);
+  } else if (j < C) {
+    column_tail<T, OP, ACT>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2);
+  }
 }
 
 // Batch mean and biased variance of a channels_last tensor. Per row block (sized to stay in L2), shifted
