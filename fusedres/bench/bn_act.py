@@ -92,11 +92,7 @@ COLUMNS = (
     table.field("layout", "layout"),
     Column("res", lambda row: "yes" if row["residual"] else "no", left=True),
     table.field("dir", "direction"),
-    table.ms("fused ms", "fused"),
-    table.ms("ref ms", "reference"),
-    table.ms("compile ms", "compiled"),
-    table.ratio("ref/fused [IQR]", "reference/fused"),
-    table.ratio("compile/fused [IQR]", "compiled/fused"),
+    *table.TIMES,
     table.gbps("fused GB/s", "fused"),
     table.PCT_COPY,
     Column("saved MB f/r/c", lambda row: "-" if row["direction"] == "eval" else table.saved_mb().cell(row)),
@@ -278,28 +274,25 @@ def _implementations(
 
     torch.compile compiles each mode once here (training: forward and backward), outside every timing.
     """
-    runs: dict[str, dict[str, _Impl]] = {"train": {}, "eval": {}}
-    missing: dict[str, dict[str, str]] = {"train": {}, "eval": {}}
-    compile_s: dict[str, float | None] = {}
-    fused_reason = harness.fused_unavailable(case.device)
     if skip_reason is None:
-        torch._dynamo.reset()  # one configuration's graphs at a time: no recompile limit, no stale guards
-    for mode, run in runs.items():
-        if fused_reason is None:
-            run["fused"] = _Impl(fusedres.batch_norm_act, False)
-        else:
-            missing[mode]["fused"] = fused_reason
-        run["reference"] = _Impl(_reference.batch_norm_act, False)
-        if skip_reason is not None:
-            missing[mode]["compiled"] = skip_reason
-            continue
-        fn = compile_reference(mode == "train")
-        first = case.train_step_call(fn, True) if mode == "train" else case.eval_call(fn, True)
-        compile_s[mode], reason = harness.first_call_seconds(first, case.device)
-        if reason is None:
-            run["compiled"] = _Impl(fn, True)
-        else:
-            missing[mode]["compiled"] = reason
+        torch._dynamo.reset()  # once for both modes: a reset would drop the graphs of the other mode
+    fused_reason = harness.fused_unavailable(case.device)
+    runs: dict[str, dict[str, _Impl]] = {}
+    missing: dict[str, dict[str, str]] = {}
+    compile_s: dict[str, float | None] = {}
+    for mode in ("train", "eval"):
+        runs[mode], missing[mode], compile_s[mode] = harness.implementations(
+            {"fused": _Impl(fusedres.batch_norm_act, False)},
+            fused_reason,
+            _Impl(_reference.batch_norm_act, False),
+            skip_reason,
+            lambda training=(mode == "train"): _Impl(compile_reference(training), True),
+            lambda impl, training=(mode == "train"): (
+                case.train_step_call(impl.fn, True) if training else case.eval_call(impl.fn, True)
+            ),
+            case.device,
+            reset=False,
+        )
     return runs, missing, compile_s
 
 
@@ -327,7 +320,7 @@ def _measure_group(
             settings,
             case.floor_bytes(direction),
             copy_gbps,
-            compile_s.get(mode),
+            compile_s[mode],
             shape=list(shape),
             dtype=str(case.dtype).replace("torch.", ""),
             layout=layout,

@@ -14,13 +14,11 @@ layer; the first input carries the block's 36 input channels). Directions: ``fwd
 parameters require grad) and ``fwd+bwd`` (+ ``torch.autograd.grad`` of every input, weight and bias). Minimal bytes
 (docs/design.md sections 1 and 3, no residual, 1-bit mask): fwd = read the inputs + write y + the mask; fwd+bwd = fwd +
 read dy, the inputs and the mask + write dx. FUSEDRES_BENCH_TINY=1 shrinks the shape to a few values.
-
-Measured with the same alternating rounds, noise check and allocator setting as every section
-(fusedres/bench/harness.py).
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -193,53 +191,42 @@ def measure_dense(
     """Both directions of one layout: one row each."""
     device = settings.device
     case = DenseBenchCase(config["batch"], config["channels"], config["spatial"], layout, device=device)
-    forwards: dict[str, Callable[[], Tensor]] = {}
-    missing: dict[str, str] = {}
-    compile_s: float | None = None
-    reason = fused_unavailable(device)
-    for name in ("fused", EXTRA_IMPL):
-        if reason is None:
-            forwards[name] = case.functional(name)
-        else:
-            missing[name] = reason
-    forwards["reference"] = case.functional("reference")
-    if settings.quick and layout != "nchw":
-        missing["compiled"] = "not measured (skipped: --quick compiles only the NCHW layout)"
-    else:
-        torch._dynamo.reset()
-        fn = case.functional("compiled")
-        compile_s, reason = harness.first_call_seconds(case.call("fwd+bwd", fn), device)
-        if reason is None:
-            forwards["compiled"] = fn
-        else:
-            missing["compiled"] = reason
+    skip = (
+        "not measured (skipped: --quick compiles only the NCHW layout)" if settings.quick and layout != "nchw" else None
+    )
+    forwards, missing, compile_s = harness.implementations(
+        {name: case.functional(name) for name in ("fused", EXTRA_IMPL)},
+        fused_unavailable(device),
+        case.functional("reference"),
+        skip,
+        functools.partial(case.functional, "compiled"),
+        functools.partial(case.call, "fwd+bwd"),
+        device,
+    )
     saved = harness.saved_per_impl(forwards, missing, case.owned_storages(), IMPLS)
 
-    rows = []
-    for direction in DIRECTIONS:
-        progress.step(f"dense {len(case.channels)} inputs {list(case.shape)} {layout} {direction}")
-        fns = {name: case.call(direction, fn) for name, fn in forwards.items()}
-        row = harness.timed_row(
-            "dense_bn_act",
-            direction,
-            fns,
-            missing,
-            settings,
-            case.floor_bytes(direction),
-            copy_gbps,
-            compile_s,
-            impls=IMPLS,  # the fourth implementation, fused+stats, beside the three every op section has
-            ratios=(*harness.RATIOS, EXTRA_RATIO),
-            shape=list(case.shape),
-            inputs=len(case.channels),
-            channels=list(case.channels),
-            dtype=str(case.dtype).replace("torch.", ""),
-            layout=layout,
-            activation="relu",
-        )
-        harness.set_saved(row, saved, IMPLS)
-        rows.append(row)
-    del case, fns, forwards
+    rows = harness.direction_rows(
+        "dense_bn_act",
+        DIRECTIONS,
+        case,
+        forwards,
+        missing,
+        saved,
+        settings,
+        copy_gbps,
+        compile_s,
+        progress,
+        f"dense {len(case.channels)} inputs {list(case.shape)} {layout}",
+        impls=IMPLS,  # the fourth implementation, fused+stats, beside the three every op section has
+        ratios=(*harness.RATIOS, EXTRA_RATIO),
+        shape=list(case.shape),
+        inputs=len(case.channels),
+        channels=list(case.channels),
+        dtype=str(case.dtype).replace("torch.", ""),
+        layout=layout,
+        activation="relu",
+    )
+    del case, forwards
     gc.collect()
     return rows
 

@@ -41,10 +41,12 @@ __all__ = [
     "allocator_setting",
     "copy_bandwidth",
     "describe_allocator",
+    "direction_rows",
     "error_text",
     "fill_figures",
     "first_call_seconds",
     "fused_unavailable",
+    "implementations",
     "machine_info",
     "measure_alternating",
     "noise_check",
@@ -400,6 +402,51 @@ def first_call_seconds(call: Callable[[], object], device: str) -> tuple[float |
         return None, f"torch.compile failed: {error_text(exc)}"
 
 
+def implementations(
+    fused: dict[str, Any],
+    fused_reason: str | None,
+    reference: Any,
+    compile_skip: str | None,
+    compile_fn: Callable[[], Any],
+    first_call: Callable[[Any], Callable[[], object]],
+    device: str,
+    reset: bool = True,
+) -> tuple[dict[str, Any], dict[str, str], float | None]:
+    """The implementations of one configuration that run, why the others do not, and the compile seconds.
+
+    Args:
+        fused: the fused implementations by name (left out, with ``fused_reason``, when that is not None).
+        reference: the eager reference ("reference").
+        compile_skip: why torch.compile is not measured here, or None to compile ``compile_fn()`` ("compiled") now,
+            by running ``first_call(compiled)()`` once, outside every timing.
+        reset: ``torch._dynamo.reset()`` first: one configuration's graphs at a time (no recompile limit, no stale
+            guards); False when the caller compiles more than one graph of the configuration.
+
+    Returns:
+        (implementations by name, reason by name of those missing, seconds of the compiling first call or None).
+    """
+    runs: dict[str, Any] = {}
+    missing: dict[str, str] = {}
+    for name, impl in fused.items():
+        if fused_reason is None:
+            runs[name] = impl
+        else:
+            missing[name] = fused_reason
+    runs["reference"] = reference
+    if compile_skip is not None:
+        missing["compiled"] = compile_skip
+        return runs, missing, None
+    if reset:
+        torch._dynamo.reset()
+    compiled = compile_fn()
+    seconds, reason = first_call_seconds(first_call(compiled), device)
+    if reason is None:
+        runs["compiled"] = compiled
+    else:
+        missing["compiled"] = reason
+    return runs, missing, seconds
+
+
 def error_text(exc: BaseException) -> str:
     """The first line of ``TypeName: message`` (at most 300 characters), as a row's null reason quotes it."""
     text = f"{type(exc).__name__}: {exc}".strip()
@@ -555,6 +602,35 @@ def timed_row(
     fill_figures(row, times, faults, reasons, floor, copy_gbps, impls, ratios)
     set_load(row, other)
     return row
+
+
+def direction_rows(
+    op: str,
+    directions: Sequence[str],
+    case: Any,
+    runs: dict[str, Any],
+    missing: dict[str, str],
+    saved: dict[str, dict | str],
+    settings: Settings,
+    copy_gbps: float,
+    compile_s: float | None,
+    progress: Progress,
+    label: str,
+    impls: Sequence[str] = IMPLS,
+    ratios: Sequence[tuple[str, str, str]] = RATIOS,
+    **config: Any,
+) -> list[dict[str, Any]]:
+    """One timed_row per direction of one configuration, whose ``case`` gives ``call(direction, impl)`` (the
+    function to time) and ``floor_bytes(direction)``; ``saved``: saved_per_impl() of its training forward."""
+    rows = []
+    for direction in directions:
+        progress.step(f"{label} {direction}")
+        fns = {name: case.call(direction, impl) for name, impl in runs.items()}
+        floor = case.floor_bytes(direction)
+        row = timed_row(op, direction, fns, missing, settings, floor, copy_gbps, compile_s, impls, ratios, **config)
+        set_saved(row, saved, impls)
+        rows.append(row)
+    return rows
 
 
 def fill_figures(

@@ -15,14 +15,12 @@ conv to 128 channels). Directions: ``fwd`` (training forward, inputs require gra
 
 The training step of ``highway_mlp(1024, 1024, depth=20, 10)`` at batch 256 (MLP_STEP; HighwayMLPStep is the case
 of benchmarks/bench_highway.py) is one of the model rows of ``fusedres bench`` (fusedres/bench/models.py).
-
-Measured with the same alternating rounds, noise check and allocator setting as every section
-(fusedres/bench/harness.py).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -74,11 +72,7 @@ COLUMNS = (
         left=True,
     ),
     table.field("dir", "direction"),
-    table.ms("fused ms", "fused"),
-    table.ms("ref ms", "reference"),
-    table.ms("compile ms", "compiled"),
-    table.ratio("ref/fused [IQR]", "reference/fused"),
-    table.ratio("compile/fused [IQR]", "compiled/fused"),
+    *table.TIMES,
     table.gbps("fused GB/s", "fused"),
     table.gbps("ref GB/s", "reference"),
     table.PCT_COPY,
@@ -227,53 +221,42 @@ def measure_highway(
     """Both directions of one (shape, form) configuration: one row each."""
     device = settings.device
     case = HighwayCase(shape, packed, device=device)
-    fns_of: dict[str, Callable[..., Tensor]] = {}
-    missing: dict[str, str] = {}
-    compile_s: float | None = None
-    reason = fused_unavailable(device)
-    if reason is None:
-        fns_of["fused"] = case.functional("fused")
-    else:
-        missing["fused"] = reason
-    fns_of["reference"] = case.functional("reference")
-    if settings.quick and not packed:
-        missing["compiled"] = "not measured (skipped: --quick compiles only the packed form)"
-    else:
-        torch._dynamo.reset()
-        fn = case.compiled()
-        compile_s, reason = harness.first_call_seconds(case.call("fwd+bwd", fn), device)
-        if reason is None:
-            fns_of["compiled"] = fn
-        else:
-            missing["compiled"] = reason
+    skip = "not measured (skipped: --quick compiles only the packed form)" if settings.quick and not packed else None
+    fns_of, missing, compile_s = harness.implementations(
+        {"fused": case.functional("fused")},
+        fused_unavailable(device),
+        case.functional("reference"),
+        skip,
+        case.compiled,
+        functools.partial(case.call, "fwd+bwd"),
+        device,
+    )
     forwards = {name: case.call("fwd", fn) for name, fn in fns_of.items()}
     saved = harness.saved_per_impl(forwards, missing, case.inputs)  # type: ignore[arg-type]
 
-    rows = []
-    for direction in DIRECTIONS:
-        progress.step(f"highway {list(shape)} {case.form} {direction}")
-        fns = {name: case.call(direction, fn) for name, fn in fns_of.items()}
-        row = harness.timed_row(
-            "highway",
-            direction,
-            fns,
-            missing,
-            settings,
-            case.floor_bytes(direction),
-            copy_gbps,
-            compile_s,
-            shape=list(shape),
-            dtype=str(case.dtype).replace("torch.", ""),
-            form=case.form,
-            packed_dim=case.dim if packed else None,
-            coupled=True,
-            activation="relu",
-        )
-        if not packed:
+    rows = harness.direction_rows(
+        "highway",
+        DIRECTIONS,
+        case,
+        fns_of,
+        missing,
+        saved,
+        settings,
+        copy_gbps,
+        compile_s,
+        progress,
+        f"highway {list(shape)} {case.form}",
+        shape=list(shape),
+        dtype=str(case.dtype).replace("torch.", ""),
+        form=case.form,
+        packed_dim=case.dim if packed else None,
+        coupled=True,
+        activation="relu",
+    )
+    if not packed:
+        for row in rows:
             row["null_reasons"]["packed_dim"] = "split form: three separate tensors"
-        harness.set_saved(row, saved)
-        rows.append(row)
-    del case, fns, fns_of, forwards
+    del case, fns_of, forwards
     gc.collect()
     return rows
 

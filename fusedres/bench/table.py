@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 __all__ = [
     "OTHER_CPU",
     "PCT_COPY",
+    "TIMES",
     "Column",
     "field",
     "fmt_bytes_mb",
@@ -116,5 +117,13 @@ def saved_mb(impls: tuple[str, ...] = ("fused", "reference", "compiled")) -> Col
     return Column("saved MB f/r/c", lambda row: "/".join(fmt_bytes_mb(row["saved_bytes"][n]) for n in impls))
 
 
+# fused, eager reference and torch.compile(reference): times and ratios, as most tables show them.
+TIMES = (
+    ms("fused ms", "fused"),
+    ms("ref ms", "reference"),
+    ms("compile ms", "compiled"),
+    ratio("ref/fused [IQR]", "reference/fused"),
+    ratio("compile/fused [IQR]", "compiled/fused"),
+)
 PCT_COPY = Column("%copy", lambda row: fmt_pct(row["pct_copy_bandwidth"]["fused"]))
 OTHER_CPU = Column("other CPU", fmt_load)
