@@ -1,7 +1,7 @@
 """The model rows of ``python -m fusedres bench``: one training step, fused vs reference vs torch.compile, and memory.
 
 Per model of the registry (:func:`fusedres.models.get_model`), one SGD training step (zero_grad(set_to_none),
-forward, cross-entropy, backward, step; fusedres.bench.make_train_step) at a fixed batch, float32,
+forward, cross-entropy, backward, step; fusedres.bench.memory.make_train_step) at a fixed batch, float32,
 contiguous (NCHW) input:
 
 * ``fused``      ``get_model(name, fused=True)``;
@@ -13,7 +13,7 @@ Timing: the first step of each is the untimed warm-up (its losses are recorded: 
 same weights, so they agree), then a fixed number of alternating rounds (fusedres.bench.harness.time_fns): times are
 medians, ratios medians of per-round ratios.
 
-Peak memory: one fresh process per (model, fused | reference) configuration, fusedres.bench.MEMORY_METHOD.
+Peak memory: one fresh process per (model, fused | reference) configuration, fusedres.bench.memory.MEMORY_METHOD.
 
 A model that is not registered (or fails to build or run) gives a row whose figures are null with the reason.
 """
