@@ -21,8 +21,9 @@ import pytest
 import torch
 
 import fusedres
-from fusedres import _native, bench
+from fusedres import _native
 from fusedres import reference as _reference
+from fusedres.bench import bn_act, harness
 
 # Every configuration compiles the same two reference functions for its own static shapes.
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -38,28 +39,28 @@ PARAMS = [
         id=f"{'x'.join(map(str, shape))}-{layout}-{'res' if residual else 'nores'}-{direction}-{impl}",
     )
     for shape, layout, residual, direction, impl in itertools.product(
-        bench.SHAPES, bench.LAYOUTS, (False, True), bench.DIRECTIONS, bench.IMPLS
+        bn_act.SHAPES, bn_act.LAYOUTS, (False, True), bn_act.DIRECTIONS, bn_act.IMPLS
     )
 ]
 _LARGE_BYTES = 64 << 20  # tensors above this get fewer rounds (the (32, 256, 56, 56) shape is 103 MB)
 
-_case_cache: dict[tuple, bench.BnActCase] = {}
+_case_cache: dict[tuple, bn_act.BnActCase] = {}
 _compiled_cache: dict[tuple, object] = {}
 
 
-def _case(shape, layout, residual) -> bench.BnActCase:
+def _case(shape, layout, residual) -> bn_act.BnActCase:
     key = (shape, layout, residual)
     if key not in _case_cache:
         _case_cache.clear()  # keep one configuration's tensors alive at a time
-        _case_cache[key] = bench.BnActCase(shape, layout, residual)
+        _case_cache[key] = bn_act.BnActCase(shape, layout, residual)
     return _case_cache[key]
 
 
-def _compiled(case: bench.BnActCase, mode: str):
+def _compiled(case: bn_act.BnActCase, mode: str):
     """torch.compile(reference) for this configuration, compiled (forward and backward) on first use."""
     key = (case.shape, case.layout, case.residual, mode)
     if key not in _compiled_cache:
-        fn = bench.compile_reference(mode == "train")
+        fn = bn_act.compile_reference(mode == "train")
         try:
             (case.train_step_call(fn, True) if mode == "train" else case.eval_call(fn, True))()
         except Exception as exc:  # noqa: BLE001 - reported as a skip with the reason
@@ -100,7 +101,7 @@ def test_bn_act(benchmark, shape, layout, residual, direction, impl) -> None:
             "direction": direction,
             "impl": impl,
             "floor_bytes": floor,
-            "allocator": bench.describe_allocator(bench.allocator_setting()),
+            "allocator": harness.describe_allocator(harness.allocator_setting()),
         }
     )
     stats = getattr(benchmark, "stats", None)

@@ -1,6 +1,6 @@
 """pytest-benchmark: fused dense concatenation + BatchNorm + ReLU vs eager torch.cat + BN + ReLU vs torch.compile.
 
-One group per layout x direction (fusedres/bench_dense.py's CONFIG: 16 inputs of (64, C_j, 32, 32), 36 + 15 x 12 =
+One group per layout x direction (fusedres/bench/dense.py's CONFIG: 16 inputs of (64, C_j, 32, 32), 36 + 15 x 12 =
 216 channels, float32, training), holding the four implementations side by side:
 
 * ``fused``        fusedres.dense_batch_norm_act (statistics reduced by the op);
@@ -22,8 +22,7 @@ import os
 
 import pytest
 
-from fusedres import bench
-from fusedres import bench_dense as dense
+from fusedres.bench import dense, harness
 
 CONFIG = dense.TINY_CONFIG if os.environ.get("FUSEDRES_BENCH_TINY") == "1" else dense.CONFIG
 
@@ -82,7 +81,7 @@ def test_dense(benchmark, layout, direction, impl) -> None:
             "direction": direction,
             "impl": impl,
             "floor_bytes": floor,
-            "allocator": bench.describe_allocator(bench.allocator_setting()),
+            "allocator": harness.describe_allocator(harness.allocator_setting()),
         }
     )
     stats = getattr(benchmark, "stats", None)

@@ -8,8 +8,8 @@ Configurations (all ``fusedres.models.densenet_bc_100``, the same weights, float
 * ``checkpoint``  fused=False, checkpoint=True: torchvision's ``memory_efficient=True`` (``torch.utils.checkpoint``
   of each layer's cat + norm1 + ReLU + conv1; it updates the BatchNorm running statistics twice per step).
 
-A step is ``fusedres._bench_worker.make_train_step``: SGD zero_grad(set_to_none) + forward + cross-entropy +
-backward + step. Peak memory: one fresh process per configuration (``fusedres._bench_worker.measure_peak_memory``,
+A step is ``fusedres.bench.memory.make_train_step``: SGD zero_grad(set_to_none) + forward + cross-entropy +
+backward + step. Peak memory: one fresh process per configuration (``fusedres.bench.memory.measure_peak_memory``,
 method in its MEMORY_METHOD: peak RSS of the measured steps minus the RSS before them, after a warm-up step,
 malloc_trim and a reset of the peak), taken under both glibc allocator settings.
 
@@ -37,8 +37,8 @@ from typing import Any
 import pytest
 import torch
 
-from fusedres import bench
-from fusedres._bench_worker import make_batch, make_train_step, measure_peak_memory
+from fusedres.bench import harness
+from fusedres.bench.memory import make_batch, make_train_step, measure_peak_memory
 from fusedres.models import get_model
 
 MODEL = "densenet_bc_100"
@@ -69,8 +69,8 @@ def build_steps(batch: int, names: list[str] | None = None, seed: int = 0) -> di
 @contextlib.contextmanager
 def _allocator_env(page_fault_free: bool) -> Iterator[None]:
     """The glibc allocator setting the memory workers inherit."""
-    saved = {k: os.environ.get(k) for k in bench.ALLOCATOR_ENV}
-    for k, v in bench.ALLOCATOR_ENV.items():
+    saved = {k: os.environ.get(k) for k in harness.ALLOCATOR_ENV}
+    for k, v in harness.ALLOCATOR_ENV.items():
         if page_fault_free:
             os.environ[k] = v
         else:
@@ -104,7 +104,7 @@ def test_densenet_bc_100_step(benchmark, name: str) -> None:
     step = _steps_cache[BATCH][name]
     benchmark.group = f"{MODEL} training step, batch {BATCH}, float32"
     benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
-    setting = bench.allocator_setting()
+    setting = harness.allocator_setting()
     mem = peak_memory(name, BATCH, page_fault_free=bool(setting["no_page_fault_setting"]))
     benchmark.extra_info.update(
         {
@@ -112,7 +112,7 @@ def test_densenet_bc_100_step(benchmark, name: str) -> None:
             "peak_mb": mem.get("peak_mb"),
             "peak_mb_null_reason": mem.get("null_reasons", {}).get("peak_mb"),
             "memory_method": mem.get("method"),
-            "allocator": bench.describe_allocator(setting),
+            "allocator": harness.describe_allocator(setting),
         }
     )
 
@@ -122,9 +122,9 @@ def test_densenet_bc_100_step(benchmark, name: str) -> None:
 
 
 def _reexec_with_allocator() -> None:
-    if all(os.environ.get(k) == v for k, v in bench.ALLOCATOR_ENV.items()):
+    if all(os.environ.get(k) == v for k, v in harness.ALLOCATOR_ENV.items()):
         return
-    env = {**os.environ, **bench.ALLOCATOR_ENV}
+    env = {**os.environ, **harness.ALLOCATOR_ENV}
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
@@ -143,12 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     for n in names:
         if n not in CONFIGS:
             parser.error(f"--configs must name configurations of {list(CONFIGS)}, got {n!r}")
-    setting = bench.allocator_setting()
+    setting = harness.allocator_setting()
     print(f"{MODEL} training step (SGD, cross-entropy), batch {args.batch}, float32, NCHW 32x32")
-    info = bench.machine_info()
+    info = harness.machine_info()
     print(f"  cpu        {info['cpu_model']}, {info['cpus_usable']} cores, {info['torch_threads']} torch threads")
     if not args.no_time:
-        print(f"  timing     allocator {bench.describe_allocator(setting)}; {args.rounds} alternating rounds")
+        print(f"  timing     allocator {harness.describe_allocator(setting)}; {args.rounds} alternating rounds")
     times: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     if not args.no_time:
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run
 
-        times, _faults = bench.measure_alternating(
+        times, _faults = harness.measure_alternating(
             {n: with_cpu_time(n, s) for n, s in steps.items()}, rounds=args.rounds, warmup=1
         )
         for n in names:
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{n:<11}"]
         if times:
             med = statistics.median(times[n]) * 1e3
-            r = bench.ratio_stats(times, base, n)
+            r = harness.ratio_stats(times, base, n)
             cpu_med = statistics.median(cpu[n]) * 1e3
             cells += [
                 f"{med:>9.1f}",

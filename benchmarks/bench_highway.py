@@ -8,7 +8,7 @@ Groups (one per configuration, the implementations side by side):
 * ``highway_mlp step``: one SGD step of ``highway_mlp(1024, 1024, depth=20, 10)`` at batch 256.
 
 ``extra_info`` has the minimal bytes of docs/design.md section 2 (fwd 4 tensor passes, fwd+bwd 11) and the achieved
-GB/s at the median. Cases and byte floors are shared with ``python -m fusedres bench`` (fusedres/bench_highway.py),
+GB/s at the median. Cases and byte floors are shared with ``python -m fusedres bench`` (fusedres/bench/highway.py),
 which also gives ratios from alternating rounds. Run with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000``
 for page-fault-free figures (docs/design.md section 6); the setting in force is recorded in ``extra_info``.
 """
@@ -20,14 +20,14 @@ import itertools
 import pytest
 import torch
 
-from fusedres import bench
-from fusedres import bench_highway as hb
+from fusedres.bench import harness
+from fusedres.bench import highway as hb
 
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 PARAMS = [
     pytest.param(shape, form, direction, impl, id=f"{'x'.join(map(str, shape))}-{form}-{direction}-{impl}")
-    for shape, form, direction, impl in itertools.product(hb.SHAPES, hb.FORMS, hb.DIRECTIONS, bench.IMPLS)
+    for shape, form, direction, impl in itertools.product(hb.SHAPES, hb.FORMS, hb.DIRECTIONS, harness.IMPLS)
 ]
 
 _case_cache: dict[tuple, hb.HighwayCase] = {}
@@ -87,7 +87,7 @@ def test_highway(benchmark, shape, form, direction, impl) -> None:
             "direction": direction,
             "impl": impl,
             "floor_bytes": floor,
-            "allocator": bench.describe_allocator(bench.allocator_setting()),
+            "allocator": harness.describe_allocator(harness.allocator_setting()),
         }
     )
     stats = getattr(benchmark, "stats", None)
@@ -98,7 +98,7 @@ def test_highway(benchmark, shape, form, direction, impl) -> None:
 _step_cache: dict[str, hb.HighwayMLPStep] = {}
 
 
-@pytest.mark.parametrize("impl", bench.IMPLS)
+@pytest.mark.parametrize("impl", harness.IMPLS)
 def test_highway_mlp_step(benchmark, impl) -> None:
     if impl == "fused":
         _skip_if_no_fused()
@@ -117,6 +117,6 @@ def test_highway_mlp_step(benchmark, impl) -> None:
             **hb.MLP_STEP,
             "dtype": "float32",
             "impl": impl,
-            "allocator": bench.describe_allocator(bench.allocator_setting()),
+            "allocator": harness.describe_allocator(harness.allocator_setting()),
         }
     )

@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from fusedres import _native, bench, models
+from fusedres import _native, models
+from fusedres.bench import harness
 
 TINY = os.environ.get("FUSEDRES_BENCH_TINY") == "1"
 # model -> (batch, image size)
@@ -94,6 +95,6 @@ def test_resnet_train_step(benchmark, name: str, layout: str, impl: str) -> None
             "layout": layout,
             "impl": impl,
             "dtype": "float32",
-            "allocator": bench.describe_allocator(bench.allocator_setting()),
+            "allocator": harness.describe_allocator(harness.allocator_setting()),
         }
     )

@@ -7,18 +7,18 @@ measured copy bandwidth next to them.
 
 from __future__ import annotations
 
-from fusedres import bench
+from fusedres.bench import harness
 
 
 def pytest_report_header(config) -> list[str]:
-    setting = bench.allocator_setting()
-    lines = [f"fusedres benchmarks: allocator {bench.describe_allocator(setting)}"]
+    setting = harness.allocator_setting()
+    lines = [f"fusedres benchmarks: allocator {harness.describe_allocator(setting)}"]
     if not setting["no_page_fault_setting"]:
-        env = " ".join(f"{k}={v}" for k, v in bench.ALLOCATOR_ENV.items())
+        env = " ".join(f"{k}={v}" for k, v in harness.ALLOCATOR_ENV.items())
         lines.append(f"  for page-fault-free figures (docs/design.md section 6) run with {env}")
     return lines
 
 
 def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:
-    machine_info["fusedres"] = bench.machine_info()
-    machine_info["fusedres_copy_bandwidth"] = bench.copy_bandwidth()
+    machine_info["fusedres"] = harness.machine_info()
+    machine_info["fusedres_copy_bandwidth"] = harness.copy_bandwidth()

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from _cuda_emu import LIB_SOURCE, EmuLib, compiled_library
 
 import fusedres
 
@@ -67,3 +68,10 @@ def devices() -> list[str]:
 def device(request: pytest.FixtureRequest) -> str:
     """Parametrises a test over the devices; the "cuda" case is skipped without CUDA or CUDA kernels."""
     return request.param
+
+
+@pytest.fixture(scope="session")
+def emu(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> EmuLib:
+    """The CUDA emulator's bn_act test library (tests/_cuda_emu.py): one build and one launch log for the session,
+    shared by test_cuda_emulated.py and test_cuda_emulated_split.py."""
+    return EmuLib(compiled_library(request, tmp_path_factory, LIB_SOURCE))

@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusedres import bench, bench_highway, bench_models
+from fusedres.bench import bn_act, harness
+from fusedres.bench import highway as bench_highway
+from fusedres.bench import models as bench_models
+from fusedres.bench.report import run_op_sections
+from fusedres.bench.sections import OP_SECTIONS, OpSection
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_FIGURES = (
@@ -31,7 +35,7 @@ COUNTS = ("page_faults_per_call", "load")  # may legitimately be 0
 
 
 def _run(args: list[str], env_extra: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in bench.ALLOCATOR_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in harness.ALLOCATOR_ENV}
     env.update(env_extra)
     return subprocess.run(
         [sys.executable, "-m", "fusedres", *args],
@@ -96,10 +100,10 @@ def test_bench_quick_json_sections(quick_report) -> None:
     configs = {(tuple(r["shape"]), r["layout"], r["residual"], r["direction"]) for r in rows}
     expected = {
         (s, lay, res, d)
-        for s in bench.TINY_SHAPES
-        for lay in bench.LAYOUTS
+        for s in bn_act.TINY_SHAPES
+        for lay in bn_act.LAYOUTS
         for res in (False, True)
-        for d in bench.DIRECTIONS
+        for d in bn_act.DIRECTIONS
     }
     assert configs == expected
     problems: list[str] = []
@@ -112,7 +116,7 @@ def test_bench_quick_json_sections(quick_report) -> None:
             sub: list[str] = []
             _check_figures(row[key], key, row["null_reasons"], sub, nonneg=key in COUNTS)
             problems += [f"{where}: {p}" for p in sub]
-        assert set(row["times_ms"]) == set(bench.IMPLS)
+        assert set(row["times_ms"]) == set(harness.IMPLS)
         assert set(row["ratios"]) == {"reference/fused", "compiled/fused"}
         # Fused and the eager reference are always measured on CPU; compile only with a residual under --quick.
         assert row["times_ms"]["fused"] is not None and row["times_ms"]["reference"] is not None, where
@@ -148,7 +152,7 @@ def test_bench_quick_json_highway(quick_report) -> None:
             sub: list[str] = []
             _check_figures(row[key], key, row["null_reasons"], sub, nonneg=key in (*COUNTS, "saved_bytes"))
             problems += [f"{where}: {p}" for p in sub]
-        assert set(row["times_ms"]) == set(bench.IMPLS)
+        assert set(row["times_ms"]) == set(harness.IMPLS)
         assert row["times_ms"]["fused"] is not None and row["times_ms"]["reference"] is not None, where
         # --quick compiles only the packed form.
         assert (row["times_ms"]["compiled"] is None) == (row["form"] == "split"), where
@@ -161,12 +165,12 @@ def test_bench_quick_json_highway(quick_report) -> None:
 def test_bench_quick_json_op_sections(quick_report) -> None:
     report, stdout = quick_report
     sections = report["sections"]
-    assert list(sections) == [s.name for s in bench.OP_SECTIONS]
+    assert list(sections) == [s.name for s in OP_SECTIONS]
     for name, status in sections.items():
         if status["available"]:
             assert status["reason"] is None and report[name], name
         else:  # only a section whose module is absent from this tree may be missing, and it says so
-            module = next(s.module for s in bench.OP_SECTIONS if s.name == name)
+            module = next(s.module for s in OP_SECTIONS if s.name == name)
             assert importlib.util.find_spec(module) is None, f"{name}: {status['reason']}"
             assert report[name] is None and "not available" in report["null_reasons"][name]
             assert f"{name}: not available" in stdout
@@ -219,9 +223,9 @@ def test_bench_quick_plot(quick_run) -> None:
 
 
 def test_missing_op_section_is_reported_not_raised(capsys) -> None:
-    settings = bench.Settings("cpu", True, True, 1, 0.1, 1, 1)
-    missing = bench.OpSection("nothing_here", "fusedres.bench_no_such_module")
-    entries, status = bench.run_op_sections(settings, 1.0, [missing])
+    settings = harness.Settings("cpu", True, True, 1, 0.1, 1, 1)
+    missing = OpSection("nothing_here", "fusedres.bench_no_such_module")
+    entries, status = run_op_sections(settings, 1.0, [missing])
     assert entries == {"nothing_here": None}
     assert status["nothing_here"]["available"] is False
     assert "fusedres.bench_no_such_module does not exist" in status["nothing_here"]["reason"]
@@ -230,7 +234,7 @@ def test_missing_op_section_is_reported_not_raised(capsys) -> None:
 
 @pytest.mark.slow  # one fresh process
 def test_peak_memory_of_unregistered_model_is_null_with_reason() -> None:
-    from fusedres._bench_worker import measure_peak_memory
+    from fusedres.bench.memory import measure_peak_memory
 
     out = measure_peak_memory("no_such_model", {"fused": True}, batch=2, timeout_s=120)
     assert out["peak_mb"] is None and "name must be one of the registered models" in out["null_reasons"]["peak_mb"]
@@ -252,29 +256,29 @@ def test_info_runs() -> None:
 
 def test_floor_bytes() -> None:
     n = 1024
-    assert bench.floor_bytes(n, False, "eval") == 2 * 4 * n
-    assert bench.floor_bytes(n, True, "eval") == 3 * 4 * n
-    assert bench.floor_bytes(n, True, "fwd") == 3 * 4 * n + n // 8
+    assert bn_act.floor_bytes(n, False, "eval") == 2 * 4 * n
+    assert bn_act.floor_bytes(n, True, "eval") == 3 * 4 * n
+    assert bn_act.floor_bytes(n, True, "fwd") == 3 * 4 * n + n // 8
     # fwd+bwd with residual: forward + read dy, x, mask; write dx, dr.
-    assert bench.floor_bytes(n, True, "fwd+bwd") == 3 * 4 * n + n // 8 + 4 * 4 * n + n // 8
+    assert bn_act.floor_bytes(n, True, "fwd+bwd") == 3 * 4 * n + n // 8 + 4 * 4 * n + n // 8
     with pytest.raises(ValueError, match="direction must be one of"):
-        bench.floor_bytes(n, True, "backward")
+        bn_act.floor_bytes(n, True, "backward")
 
 
 def test_alternating_measurement_of_identical_functions() -> None:
     x = torch.randn(1 << 16)
-    times, faults = bench.measure_alternating({"A": lambda: x * 2, "B": lambda: x * 2}, rounds=6, warmup=1)
+    times, faults = harness.measure_alternating({"A": lambda: x * 2, "B": lambda: x * 2}, rounds=6, warmup=1)
     assert {k: len(v) for k, v in times.items()} == {"A": 6, "B": 6}
-    stats = bench.ratio_stats(times, "A", "B")
+    stats = harness.ratio_stats(times, "A", "B")
     assert stats["min"] <= stats["q25"] <= stats["median"] <= stats["q75"] <= stats["max"]
     assert set(faults) == {"A", "B"}
 
 
 def test_saved_bytes_counts_unique_storages_except_owned() -> None:
-    case = bench.BnActCase((2, 3, 4, 4), "nchw", True)
+    case = bn_act.BnActCase((2, 3, 4, 4), "nchw", True)
     from fusedres import reference
 
-    saved = bench.saved_bytes(case.train_call(reference.batch_norm_act), case.owned_storages())
+    saved = harness.saved_bytes(case.train_call(reference.batch_norm_act), case.owned_storages())
     # Eager: ReLU's output (2*3*4*4 floats) + save_mean + save_invstd; the input and parameters are excluded.
     assert saved["total"] == 2 * 3 * 4 * 4 * 4 + 2 * 3 * 4
     assert sum(t["is_output"] for t in saved["tensors"]) == 1
@@ -284,7 +288,7 @@ def test_saved_bytes_counts_unique_storages_except_owned() -> None:
 def test_peak_memory_grows_with_the_batch() -> None:
     """The fresh-process figure measures the step: 16x the batch of a reference highway MLP saves 16x the
     activations (4 layers of [N, 256] float32 tensors: tens of MB at N = 4096, a few at N = 256)."""
-    from fusedres._bench_worker import measure_peak_memory
+    from fusedres.bench.memory import measure_peak_memory
 
     kwargs = {"fused": False, "in_features": 256, "hidden": 256, "depth": 4, "num_classes": 10}
     small = measure_peak_memory("highway_mlp", kwargs, batch=256, input_shape=(256,), steps=1, timeout_s=180)

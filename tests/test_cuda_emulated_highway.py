@@ -1,6 +1,6 @@
 """The highway CUDA kernels (csrc/cuda/highway_kernels.cuh) executed on the CPU by the CUDA emulator.
 
-A small library (tests/cuda_emu/emu_highway.cpp) is built with g++ (the build helper of test_cuda_emulated.py) from
+A small library (tests/cuda_emu/emu_highway.cpp) is built with g++ (the build helper of tests/_cuda_emu.py) from
 the project's kernel headers and the launch sequences the .cu launcher calls (csrc/cuda/highway_launch.cuh), with
 the same sizing function (highway_launch_config). Operands are passed in the rows view of csrc/highway.h: a pointer
 to element (0, 0) and a row stride, so packed halves of one projection are read and written in place. Results are
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cuda_emulated import EMU_DIR, ORDERS, _build_library, assert_all_launched
+from _cuda_emu import EMU_DIR, ORDERS, assert_all_launched, compiled_library
 
 LIB_SOURCE = EMU_DIR / "emu_highway.cpp"
 ACTS = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3}
@@ -103,9 +103,7 @@ def _operands(*views: torch.Tensor | None) -> list[int | None]:
 @pytest.fixture(scope="session")
 def emu(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> HighwayEmuLib:
     """The emulator test library, compiled once per source hash (cached under .pytest_cache)."""
-    cache = getattr(request.config, "cache", None)
-    cache_dir = Path(cache.mkdir("cuda_emu")) if cache is not None else tmp_path_factory.mktemp("cuda_emu")
-    return HighwayEmuLib(_build_library(cache_dir, LIB_SOURCE))
+    return HighwayEmuLib(compiled_library(request, tmp_path_factory, LIB_SOURCE))
 
 
 # ------------------------------------------------------------------------------------------------ operands

@@ -1,38 +1,40 @@
 """The CUDA launch sequences of the bn_act building blocks and of the dense ops, executed by the CUDA emulator.
 
-The test library of test_cuda_emulated.py (tests/cuda_emu/emu_bn_act.cpp) also exposes the sequences the launchers
-csrc/cuda/bn_act_split.cu (bn_stats, bn_act_elemt, bn_act_backward_reduce, bn_act_backward_elemt) and csrc/cuda/
-dense.cu (dense_bn_act_forward / dense_bn_act_backward, through csrc/cuda/dense_launch.cuh) call. Each is run on
+The emulator's bn_act test library (tests/cuda_emu/emu_bn_act.cpp: the ``emu`` fixture of tests/conftest.py) also
+exposes the sequences the launchers csrc/cuda/bn_act_split.cu (bn_stats, bn_act_elemt, bn_act_backward_reduce,
+bn_act_backward_elemt) and csrc/cuda/dense.cu (dense_bn_act_forward / dense_bn_act_backward, through
+csrc/cuda/dense_launch.cuh) call. Each is run on
 small odd shapes in both layouts and compared with the CPU ops: the building blocks with the CPU bn_act ops they
 split (the same statistics, sums and gradients) and with a float64 evaluation of their formulas; the dense ops with
 the CPU bn_act ops on the concatenation, the mask segments bit for bit against the concatenation's mask rearranged
 per input. Outputs written as channel slices (a leading dimension wider than dense) are checked to leave every
-other element of the wide buffer untouched.
+other element of the wide buffer untouched. Last, the coverage check of bn_act_kernels.cuh (it runs both files'
+sequences).
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from test_cuda_emulated import (
+from _cuda_emu import (
     EPS,
     ORDERS,
     SHAPE_IDS,
     SHAPES,
     SLOPE,
-    EmuLib,
-    _acc,
-    _assert_mask_equal,
-    _bits,
-    _build_library,
-    _flat,
-    _inputs,
-    _seed,
-    _spatial,
-    _tol,
+    acc_dtype,
+    assert_all_launched,
+    assert_mask_equal,
+    flat_buffer,
+    make_inputs,
+    mask_bits,
+    run_backward,
+    run_forward,
+    seed_of,
+    spatial_dims,
+    tolerance,
 )
 
 pytestmark = pytest.mark.needs_native
@@ -59,14 +61,6 @@ DENSE_IDS = ["-".join(map(str, c)) + f"_{n}x{s}" for c, n, s, _ in DENSE_CASES]
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-@pytest.fixture(scope="session")
-def emu(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> EmuLib:
-    """The emulator test library of test_cuda_emulated.py (same source, same cached build, one launch log)."""
-    cache = getattr(request.config, "cache", None)
-    cache_dir = Path(cache.mkdir("cuda_emu")) if cache is not None else tmp_path_factory.mktemp("cuda_emu")
-    return EmuLib(_build_library(cache_dir))
-
-
 def _mask_bytes(numel: int) -> int:
     return ((numel + 31) // 32 + 1) * 4
 
@@ -80,14 +74,14 @@ def _pack(bits: torch.Tensor) -> torch.Tensor:
 
 
 def _unflat(buf: torch.Tensor, shape: tuple[int, ...], cl: bool) -> torch.Tensor:
-    """Inverse of _flat: a buffer in the layout -> the logical (N, C, H, W) tensor (a view)."""
+    """Inverse of flat_buffer: a buffer in the layout -> the logical (N, C, H, W) tensor (a view)."""
     N, C, H, W = shape
     return buf.view(N, H, W, C).permute(0, 3, 1, 2) if cl else buf.view(N, C, H, W)
 
 
 def _chan(shape: tuple[int, ...], cl: bool) -> torch.Tensor:
     """The channel of every element of a tensor of this shape, in the layout's order."""
-    return _flat(torch.arange(shape[1]).view(1, -1, 1, 1).expand(shape), cl)
+    return flat_buffer(torch.arange(shape[1]).view(1, -1, 1, 1).expand(shape), cl)
 
 
 def _z(x, w, b, mean, invstd, r, cl) -> torch.Tensor:
@@ -95,8 +89,8 @@ def _z(x, w, b, mean, invstd, r, cl) -> torch.Tensor:
     chan = _chan(tuple(x.shape), cl)
     scale = w.double() * invstd.double()
     shift = b.double() - mean.double() * scale
-    z = _flat(x, cl).double() * scale[chan] + shift[chan]
-    return z if r is None else z + _flat(r, cl).double()
+    z = flat_buffer(x, cl).double() * scale[chan] + shift[chan]
+    return z if r is None else z + flat_buffer(r, cl).double()
 
 
 def _act_backward(dy: torch.Tensor, positive: torch.Tensor, act: str) -> torch.Tensor:
@@ -109,7 +103,7 @@ def _wide(N, C, H, W, c0, extra, dtype, cl, fill=None):
     """A (N, C + extra, H, W) buffer (flat, in the layout) and the element offset / leading dimension of its channel
     slice [c0, c0 + C) as the kernels address it."""
     Cw = C + extra
-    buf = torch.full((N * Cw * H * W,), SENTINEL, dtype=dtype) if fill is None else _flat(fill, cl).clone()
+    buf = torch.full((N * Cw * H * W,), SENTINEL, dtype=dtype) if fill is None else flat_buffer(fill, cl).clone()
     S = H * W
     off, ld = (c0, Cw) if cl else (c0 * S, Cw * S)
     return buf, off, ld, Cw
@@ -120,13 +114,13 @@ def _slice_of(buf: torch.Tensor, N, Cw, H, W, c0, C, cl) -> torch.Tensor:
 
 
 def _sum_tol(dtype: torch.dtype, M: int) -> dict[str, float]:
-    tol = _tol(dtype)
+    tol = tolerance(dtype)
     return {"rtol": tol["rtol"] * 10, "atol": tol["atol"] * 10 * math.sqrt(max(M, 1))}
 
 
 def _running(C: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Running statistics of C channels (a fixed function of C)."""
-    acc = _acc(dtype)
+    acc = acc_dtype(dtype)
     gen = torch.Generator().manual_seed(C)
     rm = (torch.randn(C, generator=gen, dtype=torch.float64) * 0.3).to(acc)
     rv = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(acc)
@@ -149,12 +143,12 @@ def _cpu_forward(x, w, b, training, act, dtype):
 def test_bn_stats(emu, shape, cl, dtype, order):
     """Statistics only: mean and biased variance as the training forward computes them; nothing else written."""
     N, C, S, sms = shape
-    x, *_ = _inputs(N, C, S, cl, dtype, _seed(shape, cl, dtype))
-    acc = _acc(dtype)
+    x, *_ = make_inputs(N, C, S, cl, dtype, seed_of(shape, cl, dtype))
+    acc = acc_dtype(dtype)
     mean, var = torch.full((C,), math.nan, dtype=acc), torch.full((C,), math.nan, dtype=acc)
-    emu.configure(order, _seed("stats", shape, cl, dtype, order))
-    emu.bn_stats(dtype, N, C, S, cl, sms, _flat(x, cl), mean, var)
-    tol = _tol(dtype)
+    emu.configure(order, seed_of("stats", shape, cl, dtype, order))
+    emu.bn_stats(dtype, N, C, S, cl, sms, flat_buffer(x, cl), mean, var)
+    tol = tolerance(dtype)
     x64 = x.double()
     torch.testing.assert_close(mean.double(), x64.mean((0, 2, 3)), **tol)
     torch.testing.assert_close(var.double(), x64.var((0, 2, 3), unbiased=False), **tol)
@@ -174,8 +168,8 @@ def test_bn_stats(emu, shape, cl, dtype, order):
 def test_bn_act_elemt(emu, shape, cl, act, dtype, slice_out):
     """Normalise with given statistics == the eval forward of the CPU op with those statistics; y as a slice too."""
     N, C, S, sms = shape
-    H, W = _spatial(S)
-    x, r, _, w, b, rm, rv = _inputs(N, C, S, cl, dtype, _seed(shape, cl, dtype))
+    H, W = spatial_dims(S)
+    x, r, _, w, b, rm, rv = make_inputs(N, C, S, cl, dtype, seed_of(shape, cl, dtype))
     for residual in (None, r):
         # The eval forward returns the statistics it normalised with: (running mean, 1 / sqrt(running var + eps)).
         out, mean, invstd, mask = torch.ops.fusedres.bn_act_forward(
@@ -184,7 +178,7 @@ def test_bn_act_elemt(emu, shape, cl, act, dtype, slice_out):
         c0, extra = (2, 3) if slice_out else (0, 0)
         buf, off, ld, Cw = _wide(N, C, H, W, c0, extra, dtype, cl)
         e_mask = torch.full((mask.numel(),), 0xAB, dtype=torch.uint8) if act != "identity" else None
-        emu.configure("rand", _seed("elemt", shape, cl, act, dtype, slice_out, residual is None))
+        emu.configure("rand", seed_of("elemt", shape, cl, act, dtype, slice_out, residual is None))
         emu.elemt(
             dtype,
             N,
@@ -193,8 +187,8 @@ def test_bn_act_elemt(emu, shape, cl, act, dtype, slice_out):
             cl,
             sms,
             act,
-            _flat(x, cl),
-            None if residual is None else _flat(residual, cl),
+            flat_buffer(x, cl),
+            None if residual is None else flat_buffer(residual, cl),
             w,
             b,
             mean,
@@ -204,8 +198,8 @@ def test_bn_act_elemt(emu, shape, cl, act, dtype, slice_out):
             e_mask,
         )
         cpu_y, cpu_mask = torch.ops.fusedres.bn_act_elemt(x, residual, w, b, mean, invstd, act, SLOPE)
-        torch.testing.assert_close(cpu_y, out, **_tol(dtype))  # the eval forward is this op
-        torch.testing.assert_close(_slice_of(buf, N, Cw, H, W, c0, C, cl), out, **_tol(dtype))
+        torch.testing.assert_close(cpu_y, out, **tolerance(dtype))  # the eval forward is this op
+        torch.testing.assert_close(_slice_of(buf, N, Cw, H, W, c0, C, cl), out, **tolerance(dtype))
         if slice_out:  # nothing outside the slice written
             rest = torch.ones(N, Cw, H, W, dtype=torch.bool)
             rest[:, c0 : c0 + C] = False
@@ -214,12 +208,12 @@ def test_bn_act_elemt(emu, shape, cl, act, dtype, slice_out):
             assert mask.numel() == 0
         else:
             assert torch.equal(cpu_mask, mask)
-            _assert_mask_equal(e_mask, mask, _z(x, w, b, mean, invstd, residual, cl), dtype)
+            assert_mask_equal(e_mask, mask, _z(x, w, b, mean, invstd, residual, cl), dtype)
 
 
 def _backward_setup(shape, cl, act, dtype):
     N, C, S, _ = shape
-    x, _, dy, w, b, _, _ = _inputs(N, C, S, cl, dtype, _seed(shape, cl, dtype))
+    x, _, dy, w, b, _, _ = make_inputs(N, C, S, cl, dtype, seed_of(shape, cl, dtype))
     _, smean, sinv, mask = _cpu_forward(x, w, b, True, act, dtype)
     return x, dy, w, smean, sinv, mask
 
@@ -232,21 +226,21 @@ def _backward_setup(shape, cl, act, dtype):
 def test_bn_act_backward_reduce(emu, shape, cl, act, dtype, slice_dy):
     """sum_dz, sum_dz_xhat == the bias / weight gradients of the CPU backward (weight None); grad_out as a slice."""
     N, C, S, sms = shape
-    H, W = _spatial(S)
+    H, W = spatial_dims(S)
     x, dy, _, smean, sinv, mask = _backward_setup(shape, cl, act, dtype)
     _, _, gw, gb = torch.ops.fusedres.bn_act_backward(
         dy, x, None, smean, sinv, mask, True, act, SLOPE, [False, False, True, True]
     )
-    acc = _acc(dtype)
+    acc = acc_dtype(dtype)
     if slice_dy:  # dy inside a wider tensor whose other channels hold garbage the kernels must not read
         wide = torch.randn(N, C + 4, H, W, dtype=torch.float64).mul(1e6).to(dtype)
         wide[:, 1 : 1 + C] = dy
         buf, off, ld, _ = _wide(N, C, H, W, 1, 4, dtype, cl, fill=wide)
         dy_buf, dy_ld = buf[off:], ld
     else:
-        dy_buf, dy_ld = _flat(dy, cl), 0
+        dy_buf, dy_ld = flat_buffer(dy, cl), 0
     sdz, sdzx = torch.full((C,), math.nan, dtype=acc), torch.full((C,), math.nan, dtype=acc)
-    emu.configure("rand", _seed("reduce", shape, cl, act, dtype, slice_dy))
+    emu.configure("rand", seed_of("reduce", shape, cl, act, dtype, slice_dy))
     emu.backward_reduce(
         dtype,
         N,
@@ -257,7 +251,7 @@ def test_bn_act_backward_reduce(emu, shape, cl, act, dtype, slice_dy):
         act,
         dy_buf,
         dy_ld,
-        _flat(x, cl),
+        flat_buffer(x, cl),
         mask if act != "identity" else None,
         smean,
         sinv,
@@ -293,13 +287,13 @@ def test_bn_act_backward_elemt(emu, shape, cl, act, dtype, output_mask, count):
     gi, gr, gw, gb = torch.ops.fusedres.bn_act_backward(
         dy, x, w, smean, sinv, mask, True, act, SLOPE, [True, True, True, True]
     )
-    acc = _acc(dtype)
+    acc = acc_dtype(dtype)
     sdz, sdzx = gb.to(acc), gw.to(acc)
     n = M
     if count == "3M":
         sdz, sdzx, n = sdz * 3, sdzx * 3, 3 * M
     elif count == "7":
-        gen = torch.Generator().manual_seed(_seed(shape, C))
+        gen = torch.Generator().manual_seed(seed_of(shape, C))
         sdz = torch.randn(C, generator=gen, dtype=torch.float64).to(acc)
         sdzx = torch.randn(C, generator=gen, dtype=torch.float64).to(acc)
         n = 7
@@ -307,7 +301,7 @@ def test_bn_act_backward_elemt(emu, shape, cl, act, dtype, output_mask, count):
     numel = x.numel()
     e_gi = torch.full((numel,), SENTINEL, dtype=dtype) if want_i else None
     e_gr = torch.full((numel,), SENTINEL, dtype=dtype) if want_r else None
-    emu.configure("rand", _seed("elemt_bwd", shape, cl, act, dtype, output_mask, count))
+    emu.configure("rand", seed_of("elemt_bwd", shape, cl, act, dtype, output_mask, count))
     emu.backward_elemt(
         dtype,
         N,
@@ -316,9 +310,9 @@ def test_bn_act_backward_elemt(emu, shape, cl, act, dtype, output_mask, count):
         cl,
         sms,
         act,
-        _flat(dy, cl),
+        flat_buffer(dy, cl),
         0,
-        _flat(x, cl),
+        flat_buffer(x, cl),
         mask if act != "identity" else None,
         smean,
         sinv,
@@ -329,30 +323,30 @@ def test_bn_act_backward_elemt(emu, shape, cl, act, dtype, output_mask, count):
         e_gi,
         e_gr,
     )
-    tol = _tol(dtype)
+    tol = tolerance(dtype)
     sum_tol = _sum_tol(dtype, M)
     if count == "7":
         chan = _chan(tuple(x.shape), cl)
-        positive = _bits(mask)[:numel] if act != "identity" else torch.zeros(numel, dtype=torch.bool)
-        dz = _act_backward(_flat(dy, cl).double(), positive, act)
-        xhat = (_flat(x, cl).double() - smean.double()[chan]) * sinv.double()[chan]
+        positive = mask_bits(mask)[:numel] if act != "identity" else torch.zeros(numel, dtype=torch.bool)
+        dz = _act_backward(flat_buffer(dy, cl).double(), positive, act)
+        xhat = (flat_buffer(x, cl).double() - smean.double()[chan]) * sinv.double()[chan]
         k = (w.double() * sinv.double())[chan]
         ref_gi = k * (dz - sdz.double()[chan] / n - xhat * sdzx.double()[chan] / n)
         ref_gr = dz
     else:
-        ref_gi, ref_gr = _flat(gi, cl), _flat(gr, cl)
+        ref_gi, ref_gr = flat_buffer(gi, cl), flat_buffer(gr, cl)
     cpu_gi, cpu_gr = torch.ops.fusedres.bn_act_backward_elemt(
         dy, x, w, smean, sinv, mask, sdz, sdzx, n, act, SLOPE, list(output_mask)
     )
     gi_tol = {"rtol": sum_tol["rtol"], "atol": sum_tol["atol"] / math.sqrt(M)}
     if want_r:
         torch.testing.assert_close(e_gr.double(), ref_gr.double(), **tol)
-        torch.testing.assert_close(e_gr, _flat(cpu_gr, cl), **tol)
+        torch.testing.assert_close(e_gr, flat_buffer(cpu_gr, cl), **tol)
     else:
         assert cpu_gr.numel() == 0
     if want_i:
         torch.testing.assert_close(e_gi.double(), ref_gi.double(), **gi_tol)
-        torch.testing.assert_close(e_gi, _flat(cpu_gi, cl), **gi_tol)
+        torch.testing.assert_close(e_gi, flat_buffer(cpu_gi, cl), **gi_tol)
     else:
         assert cpu_gi.numel() == 0
 
@@ -364,10 +358,10 @@ def _dense_inputs(case, cl, dtype):
     channels, N, S, _ = case
     xs = []
     for j, c in enumerate(channels):
-        x, *_ = _inputs(N, c, S, cl, dtype, _seed(case, cl, dtype, j))
+        x, *_ = make_inputs(N, c, S, cl, dtype, seed_of(case, cl, dtype, j))
         xs.append(x + j)  # a different mean per input
     C = sum(channels)
-    _, _, dy, w, b, _, _ = _inputs(N, C, S, cl, dtype, _seed(case, cl, dtype, "wide"))
+    _, _, dy, w, b, _, _ = make_inputs(N, C, S, cl, dtype, seed_of(case, cl, dtype, "wide"))
     return xs, dy, w, b
 
 
@@ -380,10 +374,10 @@ def _cat(xs, cl):
 def _segment_masks(cat_mask: torch.Tensor, shape, channels, cl) -> list[torch.Tensor]:
     """The concatenation's mask rearranged into the dense op's segments (input j's elements in its own order)."""
     N, C, H, W = shape
-    bits = _unflat(_bits(cat_mask)[: N * C * H * W].clone(), shape, cl)
+    bits = _unflat(mask_bits(cat_mask)[: N * C * H * W].clone(), shape, cl)
     out, c0 = [], 0
     for c in channels:
-        out.append(_pack(_flat(bits[:, c0 : c0 + c], cl)))
+        out.append(_pack(flat_buffer(bits[:, c0 : c0 + c], cl)))
         c0 += c
     return out
 
@@ -409,11 +403,11 @@ def test_dense_forward(emu, case, cl, mode, act, dtype):
     statistics of the concatenation with invstd as the launcher computes it).
     """
     channels, N, S, sms = case
-    H, W = _spatial(S)
+    H, W = spatial_dims(S)
     C = sum(channels)
     xs, _, w, b = _dense_inputs(case, cl, dtype)
     cat = _cat(xs, cl)
-    acc = _acc(dtype)
+    acc = acc_dtype(dtype)
     cfg = emu.dense_launch_config(N, S, channels, cl, act != "identity", sms)
     assert cfg["output_ld"] == (C if cl else C * S)
     if act != "identity":
@@ -432,7 +426,7 @@ def test_dense_forward(emu, case, cl, mode, act, dtype):
     e_var = torch.full((C,), math.nan, dtype=acc) if mode == "train" else None
     e_y = torch.full((N * C * S,), SENTINEL, dtype=dtype)
     e_mask = _empty_mask_buffer(channels, N, S, act)
-    emu.configure("rand", _seed("dense_fwd", case, cl, mode, act, dtype))
+    emu.configure("rand", seed_of("dense_fwd", case, cl, mode, act, dtype))
     emu.dense_forward(
         dtype,
         N,
@@ -442,7 +436,7 @@ def test_dense_forward(emu, case, cl, mode, act, dtype):
         sms,
         mode == "train",
         act,
-        [_flat(x, cl) for x in xs],
+        [flat_buffer(x, cl) for x in xs],
         w,
         b,
         e_mean,
@@ -459,7 +453,7 @@ def test_dense_forward(emu, case, cl, mode, act, dtype):
         xs, w, b, *stats, mode != "eval", 0.1, EPS, act, SLOPE
     )
 
-    tol = _tol(dtype)
+    tol = tolerance(dtype)
     e_y = _unflat(e_y, (N, C, H, W), cl)
     for ref_mean, ref_invstd, ref_y in ((smean, sinv, out), (d_mean, d_invstd, d_y)):
         torch.testing.assert_close(e_mean, ref_mean, **tol)
@@ -476,9 +470,9 @@ def test_dense_forward(emu, case, cl, mode, act, dtype):
         pos, c0 = 0, 0
         for c, ref in zip(channels, ref_segments):
             seg = slice(pos, pos + ref.numel())
-            z_seg = _flat(z_cat[:, c0 : c0 + c], cl)
-            _assert_mask_equal(e_mask[seg], ref, z_seg, dtype)
-            _assert_mask_equal(e_mask[seg], d_mask[seg], z_seg, dtype)
+            z_seg = flat_buffer(z_cat[:, c0 : c0 + c], cl)
+            assert_mask_equal(e_mask[seg], ref, z_seg, dtype)
+            assert_mask_equal(e_mask[seg], d_mask[seg], z_seg, dtype)
             pos += ref.numel()
             c0 += c
         assert pos == e_mask.numel()
@@ -499,11 +493,11 @@ def test_dense_backward(emu, case, cl, training, act, dtype, request_):
     """dense backward == bn_act_backward of the concatenation, grad_out read as channel slices per input."""
     inputs_wanted, want_params = request_
     channels, N, S, sms = case
-    H, W = _spatial(S)
+    H, W = spatial_dims(S)
     C = sum(channels)
     xs, dy, w, b = _dense_inputs(case, cl, dtype)
     cat = _cat(xs, cl)
-    acc = _acc(dtype)
+    acc = acc_dtype(dtype)
     _, smean, sinv, cat_mask = _cpu_forward(cat, w, b, training, act, dtype)
     gi, _, gw, gb = torch.ops.fusedres.bn_act_backward(
         dy, cat, w, smean, sinv, cat_mask, training, act, SLOPE, [True, False, True, True]
@@ -514,7 +508,7 @@ def test_dense_backward(emu, case, cl, training, act, dtype, request_):
     any_sums = want_params or (training and any(wanted))
     e_sdz = torch.full((C,), math.nan, dtype=acc) if any_sums else None
     e_sdzx = torch.full((C,), math.nan, dtype=acc) if any_sums else None
-    emu.configure("rand", _seed("dense_bwd", case, cl, training, act, dtype, inputs_wanted, want_params))
+    emu.configure("rand", seed_of("dense_bwd", case, cl, training, act, dtype, inputs_wanted, want_params))
     emu.dense_backward(
         dtype,
         N,
@@ -525,8 +519,8 @@ def test_dense_backward(emu, case, cl, training, act, dtype, request_):
         training,
         want_params,
         act,
-        _flat(dy, cl),
-        [_flat(x, cl) for x in xs],
+        flat_buffer(dy, cl),
+        [flat_buffer(x, cl) for x in xs],
         mask,
         smean,
         sinv,
@@ -576,7 +570,7 @@ def test_dense_half(emu, cl, dtype):
         pytest.skip("the emulator library was built without cuda_fp16.h / cuda_bf16.h (no CUDA toolkit headers)")
     case = DENSE_CASES[1]
     channels, N, S, sms = case
-    H, W = _spatial(S)
+    H, W = spatial_dims(S)
     C = sum(channels)
     xs, dy, w, b = _dense_inputs(case, cl, dtype)
     cat = _cat(xs, cl)
@@ -594,7 +588,7 @@ def test_dense_half(emu, cl, dtype):
         sms,
         True,
         "relu",
-        [_flat(x, cl) for x in xs],
+        [flat_buffer(x, cl) for x in xs],
         w,
         b,
         e_mean,
@@ -603,7 +597,7 @@ def test_dense_half(emu, cl, dtype):
         e_y,
         e_mask,
     )
-    tol = _tol(dtype)
+    tol = tolerance(dtype)
     torch.testing.assert_close(_unflat(e_y, (N, C, H, W), cl), out, **tol)
     torch.testing.assert_close(e_mean, smean, **tol)
     gi, _, gw, gb = torch.ops.fusedres.bn_act_backward(
@@ -622,8 +616,8 @@ def test_dense_half(emu, cl, dtype):
         True,
         True,
         "relu",
-        _flat(dy, cl),
-        [_flat(x, cl) for x in xs],
+        flat_buffer(dy, cl),
+        [flat_buffer(x, cl) for x in xs],
         mask,
         smean,
         sinv,
@@ -643,9 +637,20 @@ def test_dense_half(emu, cl, dtype):
 # ------------------------------------------------------------------------------------------------ coverage
 
 
-def run_every_split_sequence(emu) -> None:
-    """The smallest run of each building-block and dense sequence in both layouts and dtypes (for the coverage test
-    of test_cuda_emulated.py, which checks that every kernel and launch site of bn_act_launch.cuh ran)."""
+def test_every_kernel_is_emulated(emu):
+    """Each __global__ kernel of bn_act_kernels.cuh, and each KERNEL_LAUNCH site of bn_act_launch.cuh, ran.
+
+    Runs the smallest forward/backward of every (layout, training, dtype) of test_cuda_emulated.py and of the
+    building-block and dense sequences above (each in both layouts and dtypes), then reads the emulator's launch log
+    (which also holds the launches of every test that ran before in this session). The other kernel headers are
+    checked the same way by their own test files (EMULATED_HEADERS).
+    """
+    for cl in (False, True):
+        for training in (True, False):
+            for dtype in (torch.float32, torch.float64):
+                run_forward(emu, SHAPES[0], cl, training, "relu", True, dtype, "asc")
+                run_backward(emu, SHAPES[0], cl, training, "relu", dtype, "asc")
+    # The building-block and dense sequences (bn_act_split.cu, dense.cu) use the same kernels and launch header.
     shape = SHAPES[0]
     for cl in (False, True):
         for dtype in (torch.float32, torch.float64):
@@ -656,3 +661,4 @@ def run_every_split_sequence(emu) -> None:
             for mode in ("train", "eval", "given"):
                 test_dense_forward(emu, DENSE_CASES[1], cl, mode, "relu", dtype)
             test_dense_backward(emu, DENSE_CASES[1], cl, True, "relu", dtype, ("all", True))
+    assert_all_launched(emu.launch_log(), "bn_act_kernels.cuh", min_kernels=8, min_sites=12)

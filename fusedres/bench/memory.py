@@ -1,6 +1,6 @@
 """Peak memory of one model's training step, measured in a fresh process: ``measure_peak_memory``.
 
-``python -m fusedres._bench_worker CONFIG_JSON`` builds one model configuration, runs the training step and prints
+``python -m fusedres.bench.memory CONFIG_JSON`` builds one model configuration, runs the training step and prints
 one line ``FUSEDRES_WORKER_RESULT {json}``; :func:`measure_peak_memory` starts that process and returns the
 figures. One process per configuration, so that no configuration inherits another's heap, caches or peak.
 
@@ -32,7 +32,7 @@ __all__ = ["MEMORY_METHOD", "RESULT_MARK", "make_batch", "make_train_step", "mea
 
 RESULT_MARK = "FUSEDRES_WORKER_RESULT "
 MEMORY_METHOD = (
-    "one fresh process per (model, configuration) (python -m fusedres._bench_worker): build the model and the "
+    "one fresh process per (model, configuration) (python -m fusedres.bench.memory): build the model and the "
     "batch, run one warm-up training step, set the gradients to None, return freed heap to the OS (malloc_trim(0)), "
     "reset the peak resident set (/proc/self/clear_refs 5: VmHWM = ru_maxrss = current RSS), then run the timed "
     "steps; peak MB = peak RSS (VmHWM) since the reset - RSS at the reset: activations saved for backward + "
@@ -195,7 +195,7 @@ def _measure(config: dict[str, Any]) -> dict[str, Any]:
 
 def _worker_main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m fusedres._bench_worker CONFIG_JSON", file=sys.stderr)
+        print("usage: python -m fusedres.bench.memory CONFIG_JSON", file=sys.stderr)
         return 2
     config = json.loads(argv[0])
     if "threads" in config:
@@ -258,7 +258,7 @@ def measure_peak_memory(
     reason = None
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "fusedres._bench_worker", json.dumps(config)],
+            [sys.executable, "-m", "fusedres.bench.memory", json.dumps(config)],
             capture_output=True,
             text=True,
             timeout=timeout_s,

@@ -1,4 +1,4 @@
-"""The highway part of ``python -m fusedres bench`` (and the cases of benchmarks/bench_highway.py).
+"""The highway section of ``python -m fusedres bench`` (and the cases of benchmarks/bench_highway.py).
 
 Per shape x input form x direction, three implementations of the coupled highway gate
 ``y = act(h) * sigmoid(g) + x * (1 - sigmoid(g))`` with ReLU:
@@ -14,54 +14,70 @@ conv to 128 channels). Directions: ``fwd`` (training forward, inputs require gra
 (read h, g, x; write y), backward 7 (read dy, h, g, x; write dh, dg, dx): fwd+bwd 11.
 
 The training step of ``highway_mlp(1024, 1024, depth=20, 10)`` at batch 256 (MLP_STEP; HighwayMLPStep is the case
-of benchmarks/bench_highway.py) is one of the model rows of ``fusedres bench`` (fusedres/bench_models.py).
-
-Measured with the same alternating rounds, noise check and allocator setting as the bn_act rows (fusedres/bench.py).
+of benchmarks/bench_highway.py) is one of the model rows of ``fusedres bench`` (fusedres/bench/models.py).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import gc
-import os
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fusedres import _native
-from fusedres import bench as _bench
+from fusedres.bench import harness, table
+from fusedres.bench.table import Column
 
 __all__ = [
+    "COLUMNS",
     "DIRECTIONS",
     "FORMS",
+    "METHOD",
     "MLP_STEP",
     "SHAPES",
+    "TITLE",
     "HighwayCase",
     "HighwayMLPStep",
+    "configuration",
     "floor_bytes",
+    "fused_unavailable",
     "measure_highway",
-    "render_table",
+    "notes",
+    "run",
 ]
 
 SHAPES: tuple[tuple[int, ...], ...] = ((4096, 1024), (256, 64, 32, 32))
 TINY_SHAPES: tuple[tuple[int, ...], ...] = ((8, 6), (2, 3, 4, 5))
 DIRECTIONS = ("fwd", "fwd+bwd")
 FORMS = ("split", "packed")
-IMPLS = _bench.IMPLS
-RATIOS = _bench.RATIOS
+IMPLS = harness.IMPLS
 MLP_STEP: dict[str, int] = {"in_features": 1024, "hidden": 1024, "depth": 20, "num_classes": 10, "batch": 256}
 MLP_STEP_TINY: dict[str, int] = {"in_features": 12, "hidden": 16, "depth": 2, "num_classes": 4, "batch": 8}
 
-GBPS_METHOD = (
-    "minimal bytes (docs/design.md section 2, coupled gate) / median time; fwd: 4 tensor passes (read h, g, x; write y); "
-    "fwd+bwd: 11 (+ read dy, h, g, x; write dh, dg, dx); the same for the packed form"
-)
-SAVED_BYTES_METHOD = (
-    "bytes autograd saves for backward in one training forward (fusedres.bench.saved_bytes), excluding the "
-    "inputs' own storages: the fused op saves only its inputs (0 extra bytes)"
+TITLE = "highway gate (coupled, ReLU), float32: fused vs eager reference vs torch.compile(reference)"
+METHOD = {
+    "gbps": "minimal bytes (docs/design.md section 2, coupled gate) / median time; fwd: 4 tensor passes (read h, g, x; "
+    "write y); fwd+bwd: 11 (+ read dy, h, g, x; write dh, dg, dx); the same for the packed form",
+    "saved_bytes": "bytes autograd saves for backward in one training forward (fusedres.bench.harness.saved_bytes), "
+    "excluding the inputs' own storages: the fused op saves only its inputs (0 extra bytes)",
+}
+COLUMNS = (
+    table.shape(),
+    Column(
+        "input",
+        lambda row: row["form"] if row["packed_dim"] is None else f"packed dim {row['packed_dim']}",
+        left=True,
+    ),
+    table.field("dir", "direction"),
+    *table.TIMES,
+    table.gbps("fused GB/s", "fused"),
+    table.gbps("ref GB/s", "reference"),
+    table.PCT_COPY,
+    table.saved_mb(),
+    table.OTHER_CPU,
 )
 
 
@@ -92,11 +108,7 @@ def _functional(impl: str, packed: bool, dim: int) -> Callable[..., Tensor]:
 
 def fused_unavailable(device: str) -> str | None:
     """Why the fused highway cannot be measured on ``device`` (None: it can)."""
-    if not _native.native_loaded:
-        return f"not measured: fusedres._C did not load ({_native.native_error})"
-    if not _native.has_kernel(device, op="fusedres::highway_forward"):
-        return f"not measured: fusedres has no native {device} highway kernel (it would run the reference)"
-    return None
+    return harness.fused_unavailable(device, op="fusedres::highway_forward", kernel="highway ")
 
 
 class HighwayCase:
@@ -195,156 +207,75 @@ class HighwayMLPStep:
         return step
 
 
-def shapes_for(settings: _bench.Settings) -> tuple[tuple[int, ...], ...]:
+def shapes_for(settings: harness.Settings) -> tuple[tuple[int, ...], ...]:
     return TINY_SHAPES if settings.tiny else SHAPES
 
 
+def configuration(settings: harness.Settings) -> dict[str, Any]:
+    return {"shapes": shapes_for(settings), "forms": FORMS, "directions": DIRECTIONS, "dtype": "float32"}
+
+
 def measure_highway(
-    shape: tuple[int, ...], packed: bool, settings: _bench.Settings, copy_gbps: float, progress: Any
+    shape: tuple[int, ...], packed: bool, settings: harness.Settings, copy_gbps: float, progress: harness.Progress
 ) -> list[dict[str, Any]]:
     """Both directions of one (shape, form) configuration: one row each."""
     device = settings.device
     case = HighwayCase(shape, packed, device=device)
-    fns_of: dict[str, Callable[..., Tensor]] = {}
-    missing: dict[str, str] = {}
-    compile_s: float | None = None
-    reason = fused_unavailable(device)
-    if reason is None:
-        fns_of["fused"] = case.functional("fused")
-    else:
-        missing["fused"] = reason
-    fns_of["reference"] = case.functional("reference")
-    if settings.quick and not packed:
-        missing["compiled"] = "not measured (skipped: --quick compiles only the packed form)"
-    else:
-        torch._dynamo.reset()
-        fn = case.compiled()
-        try:
-            t0 = time.perf_counter()
-            case.call("fwd+bwd", fn)()
-            _bench._sync(device)
-            compile_s = time.perf_counter() - t0
-            fns_of["compiled"] = fn
-        except Exception as exc:  # noqa: BLE001 - any compile failure is reported, not raised
-            missing["compiled"] = f"torch.compile failed: {_bench._err(exc)}"
+    skip = "not measured (skipped: --quick compiles only the packed form)" if settings.quick and not packed else None
+    fns_of, missing, compile_s = harness.implementations(
+        {"fused": case.functional("fused")},
+        fused_unavailable(device),
+        case.functional("reference"),
+        skip,
+        case.compiled,
+        functools.partial(case.call, "fwd+bwd"),
+        device,
+    )
+    forwards = {name: case.call("fwd", fn) for name, fn in fns_of.items()}
+    saved = harness.saved_per_impl(forwards, missing, case.inputs)  # type: ignore[arg-type]
 
-    saved: dict[str, Any] = {}
-    for name in IMPLS:
-        if name not in fns_of:
-            saved[name] = missing[name]
-            continue
-        try:
-            saved[name] = _bench.saved_bytes(case.call("fwd", fns_of[name]), case.inputs)  # type: ignore[arg-type]
-        except Exception as exc:  # noqa: BLE001
-            saved[name] = f"not measured: {_bench._err(exc)}"
-
-    rows = []
-    for direction in DIRECTIONS:
-        progress.step(f"highway {list(shape)} {case.form} {direction}")
-        reasons = dict(missing)
-        fns = {name: case.call(direction, fn) for name, fn in fns_of.items()}
-        times, faults, rounds, other = _bench.time_fns(fns, settings, reasons)
-        fb = case.floor_bytes(direction)
-        row: dict[str, Any] = {
-            "op": "highway",
-            "shape": list(shape),
-            "dtype": str(case.dtype).replace("torch.", ""),
-            "form": case.form,
-            "packed_dim": case.dim if packed else None,
-            "coupled": True,
-            "activation": "relu",
-            "direction": direction,
-            "device": device,
-            "rounds": rounds,
-            "floor_bytes": fb,
-            "compile_s": compile_s,
-            "null_reasons": {},
-        }
-        if compile_s is None:
-            row["null_reasons"]["compile_s"] = missing.get("compiled", "not compiled")
-        if not packed:
+    rows = harness.direction_rows(
+        "highway",
+        DIRECTIONS,
+        case,
+        fns_of,
+        missing,
+        saved,
+        settings,
+        copy_gbps,
+        compile_s,
+        progress,
+        f"highway {list(shape)} {case.form}",
+        shape=list(shape),
+        dtype=str(case.dtype).replace("torch.", ""),
+        form=case.form,
+        packed_dim=case.dim if packed else None,
+        coupled=True,
+        activation="relu",
+    )
+    if not packed:
+        for row in rows:
             row["null_reasons"]["packed_dim"] = "split form: three separate tensors"
-        _bench.fill_figures(row, times, faults, reasons, fb, copy_gbps)
-        row["saved_bytes"] = {}
-        for name in IMPLS:
-            entry = saved[name]
-            _bench._set(row, "saved_bytes", name, entry["total"] if isinstance(entry, dict) else None, str(entry))
-        _bench.set_load(row, other)
-        rows.append(row)
-    del case, fns, fns_of
+    del case, fns_of, forwards
     gc.collect()
     return rows
 
 
-def render_table(rows: list[dict[str, Any]]) -> str:
-    """The aligned plain-text table of the highway rows."""
-    head = [
-        "shape",
-        "input",
-        "dir",
-        "fused ms",
-        "ref ms",
-        "compile ms",
-        "ref/fused [IQR]",
-        "compile/fused [IQR]",
-        "fused GB/s",
-        "ref GB/s",
-        "%copy",
-        "saved MB f/r/c",
-        "other CPU",
-    ]
-    body = []
-    for row in rows:
-        t, gb, sb = row["times_ms"], row["gbps"], row["saved_bytes"]
-        pct = row["pct_copy_bandwidth"]["fused"]
-        body.append(
-            [
-                "x".join(map(str, row["shape"])),
-                row["form"] if row["packed_dim"] is None else f"packed dim {row['packed_dim']}",
-                row["direction"],
-                _bench._fmt_ms(t["fused"]),
-                _bench._fmt_ms(t["reference"]),
-                _bench._fmt_ms(t["compiled"]),
-                _bench._fmt_ratio(row["ratios"]["reference/fused"]),
-                _bench._fmt_ratio(row["ratios"]["compiled/fused"]),
-                "-" if gb["fused"] is None else f"{gb['fused']:.1f}",
-                "-" if gb["reference"] is None else f"{gb['reference']:.1f}",
-                "-" if pct is None else f"{pct:.0f}%",
-                "/".join(_bench._fmt_mb(sb[n]) for n in IMPLS),
-                "-" if row["load"]["other_cpu_pct"] is None else f"{row['load']['other_cpu_pct']:.0f}%",
-            ]
-        )
-    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
-    left = {0, 1, 2}
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(head), "  ".join("-" * w for w in widths), *(line(r) for r in body)])
-
-
-def run(settings: _bench.Settings, copy_gbps: float) -> dict[str, Any]:
-    """The highway op section of ``fusedres bench`` (fusedres.bench.OpSection): {"highway": rows}."""
+def run(settings: harness.Settings, copy_gbps: float) -> list[dict[str, Any]]:
+    """The highway rows of every shape x form x direction."""
     groups = [(s, packed) for s in shapes_for(settings) for packed in (False, True)]
-    progress = _bench._Progress(total=len(groups) * len(DIRECTIONS), desc="highway")
-    rows: list[dict[str, Any]] = []
-    try:
-        for shape, packed in groups:
-            rows += measure_highway(shape, packed, settings, copy_gbps, progress)
-    finally:
-        progress.close()
-    return {"highway": rows}
-
-
-def print_report(result: dict[str, Any], copy_gbps: float) -> None:
-    """The highway table and its footnotes."""
-    print("highway gate (coupled, ReLU), float32: fused vs eager reference vs torch.compile(reference)")
-    print(render_table(result["highway"]))
-    print(
-        "split = transform, gate, carry as three tensors; packed = [transform | gate] of one projection read in "
-        "place along the given dim. The highway_mlp training step is in the model rows."
+    return harness.run_groups(
+        "highway",
+        groups,
+        len(DIRECTIONS),
+        lambda group, progress: measure_highway(*group, settings, copy_gbps, progress),
     )
-    print(f"GB/s: {GBPS_METHOD}; %copy = fused GB/s / {copy_gbps:.1f} GB/s.")
-    print(f"saved MB: {SAVED_BYTES_METHOD}.")
-    if os.environ.get("FUSEDRES_BENCH_TINY") == "1":
-        print("(FUSEDRES_BENCH_TINY=1: tiny shapes)")
+
+
+def notes(rows: list[dict[str, Any]]) -> list[str]:
+    return [
+        (
+            "split = transform, gate, carry as three tensors; packed = [transform | gate] of one projection read in "
+            "place along the given dim. The highway_mlp training step is in the model rows."
+        )
+    ]

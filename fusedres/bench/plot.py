@@ -120,7 +120,9 @@ def plot_report(report: dict[str, Any], path: str) -> None:
         ax.text(0.5, 0.5, "no op rows in this report", ha="center", va="center")
         ax.set_axis_off()
 
-    labels = [f"{r['model_name']} {r['memory_format'].replace('contiguous', 'nchw')} (batch {r['batch']})" for r in models]
+    labels = [
+        f"{r['model_name']} {r['memory_format'].replace('contiguous', 'nchw')} (batch {r['batch']})" for r in models
+    ]
     ax = axes[1]
     if any(r["ratios"][k] is not None for r in models for k, _ in _RATIOS):
         _hbars(

@@ -1,7 +1,7 @@
 """The model rows of ``python -m fusedres bench``: one training step, fused vs reference vs torch.compile, and memory.
 
 Per model of the registry (:func:`fusedres.models.get_model`), one SGD training step (zero_grad(set_to_none),
-forward, cross-entropy, backward, step; fusedres._bench_worker.make_train_step) at a fixed batch, float32,
+forward, cross-entropy, backward, step; fusedres.bench.memory.make_train_step) at a fixed batch, float32,
 contiguous (NCHW) input:
 
 * ``fused``      ``get_model(name, fused=True)``;
@@ -10,10 +10,10 @@ contiguous (NCHW) input:
   affordable on the machine (MODELS[...].compile); otherwise the row says why it was skipped.
 
 Timing: the first step of each is the untimed warm-up (its losses are recorded: fused and reference start from the
-same weights, so they agree), then a fixed number of alternating rounds (fusedres.bench.time_fns): times are
+same weights, so they agree), then a fixed number of alternating rounds (fusedres.bench.harness.time_fns): times are
 medians, ratios medians of per-round ratios.
 
-Peak memory: one fresh process per (model, fused | reference) configuration, fusedres._bench_worker.MEMORY_METHOD.
+Peak memory: one fresh process per (model, fused | reference) configuration, fusedres.bench.memory.MEMORY_METHOD.
 
 A model that is not registered (or fails to build or run) gives a row whose figures are null with the reason.
 """
@@ -30,11 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusedres import _bench_worker
-from fusedres import bench as _bench
-from fusedres import bench_highway as _highway
+from fusedres.bench import harness, table
+from fusedres.bench import highway as _highway
+from fusedres.bench.memory import MEMORY_METHOD, make_batch, make_train_step, measure_peak_memory
+from fusedres.bench.table import Column
 
-__all__ = ["DEFAULT_MODELS", "MODELS", "QUICK_MODELS", "ModelSpec", "measure_model", "print_report", "run"]
+__all__ = ["COLUMNS", "DEFAULT_MODELS", "MODELS", "QUICK_MODELS", "TITLE", "ModelSpec", "measure_model", "notes", "run"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +73,7 @@ MODELS: dict[str, ModelSpec] = {
     "densenet_bc_100": ModelSpec("densenet_bc_100", {"num_classes": 10}, 64, _CIFAR, False, _TOO_LONG),
     "highway_mlp": ModelSpec("highway_mlp", _MLP, _highway.MLP_STEP["batch"], (_MLP["in_features"],), True),
 }
-_NO_ENTRY = "not measured (skipped: a model with no entry in fusedres.bench_models.MODELS is not compiled)"
+_NO_ENTRY = "not measured (skipped: a model with no entry in fusedres.bench.models.MODELS is not compiled)"
 CL = "@channels_last"  # a model name with this suffix: its row runs models and input in channels_last
 # Convolutions on this CPU are ~1.5x faster in channels_last, where training is fast: the ResNets run both layouts.
 DEFAULT_MODELS = (
@@ -110,7 +111,7 @@ OPTIMIZER = "SGD(lr=1e-3, no momentum), cross-entropy; step = zero_grad(set_to_n
 LOSS_RTOL = 1e-3  # first-step losses of fused and reference (same weights, same batch) must agree to this
 
 
-def spec_for(name: str, settings: _bench.Settings) -> ModelSpec:
+def spec_for(name: str, settings: harness.Settings) -> ModelSpec:
     """The configuration of model ``name`` (``NAME@channels_last``: in that layout) under --quick /
     FUSEDRES_BENCH_TINY (unknown names: CIFAR-sized)."""
     name, _, layout = name.partition("@")
@@ -156,7 +157,7 @@ def _same_weights(spec: ModelSpec, device: str) -> dict[str, nn.Module]:
     return {k: m.to(device, memory_format=fmt) for k, m in models.items()}
 
 
-def measure_model(spec: ModelSpec, settings: _bench.Settings, memory: bool | str, progress: Any) -> dict[str, Any]:
+def measure_model(spec: ModelSpec, settings: harness.Settings, memory: bool | str, progress: Any) -> dict[str, Any]:
     """One model row: step times, ratios, first-step losses and peak memory of fused and reference.
 
     Args:
@@ -191,17 +192,17 @@ def measure_model(spec: ModelSpec, settings: _bench.Settings, memory: bool | str
     fixed = 2 if settings.quick else 3
     if fns:
         # The first step (losses recorded, in _prepare) is the warm-up: a model step takes seconds on 2 cores.
-        times, faults, rounds, other = _bench.time_fns(fns, settings, reasons, fixed_rounds=fixed, untimed=0)
+        times, faults, rounds, other = harness.time_fns(fns, settings, reasons, fixed_rounds=fixed, untimed=0)
     else:
         times, faults, rounds, other = {}, {}, 0, None
     row["rounds"] = rounds
     for name in ("compiled", "compiled_fused"):
         if row["compile_s"][name] is None:
             row["null_reasons"][f"compile_s.{name}"] = reasons.get(name, "not compiled")
-    _bench.fill_figures(row, times, faults, reasons, None, None, impls=IMPLS, ratios=RATIOS)
+    harness.fill_figures(row, times, faults, reasons, None, None, impls=IMPLS, ratios=RATIOS)
     row["first_loss"] = {}
     for name in IMPLS:
-        _bench._set(row, "first_loss", name, losses.get(name), reasons.get(name))
+        harness.set_figure(row, "first_loss", name, losses.get(name), reasons.get(name))
     if "fused" in losses and "reference" in losses:
         diff = abs(losses["fused"] - losses["reference"]) / max(abs(losses["reference"]), 1e-12)
         row["loss_rel_diff"] = diff
@@ -209,7 +210,7 @@ def measure_model(spec: ModelSpec, settings: _bench.Settings, memory: bool | str
     else:
         row["loss_rel_diff"] = row["losses_agree"] = None
         row["null_reasons"]["loss_rel_diff"] = row["null_reasons"]["losses_agree"] = "fused or reference not run"
-    _bench.set_load(row, other)
+    harness.set_load(row, other)
     if not fns:
         row["null_reasons"].update({f"load.{k}": "nothing was timed" for k in row["load"]})
     ran = set(fns)
@@ -232,7 +233,7 @@ def measure_model(spec: ModelSpec, settings: _bench.Settings, memory: bool | str
             reason, entry = reasons.get(name, "the training step did not run"), None
         else:
             progress.step(f"{spec.name} peak memory {name} (fresh process)")
-            entry = _bench_worker.measure_peak_memory(
+            entry = measure_peak_memory(
                 spec.name,
                 {"fused": name == "fused", **spec.build_kwargs},
                 spec.batch,
@@ -242,11 +243,11 @@ def measure_model(spec: ModelSpec, settings: _bench.Settings, memory: bool | str
                 threads=torch.get_num_threads(),
             )
             reason = entry["null_reasons"].get("peak_mb")
-        _bench._set(row, "memory", name, entry, reason)
-        _bench._set(row, "peak_mb", name, entry and entry["peak_mb"], reason)
+        harness.set_figure(row, "memory", name, entry, reason)
+        harness.set_figure(row, "peak_mb", name, entry and entry["peak_mb"], reason)
     row["memory_ratio"] = {}
     f, r = row["peak_mb"]["fused"], row["peak_mb"]["reference"]
-    _bench._set(
+    harness.set_figure(
         row,
         "memory_ratio",
         "reference/fused",
@@ -257,7 +258,7 @@ def measure_model(spec: ModelSpec, settings: _bench.Settings, memory: bool | str
 
 
 def _prepare(
-    spec: ModelSpec, settings: _bench.Settings, row: dict[str, Any]
+    spec: ModelSpec, settings: harness.Settings, row: dict[str, Any]
 ) -> tuple[dict[str, str], dict[str, Callable[[], object]], dict[str, float], float | None]:
     """Builds the three models, runs (and records the loss of) each one's first step; compiles where affordable.
 
@@ -273,11 +274,11 @@ def _prepare(
     try:
         models = _same_weights(spec, device)
     except Exception as exc:  # noqa: BLE001 - reported in the row
-        return dict.fromkeys(IMPLS, f"not available: building failed: {_bench._err(exc)}"), {}, {}, compile_s
-    x = _bench_worker.make_batch(spec.batch, spec.input_shape, device)
+        return dict.fromkeys(IMPLS, f"not available: building failed: {harness.error_text(exc)}"), {}, {}, compile_s
+    x = make_batch(spec.batch, spec.input_shape, device)
     if spec.memory_format == "channels_last" and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-    fused_reason = _bench_fused_unavailable(device)
+    fused_reason = harness.fused_unavailable(device, instead="fused=True would run the reference")
     if settings.quick:
         compile_reason = "not measured (skipped: --quick)"
     elif not spec.compile:
@@ -295,32 +296,22 @@ def _prepare(
         if name in ("compiled", "compiled_fused"):
             torch._dynamo.reset()
             forward = torch.compile(models[name], dynamic=False, fullgraph=True)
-        step = _bench_worker.make_train_step(models[name], x, forward=forward)
+        step = make_train_step(models[name], x, forward=forward)
         try:
             t0 = time.perf_counter()
             losses[name] = float(step())
-            _bench._sync(device)
+            harness.sync(device)
             if name in compile_s:
                 compile_s[name] = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001
             verb = "torch.compile failed" if name in compile_s else "the training step failed"
-            reasons[name] = f"{verb}: {_bench._err(exc)}"
+            reasons[name] = f"{verb}: {harness.error_text(exc)}"
             continue
         fns[name] = step
     return reasons, fns, losses, compile_s
 
 
-def _bench_fused_unavailable(device: str) -> str | None:
-    from fusedres import _native
-
-    if not _native.native_loaded:
-        return f"not measured: fusedres._C did not load ({_native.native_error})"
-    if not _native.has_kernel(device):
-        return f"not measured: fusedres has no native {device} kernel (fused=True would run the reference)"
-    return None
-
-
-def run(settings: _bench.Settings, names: Sequence[str] | None = None, memory: bool = True) -> dict[str, Any]:
+def run(settings: harness.Settings, names: Sequence[str] | None = None, memory: bool = True) -> dict[str, Any]:
     """All model rows (progress on stderr): {"rows", "method", "wall_s"} (the --json report's "models")."""
     if names is None:
         names = QUICK_MODELS if settings.quick else DEFAULT_MODELS
@@ -328,7 +319,7 @@ def run(settings: _bench.Settings, names: Sequence[str] | None = None, memory: b
     # --quick: the memory workers (a fresh process each, seconds of start-up) only for the first model.
     measured = [memory and (i == 0 or not settings.quick) for i in range(len(specs))]
     t0 = time.perf_counter()
-    progress = _bench._Progress(total=len(specs) + 2 * sum(measured), desc="models")
+    progress = harness.Progress(total=len(specs) + 2 * sum(measured), desc="models")
     rows = []
     quick_skip = f"not measured (skipped: --quick measures the peak memory of {names[0] if names else '-'} only)"
     try:
@@ -339,90 +330,57 @@ def run(settings: _bench.Settings, names: Sequence[str] | None = None, memory: b
     return {
         "rows": rows,
         "method": {
-            "timing": _bench.TIMING_METHOD + "; models: the first step of each is the untimed warm-up (its loss "
+            "timing": harness.TIMING_METHOD + "; models: the first step of each is the untimed warm-up (its loss "
             "recorded), then 2 (--quick) or 3 rounds unless --repeat",
             "step": OPTIMIZER,
             "compile_s": f"seconds of the first compiled step, compilation included; {COMPILE_CACHE_NOTE}",
-            "memory": _bench_worker.MEMORY_METHOD,
-            "allocator": _bench.describe_allocator(_bench.allocator_setting(settings.default_allocator)),
+            "memory": MEMORY_METHOD,
+            "allocator": harness.describe_allocator(harness.allocator_setting(settings.default_allocator)),
         },
         "wall_s": time.perf_counter() - t0,
     }
 
 
-def _fmt_mb(v: float | None) -> str:
-    return "-" if v is None else f"{v:.0f}" if v >= 10 else f"{v:.1f}"
-
-
-def render_table(rows: list[dict[str, Any]]) -> str:
-    """The aligned plain-text table of the model rows."""
-    head = [
+TITLE = (
+    "models: one training step (SGD), float32, fused vs reference vs torch.compile(reference) vs "
+    "torch.compile(fused model) (c(fused)); NCHW and channels_last; peak memory"
+)
+COLUMNS = (
+    Column(
         "model",
-        "layout",
-        "batch",
-        "input",
-        "fused ms",
-        "ref ms",
-        "compile ms",
-        "c(fused) ms",
-        "ref/fused [IQR]",
-        "compile/fused [IQR]",
-        "compile/c(fused) [IQR]",
-        "peak MB fused",
-        "peak MB ref",
-        "ref/fused mem",
-        "rounds",
-        "other CPU",
-    ]
-    body = []
-    for row in rows:
-        t, pk = row["times_ms"], row["peak_mb"]
-        mem = row["memory_ratio"]["reference/fused"]
-        other = row["load"]["other_cpu_pct"]
-        body.append(
-            [
-                row["model_name"] if row["available"] else f"{row['model_name']} (not available)",
-                "nchw" if row["memory_format"] == "contiguous" else row["memory_format"],
-                str(row["batch"]),
-                "x".join(map(str, row["input_shape"])),
-                _bench._fmt_ms(t["fused"]),
-                _bench._fmt_ms(t["reference"]),
-                _bench._fmt_ms(t["compiled"]),
-                _bench._fmt_ms(t["compiled_fused"]),
-                _bench._fmt_ratio(row["ratios"]["reference/fused"]),
-                _bench._fmt_ratio(row["ratios"]["compiled/fused"]),
-                _bench._fmt_ratio(row["ratios"]["compiled/compiled_fused"]),
-                _fmt_mb(pk["fused"]),
-                _fmt_mb(pk["reference"]),
-                "-" if mem is None else f"{mem:.2f}x",
-                str(row["rounds"]),
-                "-" if other is None else f"{other:.0f}%",
-            ]
-        )
-    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
-    left = {0, 1, 3}
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(head), "  ".join("-" * w for w in widths), *(line(r) for r in body)])
+        lambda row: row["model_name"] if row["available"] else f"{row['model_name']} (not available)",
+        left=True,
+    ),
+    Column("layout", lambda row: "nchw" if row["memory_format"] == "contiguous" else row["memory_format"], left=True),
+    Column("batch", lambda row: str(row["batch"])),
+    Column("input", lambda row: "x".join(map(str, row["input_shape"])), left=True),
+    table.ms("fused ms", "fused"),
+    table.ms("ref ms", "reference"),
+    table.ms("compile ms", "compiled"),
+    table.ms("c(fused) ms", "compiled_fused"),
+    table.ratio("ref/fused [IQR]", "reference/fused"),
+    table.ratio("compile/fused [IQR]", "compiled/fused"),
+    table.ratio("compile/c(fused) [IQR]", "compiled/compiled_fused"),
+    Column("peak MB fused", lambda row: table.fmt_mb(row["peak_mb"]["fused"])),
+    Column("peak MB ref", lambda row: table.fmt_mb(row["peak_mb"]["reference"])),
+    Column("ref/fused mem", lambda row: "-" if (m := row["memory_ratio"]["reference/fused"]) is None else f"{m:.2f}x"),
+    Column("rounds", lambda row: str(row["rounds"])),
+    table.OTHER_CPU,
+)
 
 
-def print_report(result: dict[str, Any]) -> None:
-    """The model table, how it was measured, and why any figure is missing."""
+def notes(result: dict[str, Any]) -> list[str]:
+    """How the model rows were measured, and the warnings their figures call for."""
     rows = result["rows"]
-    print(
-        "models: one training step (SGD), float32, fused vs reference vs torch.compile(reference) vs "
-        "torch.compile(fused model) (c(fused)); NCHW and channels_last; peak memory"
-    )
-    print(render_table(rows))
-    print(f"step: {OPTIMIZER}; same weights and batch for every implementation.")
-    print("Times: medians in ms over alternating rounds; ratios: median of per-round ratios [IQR]; >1: fused faster.")
-    print(f"peak MB: {_bench_worker.MEMORY_METHOD}.")
-    print(f"Allocator: {result['method']['allocator']}.")
+    lines = [
+        f"step: {OPTIMIZER}; same weights and batch for every implementation.",
+        "Times: medians in ms over alternating rounds; ratios: median of per-round ratios [IQR]; >1: fused faster.",
+        f"peak MB: {MEMORY_METHOD}.",
+        f"Allocator: {result['method']['allocator']}.",
+    ]
     disturbed = [r["model"] for r in rows if max(r["load"]["other_cpu_pct"] or 0, r["load"]["steal_cpu_pct"] or 0) > 5]
     if disturbed:
-        print(
+        lines.append(
             f"WARNING: other processes used more than 5% of the CPUs while {', '.join(disturbed)} were timed: "
             "those figures are disturbed; rerun on a quiet machine."
         )
@@ -434,19 +392,11 @@ def print_report(result: dict[str, Any]) -> None:
     ]
     if compiled:
         note = f"first compiled step (compilation included; {COMPILE_CACHE_NOTE})"
-        print(f"torch.compile: {note}: {', '.join(compiled)}.")
+        lines.append(f"torch.compile: {note}: {', '.join(compiled)}.")
     for row in rows:
         if row["losses_agree"] is False:
-            print(
+            lines.append(
                 f"WARNING: {row['model']}: first-step losses of fused and reference differ by "
                 f"{row['loss_rel_diff']:.2e} (relative; expected <= {LOSS_RTOL:g})"
             )
-    notes: dict[str, list[str]] = {}
-    for row in rows:
-        for key, reason in row["null_reasons"].items():
-            if key.startswith(("times_ms.", "peak_mb.")):
-                notes.setdefault(f"{key}: {reason}", []).append(row["model"])
-    if notes:
-        print("Not measured:")
-        for text, models in notes.items():
-            print(f"  {text} ({', '.join(models)})")
+    return lines
