@@ -25,8 +25,15 @@ struct BnActGeom {
   int64_t numel() const { return N * C * S; }
 };
 
-// "identity" | "relu" | "leaky_relu" -> math::ActKind; anything else is an error naming the argument.
+// "identity" | "relu" | "leaky_relu" | "relu6" | "silu" -> math::ActKind; anything else is an error naming the
+// argument.
 int parse_activation(c10::string_view activation);
+// parse_activation for the ops whose backward has no access to the pre-activation (the building blocks
+// bn_act_backward_reduce / bn_act_backward_elemt, which take no bias and residual): everything but "silu". `op`
+// names the op in the error.
+int parse_mask_activation(c10::string_view activation, const char* op);
+// parse_activation for the dense op: "identity", "relu" or "leaky_relu" only (its kernels implement those).
+int parse_basic_activation(c10::string_view activation, const char* op);
 
 // Checks every argument of bn_act_forward (errors name the argument and the expectation) and returns the
 // geometry. Nothing is modified.
@@ -36,10 +43,13 @@ BnActGeom check_bn_act_forward(const at::Tensor& input, const std::optional<at::
                                const std::optional<at::Tensor>& running_var, bool training, double momentum,
                                double eps, int act);
 
-// Checks the arguments of bn_act_backward and returns the geometry.
+// Checks the arguments of bn_act_backward and returns the geometry. bias / residual (the forward's) are checked
+// like bn_act_forward's; only SiLU reads them.
 BnActGeom check_bn_act_backward(const at::Tensor& grad_out, const at::Tensor& input,
                                 const std::optional<at::Tensor>& weight, const at::Tensor& save_mean,
-                                const at::Tensor& save_invstd, const at::Tensor& mask, int act);
+                                const at::Tensor& save_invstd, const at::Tensor& mask, int act,
+                                const std::optional<at::Tensor>& bias = std::nullopt,
+                                const std::optional<at::Tensor>& residual = std::nullopt);
 
 // Checks of the building-block ops (csrc/fusedres.cpp). Each returns the geometry; nothing is modified.
 BnActGeom check_bn_stats(const at::Tensor& input);

@@ -3,7 +3,8 @@
 // Why: in eager mode a Python torch.autograd.Function costs ~100-200 us per call (forward and backward
 // together) on a 2-core CPU, as much as the kernels of a cache-resident CIFAR layer. This node calls the same
 // two registered ops (so numerics are identical to the Python Function that torch.compile traces, see
-// fusedres/ops/bn_act.py) and saves the same tensors: input, weight, save_mean, save_invstd and the 1-bit mask.
+// fusedres/ops/bn_act.py) and saves the same tensors: input, weight, save_mean, save_invstd and the 1-bit mask;
+// for SiLU also bias and residual (references to inputs: its backward recomputes the pre-activation).
 // Works for every backend that implements bn_act_forward / bn_act_backward (the ops are called through the
 // dispatcher below the autograd key).
 #include <ATen/ATen.h>
@@ -12,6 +13,8 @@
 #include <torch/library.h>
 
 #include <string>
+
+#include "common/bn_act_math.h"
 
 namespace fusedres {
 namespace {
@@ -38,15 +41,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_backward(
     const at::Tensor& grad_out, const at::Tensor& input, const OptTensor& weight, const at::Tensor& save_mean,
     const at::Tensor& save_invstd, const at::Tensor& mask, bool training, c10::string_view activation,
-    double negative_slope, std::array<bool, 4> output_mask) {
+    double negative_slope, std::array<bool, 4> output_mask, const OptTensor& bias, const OptTensor& residual) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fusedres::bn_act_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
                            const at::Tensor&, const at::Tensor&, bool, c10::string_view, double,
-                           std::array<bool, 4>)>();
+                           std::array<bool, 4>, const OptTensor&, const OptTensor&)>();
   return op.call(grad_out, input, weight, save_mean, save_invstd, mask, training, activation, negative_slope,
-                 output_mask);
+                 output_mask, bias, residual);
 }
 
 constexpr const char* kDoubleBackward = "fusedres.batch_norm_act does not support double backward";
@@ -81,7 +84,12 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
     auto [output, save_mean, save_invstd, mask] = call_forward(input, residual, weight, bias, running_mean,
                                                                running_var, training, momentum, eps, activation,
                                                                negative_slope);
-    ctx->save_for_backward({input, defined(weight) ? *weight : at::Tensor(), save_mean, save_invstd, mask});
+    // SiLU's backward recomputes z from input, statistics, weight, bias and residual (docs/design.md section 1):
+    // references to the caller's tensors, no new memory unless the caller frees them.
+    const bool needs_z = activation == "silu";
+    ctx->save_for_backward({input, defined(weight) ? *weight : at::Tensor(), save_mean, save_invstd, mask,
+                            needs_z && defined(bias) ? *bias : at::Tensor(),
+                            needs_z && defined(residual) ? *residual : at::Tensor()});
     ctx->saved_data["training"] = training;
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["negative_slope"] = negative_slope;
@@ -114,12 +122,14 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& input = saved[0];
     const at::Tensor& weight = saved[1];
+    auto opt = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
     if (need_input || residual_from_kernel || need_weight || need_bias) {
       at::AutoDispatchBelowADInplaceOrView guard;
       at::NoGradGuard no_grad;
-      std::tie(gi, gr, gw, gb) = call_backward(grad_out, input, weight.defined() ? OptTensor(weight) : std::nullopt,
-                                               saved[2], saved[3], saved[4], ctx->saved_data["training"].toBool(),
-                                               activation, ctx->saved_data["negative_slope"].toDouble(), output_mask);
+      std::tie(gi, gr, gw, gb) = call_backward(grad_out, input, opt(weight), saved[2], saved[3], saved[4],
+                                               ctx->saved_data["training"].toBool(), activation,
+                                               ctx->saved_data["negative_slope"].toDouble(), output_mask,
+                                               opt(saved[5]), opt(saved[6]));
     }
     grads[0] = need_input ? gi : at::Tensor();
     grads[1] = residual_from_kernel ? gr : (need_residual ? grad_out : at::Tensor());

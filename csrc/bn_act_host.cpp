@@ -52,8 +52,27 @@ int parse_activation(c10::string_view activation) {
   if (activation == "relu") return math::kReLU;
   if (activation == "identity") return math::kIdentity;
   if (activation == "leaky_relu") return math::kLeakyReLU;
-  TORCH_CHECK_VALUE(false, "activation must be one of 'relu', 'identity', 'leaky_relu', got '",
+  if (activation == "relu6") return math::kReLU6;
+  if (activation == "silu") return math::kSiLU;
+  TORCH_CHECK_VALUE(false, "activation must be one of 'relu', 'identity', 'leaky_relu', 'relu6', 'silu', got '",
                     std::string(activation.data(), activation.size()), "'");
+}
+
+int parse_mask_activation(c10::string_view activation, const char* op) {
+  const bool known = activation == "relu" || activation == "identity" || activation == "leaky_relu" ||
+                     activation == "relu6";
+  TORCH_CHECK_VALUE(known, "activation must be one of 'relu', 'identity', 'leaky_relu', 'relu6' for ", op, ", got '",
+                    std::string(activation.data(), activation.size()),
+                    "' (silu's backward recomputes the pre-activation from bias and residual, which only "
+                    "bn_act_backward takes)");
+  return parse_activation(activation);
+}
+
+int parse_basic_activation(c10::string_view activation, const char* op) {
+  const bool known = activation == "relu" || activation == "identity" || activation == "leaky_relu";
+  TORCH_CHECK_VALUE(known, "activation must be one of 'relu', 'identity', 'leaky_relu' for ", op, ", got '",
+                    std::string(activation.data(), activation.size()), "'");
+  return parse_activation(activation);
 }
 
 namespace {
@@ -109,7 +128,8 @@ BnActGeom check_bn_act_forward(const at::Tensor& input, const std::optional<at::
 
 BnActGeom check_bn_act_backward(const at::Tensor& grad_out, const at::Tensor& input,
                                 const std::optional<at::Tensor>& weight, const at::Tensor& save_mean,
-                                const at::Tensor& save_invstd, const at::Tensor& mask, int act) {
+                                const at::Tensor& save_invstd, const at::Tensor& mask, int act,
+                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(input.dim() >= 2 && input.dim() <= 5, "input must have 2 to 5 dimensions, got shape ",
               input.sizes());
   TORCH_CHECK(is_float_type(input.scalar_type()), "input must have a floating dtype, got ", input.scalar_type());
@@ -120,6 +140,15 @@ BnActGeom check_bn_act_backward(const at::Tensor& grad_out, const at::Tensor& in
   TORCH_CHECK(grad_out.device() == input.device(), "grad_out must be on the same device as input");
   const BnActGeom g = geometry_of(input);
   check_channel_vector(weight, "weight", input, g.C);
+  check_channel_vector(bias, "bias", input, g.C);
+  if (residual.has_value() && residual->defined()) {
+    TORCH_CHECK(residual->sizes() == input.sizes(), "residual must have the same shape as input, got ",
+                residual->sizes(), " and ", input.sizes());
+    TORCH_CHECK(residual->scalar_type() == input.scalar_type(), "residual must have the same dtype as input (",
+                input.scalar_type(), "), got ", residual->scalar_type());
+    TORCH_CHECK(residual->device() == input.device(), "residual must be on the same device as input (",
+                input.device(), "), got ", residual->device());
+  }
   check_acc_vector(save_mean, "save_mean", input, g.C);
   check_acc_vector(save_invstd, "save_invstd", input, g.C);
   const int64_t want = math::act_has_mask(act) ? math::mask_bytes(g.numel()) : 0;

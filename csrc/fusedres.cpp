@@ -12,7 +12,9 @@ TORCH_LIBRARY(fusedres, m) {
   //   output       input's shape, dtype and memory format;
   //   save_mean    [C] batch mean (training) or running mean (eval), float64 for float64 input else float32;
   //   save_invstd  [C] 1/sqrt(var + eps), same dtype;
-  //   mask         uint8 [mask_bytes(numel)] packed z > 0 bits in the output's memory order, or [0] for identity.
+  //   mask         uint8 [mask_bytes(numel)] packed bits in the output's memory order (z > 0 for relu / leaky_relu,
+  //                0 < z < 6 for relu6, see math::act_mask_bit), or [0] for identity and silu (no mask).
+  // activation: "relu", "identity", "leaky_relu", "relu6" or "silu".
   // Updates running_mean / running_var in place when training and they are given (after the kernels succeed).
   m.def(
       "bn_act_forward(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
@@ -26,10 +28,12 @@ TORCH_LIBRARY(fusedres, m) {
       "-> Tensor");
   // Gradients of bn_act_forward. output_mask = (input, residual, weight, bias); gradients not asked for are
   // returned as empty [0] tensors. training=False differentiates the eval form (constant statistics).
+  // bias, residual: the forward's, read only by "silu", whose backward recomputes the pre-activation
+  // z = (input - save_mean) * save_invstd * weight + bias + residual (no mask; docs/design.md section 1).
   m.def(
       "bn_act_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor save_mean, Tensor save_invstd, "
-      "Tensor mask, bool training, str activation, float negative_slope, bool[4] output_mask) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor mask, bool training, str activation, float negative_slope, bool[4] output_mask, Tensor? bias=None, "
+      "Tensor? residual=None) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // The same op in its building blocks (docs/design.md section 7), for synchronised BatchNorm and for statistics
   // computed once and reused (dense blocks). Same kernels, same numerics, same mask contract as above.

@@ -30,7 +30,7 @@ CUDA_SRC = ROOT / "csrc" / "cuda"
 LIB_SOURCE = EMU_DIR / "emu_bn_act.cpp"
 
 ORDERS = {"asc": 0, "desc": 1, "rand": 2}
-ACTS = {"identity": 0, "relu": 1, "leaky_relu": 2}
+ACTS = {"identity": 0, "relu": 1, "leaky_relu": 2, "relu6": 3, "silu": 4}  # math::ActKind
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 SLOPE = 0.1
 EPS = 1e-5
@@ -109,7 +109,7 @@ class EmuLib:
         lib.emu_launch_log.restype = i64
         lib.emu_launch_config.argtypes = [i64, i64, i64, i, i, i, ctypes.POINTER(i64)]
         lib.emu_bn_act_forward.argtypes = [i, i64, i64, i64, i, i, i, i, d, d] + [p] * 9
-        lib.emu_bn_act_backward.argtypes = [i, i64, i64, i64, i, i, i, i, d] + [p] * 10
+        lib.emu_bn_act_backward.argtypes = [i, i64, i64, i64, i, i, i, i, d] + [p] * 12
         # The building-block and dense sequences (driven by test_cuda_emulated_split.py).
         pi64, pp = ctypes.POINTER(i64), ctypes.POINTER(p)
         lib.emu_bn_stats.argtypes = [i, i64, i64, i64, i, i, p, p, p]
@@ -170,7 +170,9 @@ class EmuLib:
             )
         )
 
-    def backward(self, dtype, N, C, S, cl, num_sms, training, act, dy, x, mask, mean, invstd, w, gi, gr, gw, gb):
+    def backward(
+        self, dtype, N, C, S, cl, num_sms, training, act, dy, x, mask, mean, invstd, w, gi, gr, gw, gb, b=None, r=None
+    ):
         self._check(
             self.lib.emu_bn_act_backward(
                 DTYPE_CODES[dtype],
@@ -182,7 +184,7 @@ class EmuLib:
                 int(training),
                 ACTS[act],
                 SLOPE,
-                *map(_ptr, (dy, x, mask, mean, invstd, w, gi, gr, gw, gb)),
+                *map(_ptr, (dy, x, mask, mean, invstd, w, gi, gr, gw, gb, b, r)),
             )
         )
 
@@ -409,7 +411,7 @@ def run_forward(emu: EmuLib, shape, cl, training, act, residual, dtype, order, d
     acc = acc_dtype(dtype)
     numel = x.numel()
     e_y = torch.full((numel,), -777.0, dtype=dtype)
-    e_mask = torch.full((mask.numel(),), 0xAB, dtype=torch.uint8) if act != "identity" else None
+    e_mask = torch.full((mask.numel(),), 0xAB, dtype=torch.uint8) if mask.numel() else None
     if training:
         e_mean, e_invstd = torch.full((C,), math.nan, dtype=acc), torch.full((C,), math.nan, dtype=acc)
     else:  # the launcher passes the running statistics as (mean, invstd), as the CPU op returns them
@@ -445,7 +447,7 @@ def run_forward(emu: EmuLib, shape, cl, training, act, residual, dtype, order, d
     if training:
         dims = (0, 2, 3)
         torch.testing.assert_close(e_var.double(), x.double().var(dims, unbiased=False), **tol)
-    if act == "identity":
+    if act in ("identity", "silu"):  # no mask: identity needs none, silu recomputes z in backward
         assert mask.numel() == 0
     else:
         x64 = flat_buffer(x, cl).double()
@@ -458,13 +460,24 @@ def run_forward(emu: EmuLib, shape, cl, training, act, residual, dtype, order, d
 
 
 def run_backward(
-    emu: EmuLib, shape, cl, training, act, dtype, order, output_mask=(True, True, True, True), drop_sync=None
+    emu: EmuLib,
+    shape,
+    cl,
+    training,
+    act,
+    dtype,
+    order,
+    output_mask=(True, True, True, True),
+    drop_sync=None,
+    residual=True,
 ):
     N, C, S, sms = shape
     x, r, dy, w, b, rm, rv = make_inputs(N, C, S, cl, dtype, seed_of(shape, cl, dtype))
+    r = r if residual else None
     _, smean, sinv, mask = torch.ops.fusedres.bn_act_forward(x, r, w, b, rm, rv, training, 0.1, EPS, act, SLOPE)
+    # bias and residual are read by silu only (its backward recomputes the pre-activation); passed for every act.
     gi, gr, gw, gb = torch.ops.fusedres.bn_act_backward(
-        dy, x, w, smean, sinv, mask, training, act, SLOPE, list(output_mask)
+        dy, x, w, smean, sinv, mask, training, act, SLOPE, list(output_mask), b, r
     )
     acc = acc_dtype(dtype)
     numel = x.numel()
@@ -487,7 +500,7 @@ def run_backward(
         act,
         flat_buffer(dy, cl),
         flat_buffer(x, cl),
-        mask if act != "identity" else None,
+        mask if mask.numel() else None,
         smean,
         sinv,
         w,
@@ -495,6 +508,8 @@ def run_backward(
         e_gr,
         e_gw,
         e_gb,
+        b,
+        None if r is None else _flat(r, cl),
     )
 
     tol = tolerance(dtype)

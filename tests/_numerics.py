@@ -143,9 +143,11 @@ def ambiguous_branch(
     residual: Tensor | None,
     dtype: torch.dtype,
     ulps: float = 8.0,
+    kinks: Sequence[float] = (0.0,),
 ) -> Tensor:
-    """Where the sign of the pre-activation ``z = (x - mean) * invstd * w + b + r`` is not decided at ``dtype``'s
-    rounding: |z| within ``ulps`` units of rounding of the terms z is computed from (all float64).
+    """Where the side of a kink of the activation (``kinks``: 0 for relu / leaky_relu, 0 and 6 for relu6) the
+    pre-activation ``z = (x - mean) * invstd * w + b + r`` lies on is not decided at ``dtype``'s rounding: |z - k|
+    within ``ulps`` units of rounding of the terms z is computed from (all float64).
 
     The error of a float pre-activation scales with |x| and |mean| (not only |x - mean|) times invstd * |w|, so
     inputs with a large mean have a wider band. Upstream gradients are zeroed there so that the gradients do
@@ -161,7 +163,15 @@ def ambiguous_branch(
     if residual is not None:
         z = z + residual.double()
         terms = terms + residual.double().abs()
-    return z.abs() <= ulps * torch.finfo(dtype).eps * terms
+    out = torch.zeros_like(z, dtype=torch.bool)
+    for k in kinks:
+        out |= (z - k).abs() <= ulps * torch.finfo(dtype).eps * (terms + abs(k))
+    return out
+
+
+def activation_kinks(activation: str) -> tuple[float, ...]:
+    """The pre-activation values where the activation's derivative jumps (none for identity and silu)."""
+    return {"relu": (0.0,), "leaky_relu": (0.0,), "relu6": (0.0, 6.0)}.get(activation, ())
 
 
 def values(shape: Sequence[int], gen: torch.Generator, scale: float = 1.0, offset: float | Tensor = 0.0) -> Tensor:

@@ -28,7 +28,10 @@ native = pytest.mark.needs_native
 
 HALF = (torch.bfloat16, torch.float16)
 ALL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-ACTIVATIONS = ("relu", "identity", "leaky_relu")
+ACTIVATIONS = ("relu", "identity", "leaky_relu", "relu6", "silu")
+# relu6 and silu (issue 13 item 4) run the whole relu matrix too: test_parity_new_activations_4d.
+NEW_ACTIVATIONS = ("relu6", "silu")
+ALL_ACTIVATIONS_MESSAGE = "activation must be one of 'relu', 'identity', 'leaky_relu', 'relu6', 'silu'"
 EPS = 1e-5
 # Normalised (by the reference's max |value|) slack for bf16/fp16 comparisons whose PyTorch error is ~0
 # (float32 accumulation noise of per-channel sums and running statistics).
@@ -253,10 +256,48 @@ def test_parity_4d(dtype, layout, residual, training):
 
 
 @native
+@pytest.mark.parametrize("activation", NEW_ACTIVATIONS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_parity_new_activations_4d(dtype, layout, residual, training, activation):
+    """relu6 / silu through relu's matrix (test_parity_4d). The weights are scaled so that z reaches past 6."""
+    case = Case((3, 5, 4, 6), dtype, layout, residual=residual, seed=1)
+    with torch.no_grad():
+        case.w.mul_(4)
+    check_parity(case, dtype, layout, training, activation)
+
+
+@native
+@pytest.mark.parametrize("activation", NEW_ACTIVATIONS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    ("shape", "layout"),
+    [
+        ((4, 64, 5, 3), "channels_last"),  # C a multiple of the vector width: the channels_last row kernels
+        ((3, 16, 8, 8), "contiguous"),  # planes of whole vectors: the direct-mask NCHW path
+        ((2, 37, 3, 5), "channels_last"),  # odd C: general rows, partial vector tails in the column reductions
+        ((5, 3, 7, 9), "contiguous"),  # odd planes: scalar tails
+        ((9, 70), "contiguous"),  # (N, C) rows
+    ],
+    ids=["cl-rows", "nchw-direct", "cl-oddC", "nchw-odd", "2d"],
+)
+def test_parity_new_activations_paths(shape, layout, dtype, training, activation):
+    """Every CPU kernel path (row kernels, direct and bit-buffer masks, tails) with relu6 / silu."""
+    for residual in (True, False):
+        case = Case(shape, dtype, layout, residual=residual, seed=3)
+        with torch.no_grad():
+            case.w.mul_(4)
+        check_parity(case, dtype, layout, training, activation)
+
+
+@native
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("activation", ["identity", "leaky_relu"])
+@pytest.mark.parametrize("activation", ["identity", "leaky_relu", "relu6", "silu"])
 def test_parity_activations(activation, dtype, layout, training):
     case = Case((4, 3, 5, 3), dtype, layout, seed=2)
     check_parity(case, dtype, layout, training, activation, negative_slope=0.2)
@@ -477,11 +518,83 @@ def test_identity_has_no_mask(device):
     assert mask.dtype == torch.uint8 and mask.shape == (0,)
 
 
+# Pre-activations at relu6's corners (0 and 6 exactly), NaN, infinities and values where silu's exp overflows; each
+# minus 0.5 is exact in bfloat16 too (the residual case adds 0.5 back).
+SPECIAL_Z = [-1.0, 0.0, 3.0, 6.0, 6.5, 5.5, math.nan, math.inf, -math.inf, -100.0, 100.0, -3.0, 0.5, 1.0]
+
+
+@native
+@pytest.mark.parametrize("activation", NEW_ACTIVATIONS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_new_activations_special_values_match_torch(activation, layout, residual, dtype):
+    """Forward and gradient at z == 0, z == 6, NaN, +-inf and overflowing exp are exactly what
+    torch.nn.functional.relu6 / silu give: relu6 follows hardtanh_backward (gradient 0 at z == 0 and z == 6, 1 at
+    NaN), silu's NaN at -inf and in the gradient at +-inf. Eval with eps = 0, unit running variance, weight 1 and
+    bias 0 makes z = input (+ residual) exactly; runs of 70 values cover whole vectors and tails."""
+    shape = (2, 3, 5, 14)
+    z = torch.tensor(SPECIAL_Z, dtype=torch.float64).repeat(math.prod(shape) // len(SPECIAL_Z)).view(shape)
+    r = torch.full(shape, 0.5, dtype=torch.float64) if residual else None
+    x = z - 0.5 if residual else z
+    x = arrange(x, dtype, layout).requires_grad_()
+    r = arrange(r, dtype, layout).requires_grad_() if residual else None
+    C = shape[1]
+    ones, zeros = torch.ones(C), torch.zeros(C)
+    out = batch_norm_act(x, zeros, ones, ones, zeros, False, 0.1, 0.0, residual=r, activation=activation)
+    dy = torch.ones_like(out)
+    grads = torch.autograd.grad(out, [x] + ([r] if residual else []), dy)
+    zt = z.to(dtype).requires_grad_()
+    ref = F.relu6(zt) if activation == "relu6" else F.silu(zt)
+    (ref_grad,) = torch.autograd.grad(ref, zt, torch.ones_like(ref))
+    # relu6 is exact; silu differs from PyTorch's only in the last bit of exp
+    tol = {"rtol": 0.0, "atol": 0.0} if activation == "relu6" or dtype == torch.float64 else {
+        "rtol": 2e-6 if dtype == torch.float32 else 8e-3, "atol": 0.0}  # fmt: skip
+    torch.testing.assert_close(out.detach(), ref.detach(), equal_nan=True, **tol)
+    for g in grads:  # eval: grad_input = dz * weight * invstd = dz; grad_residual = dz
+        torch.testing.assert_close(g, ref_grad, equal_nan=True, **tol)
+    if activation == "relu6":
+        _, _, _, mask = torch.ops.fusedres.bn_act_forward(
+            x.detach(), None if r is None else r.detach(), ones, zeros, zeros, ones, False, 0.1, 0.0, "relu6", 0.0
+        )
+        bits = unpack_mask(mask, x.numel())
+        zm = memory_order(arrange(z, dtype, layout)).double()
+        torch.testing.assert_close(bits, ~((zm <= 0) | (zm >= 6)))  # hardtanh_backward: not (z <= 0 or z >= 6)
+
+
+@native
+def test_new_activations_unsupported_ops_name_themselves():
+    """Ops that cannot take relu6 / silu refuse them with an error naming the op (Python and C++ checks)."""
+    from fusedres.nn import DenseBatchNormAct2d, SyncBatchNormAct2d
+
+    x = torch.randn(4, 3, 2, 2)
+    _, mean, invstd, mask = torch.ops.fusedres.bn_act_forward(
+        x, None, None, None, None, None, True, 0.1, EPS, "silu", 0.0
+    )
+    mask_ops = "activation must be one of 'relu', 'identity', 'leaky_relu', 'relu6' for "
+    with pytest.raises(ValueError, match=f"{mask_ops}bn_act_backward_reduce, got 'silu'"):
+        torch.ops.fusedres.bn_act_backward_reduce(x, x, mean, invstd, mask, "silu", 0.0)
+    with pytest.raises(ValueError, match=f"{mask_ops}bn_act_backward_elemt, got 'silu'"):
+        torch.ops.fusedres.bn_act_backward_elemt(
+            x, x, None, mean, invstd, mask, mean, mean, 16, "silu", 0.0, [True, True]
+        )
+    with pytest.raises(ValueError, match=f"{mask_ops}SyncBatchNormAct2d, got 'silu'"):
+        SyncBatchNormAct2d(3, activation="silu")
+    basic = "activation must be one of 'relu', 'identity', 'leaky_relu' for "
+    for act in NEW_ACTIVATIONS:
+        with pytest.raises(ValueError, match=f"{basic}dense_bn_act_forward, got '{act}'"):
+            torch.ops.fusedres.dense_bn_act_forward([x], None, None, None, None, None, None, True, 0.1, EPS, act, 0.0)
+        with pytest.raises(ValueError, match=f"{basic}DenseBatchNormAct2d"):
+            DenseBatchNormAct2d(3, activation=act)
+    assert SyncBatchNormAct2d(3, activation="relu6").activation == "relu6"  # a mask activation: supported
+
+
 @native
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_saved_tensors(activation, layout):
-    """Autograd keeps the input and O(C) + O(numel / 8) bytes: never the residual, z or the output."""
+    """Autograd keeps the input and O(C) + O(numel / 8) bytes: never z or the output, and the residual only for
+    silu (a reference to the caller's tensor, from which its backward recomputes z; no mask then)."""
     case = Case((4, 8, 6, 6), torch.float32, layout, seed=11)
     x, r = case.x.requires_grad_(), case.r.requires_grad_()
     w, b = case.w.requires_grad_(), case.b.requires_grad_()
@@ -494,10 +607,16 @@ def test_saved_tensors(activation, layout):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = batch_norm_act(x, case.rm, case.rv, w, b, True, residual=r, activation=activation)
     big = [t for t in saved if t.numel() * t.element_size() >= x.numel()]
-    assert len(big) == 1, [(tuple(t.shape), t.dtype) for t in big]
-    assert big[0].data_ptr() == x.data_ptr() and big[0].shape == x.shape
-    small_bytes = sum(t.numel() * t.element_size() for t in saved if t is not big[0])
-    assert small_bytes <= mask_bytes(x.numel()) + 3 * 8 * 8, small_bytes
+    inputs_kept = [x, r] if activation == "silu" else [x]
+    assert len(big) == len(inputs_kept), [(tuple(t.shape), t.dtype) for t in big]
+    for t, kept in zip(big, inputs_kept):
+        assert t.data_ptr() == kept.data_ptr() and t.shape == kept.shape
+    small_bytes = sum(t.numel() * t.element_size() for t in saved if not any(t is u for u in big))
+    # [C] vectors (weight, mean, invstd; silu: bias too) and, for the mask activations, the 1-bit mask
+    if activation == "silu":
+        assert small_bytes <= 4 * 8 * 8, small_bytes
+    else:
+        assert small_bytes <= (mask_bytes(x.numel()) if activation != "identity" else 0) + 3 * 8 * 8, small_bytes
     torch.autograd.grad(out, (x, r, w, b), case.dy)  # and backward works from what was saved
 
 
@@ -556,8 +675,9 @@ def test_gradcheck(shape, layout, training, activation):
     z = reference_batch_norm_act(
         case.x, rm, rv, case.w, case.b, training, 0.1, EPS, residual=case.r, activation="identity"
     )
-    # A kink of relu / leaky_relu within the finite-difference step would make the numerical Jacobian wrong.
+    # A kink of relu / leaky_relu / relu6 within the finite-difference step would make the numerical Jacobian wrong.
     assert z.abs().min() > 1e-3, "pick another seed: some z is too close to 0"
+    assert (z - 6).abs().min() > 1e-3, "pick another seed: some z is too close to 6"
 
     def fn(x, r, w, b):
         return batch_norm_act(
@@ -608,6 +728,9 @@ def test_opcheck_forward(training, running, layout):
         ("relu", [True, True, True, True], "contiguous"),
         ("leaky_relu", [True, False, False, True], "channels_last"),
         ("identity", [False, False, True, False], "contiguous"),
+        ("relu6", [True, True, True, True], "channels_last"),
+        ("silu", [True, True, True, True], "contiguous"),
+        ("silu", [True, False, True, False], "channels_last"),
     ],
 )
 def test_opcheck_backward(activation, output_mask, layout):
@@ -615,7 +738,8 @@ def test_opcheck_backward(activation, output_mask, layout):
     _, mean, invstd, mask = torch.ops.fusedres.bn_act_forward(
         case.x, case.r, case.w, case.b, None, None, True, 0.1, EPS, activation, 0.2
     )
-    args = (case.dy, case.x, case.w, mean, invstd, mask, True, activation, 0.2, output_mask)
+    # bias and residual: the forward's, read by silu's backward (which recomputes the pre-activation).
+    args = (case.dy, case.x, case.w, mean, invstd, mask, True, activation, 0.2, output_mask, case.b, case.r)
     torch.library.opcheck(torch.ops.fusedres.bn_act_backward.default, args)
 
 
@@ -644,7 +768,7 @@ def meta_of(t):
 def test_fake_kernels_match_real(shape, layout, dtype):
     """Shapes, strides and dtypes of the fake kernels equal the real ones (what Inductor trusts)."""
     weight_dtypes = [dtype, torch.float32] if dtype != torch.float32 else [dtype]
-    for activation, wdt in itertools.product(("relu", "identity"), weight_dtypes):
+    for activation, wdt in itertools.product(("relu", "identity", "relu6", "silu"), weight_dtypes):
         case = Case(shape, dtype, layout, param_dtype=wdt, seed=17)
         fwd_args = (case.x, case.r, case.w, case.b, case.rm, case.rv, True, 0.1, EPS, activation, 0.01)
         real = torch.ops.fusedres.bn_act_forward(*fwd_args)
@@ -765,7 +889,9 @@ def module_step(fused, ref, x, r, dy, activation="relu"):
     xr, rr = x.clone().requires_grad_(), r.clone().requires_grad_()
     out_f = fused(xf, rf)
     z = ref(xr) + rr
-    out_r = {"relu": torch.relu, "identity": lambda t: t, "leaky_relu": F.leaky_relu}[activation](z)
+    out_r = {"relu": torch.relu, "identity": lambda t: t, "leaky_relu": F.leaky_relu, "relu6": F.relu6, "silu": F.silu}[
+        activation
+    ](z)
     torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-5)
     leaves_f = [xf, rf] + [p for p in fused.parameters()]
     leaves_r = [xr, rr] + [p for p in ref.parameters()]
@@ -853,8 +979,9 @@ def test_module_extra_repr_and_args():
     r = repr(BatchNormAct2d(4, activation="leaky_relu", negative_slope=0.2, fused=False))
     assert "activation=leaky_relu" in r and "negative_slope=0.2" in r and "fused=False" in r
     assert repr(BatchNormAct2d(4)).startswith("BatchNormAct2d(4, eps=1e-05, momentum=0.1, affine=True")
-    with pytest.raises(ValueError, match="activation must be one of 'relu', 'identity', 'leaky_relu', got 'gelu'"):
+    with pytest.raises(ValueError, match=f"{ALL_ACTIVATIONS_MESSAGE}, got 'gelu'"):
         BatchNormAct2d(4, activation="gelu")
+    assert "activation=silu" in repr(BatchNormAct2d(4, activation="silu"))
 
 
 @native
@@ -991,8 +1118,10 @@ def test_error_unknown_activation():
     x = torch.randn(3, 4, 2, 2)
     rm, rv = torch.zeros(4), torch.ones(4)
     snap = Snapshot(rm, rv)
-    with pytest.raises(ValueError, match="activation must be one of 'relu', 'identity', 'leaky_relu', got 'gelu'"):
+    with pytest.raises(ValueError, match=f"{ALL_ACTIVATIONS_MESSAGE}, got 'gelu'"):
         batch_norm_act(x, rm, rv, training=True, activation="gelu")
+    with pytest.raises(ValueError, match=f"{ALL_ACTIVATIONS_MESSAGE}, got 'gelu'"):  # the op itself checks too
+        torch.ops.fusedres.bn_act_forward(x, None, None, None, rm, rv, True, 0.1, EPS, "gelu", 0.0)
     with pytest.raises(TypeError, match="activation must be a str"):
         batch_norm_act(x, rm, rv, training=True, activation=torch.relu)
     with pytest.raises(ValueError, match="activation must be one of"):

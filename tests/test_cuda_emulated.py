@@ -52,8 +52,10 @@ def test_forward(emu, shape, cl, training, act, dtype, order):
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_backward(emu, shape, cl, training, act, dtype, order):
-    """Backward kernels vs the CPU op: all four gradients, from the CPU forward's statistics and mask."""
-    run_backward(emu, shape, cl, training, act, dtype, order)
+    """Backward kernels vs the CPU op: all four gradients, from the CPU forward's statistics and mask; silu (which
+    recomputes the pre-activation from the residual when there is one) with and without a residual."""
+    for residual in (True, False) if act == "silu" else (True,):
+        run_backward(emu, shape, cl, training, act, dtype, order, residual=residual)
 
 
 OUTPUT_MASKS = [
@@ -84,6 +86,9 @@ def test_half(emu, shape, cl, training, dtype):
         pytest.skip("the emulator library was built without cuda_fp16.h / cuda_bf16.h (no CUDA toolkit headers)")
     run_forward(emu, shape, cl, training, "relu", True, dtype, "rand")
     run_backward(emu, shape, cl, training, "leaky_relu", dtype, "rand")
+    for act in ("relu6", "silu"):  # silu's backward without a residual: z from the input and parameters alone
+        run_forward(emu, shape, cl, training, act, True, dtype, "rand")
+        run_backward(emu, shape, cl, training, act, dtype, "rand", residual=act != "silu")
 
 
 def test_shapes_reach_edges(emu):

@@ -884,8 +884,12 @@ def test_error_input_stats():
 
 
 def test_error_python_arguments():
-    expect_error("cpu", ValueError, r"activation must be one of 'relu', 'identity', 'leaky_relu', got 'gelu'",
-                 activation="gelu")  # fmt: skip
+    expect_error("cpu", ValueError, r"activation must be one of 'relu', 'identity', 'leaky_relu' for "
+                 r"dense_batch_norm_act, got 'gelu'", activation="gelu")  # fmt: skip
+    # relu6 / silu are bn_act's only: the dense kernels do not implement them (issue 13 item 4).
+    for act in ("relu6", "silu"):
+        expect_error("cpu", ValueError, r"activation must be one of 'relu', 'identity', 'leaky_relu' for "
+                     rf"dense_batch_norm_act, got '{act}'", activation=act)  # fmt: skip
     expect_error("cpu", TypeError, r"momentum must be a float, got None", momentum=None)
 
 

@@ -32,6 +32,7 @@ from fusedres.ops import bn_stats
 from _numerics import (
     FLOAT_DTYPES,
     HALF,
+    activation_kinks,
     ambiguous_branch,
     arrange,
     assert_2x,
@@ -163,7 +164,7 @@ def bn_cases(draw) -> dict:
         "param_dtype": draw(st.sampled_from([torch.float32, dtype])) if dtype in HALF else dtype,
         "momentum": draw(st.sampled_from(MOMENTA)),
         "eps": draw(st.sampled_from([1e-5, 1e-3])),
-        "activation": draw(st.sampled_from(["relu", "identity", "leaky_relu"])),
+        "activation": draw(st.sampled_from(["relu", "identity", "leaky_relu", "relu6", "silu"])),
         "negative_slope": draw(st.sampled_from(SLOPES)),
         "seed": draw(st.integers(0, 2**31 - 1)),
     }
@@ -237,8 +238,9 @@ def check_bn_case(case: dict) -> None:
         mean, var = data["rm"].double(), data["rv"].double()
     invstd = (var + case["eps"]).rsqrt()
     dy64 = rounded["dy"]
-    if case["activation"] != "identity":
-        amb = ambiguous_branch(x64, mean, invstd, rounded["w"], rounded["b"], rounded["r"], dtype)
+    if activation_kinks(case["activation"]):  # silu is smooth: no branch to be ambiguous about
+        kinks = activation_kinks(case["activation"])
+        amb = ambiguous_branch(x64, mean, invstd, rounded["w"], rounded["b"], rounded["r"], dtype, kinks=kinks)
         dy64 = dy64.masked_fill(amb, 0.0)
     ours = _bn_run(fusedres.batch_norm_act, case, rounded, dtype, dy64)
     same = _bn_run(reference.batch_norm_act, case, rounded, dtype, dy64)
@@ -536,7 +538,8 @@ def block_cases(draw) -> dict:
         "residual": draw(st.booleans()),
         "weight": draw(st.booleans()),
         "bias": draw(st.booleans()),
-        "activation": draw(st.sampled_from(["relu", "identity", "leaky_relu"])),
+        # relu6 too; not silu, which the building-block backward ops refuse (they take no bias / residual)
+        "activation": draw(st.sampled_from(["relu", "identity", "leaky_relu", "relu6"])),
         "negative_slope": draw(st.sampled_from(SLOPES)),
         "count_factor": draw(st.sampled_from([1, 3])),
         "scale": scale,
@@ -548,6 +551,8 @@ def block_cases(draw) -> dict:
 def _act_grad(z: torch.Tensor, activation: str, slope: float) -> torch.Tensor:
     if activation == "identity":
         return torch.ones_like(z)
+    if activation == "relu6":  # hardtanh_backward: 1 exactly where not (z <= 0 or z >= 6)
+        return (~((z <= 0) | (z >= 6))).to(z.dtype)
     below = torch.full_like(z, 0.0 if activation == "relu" else slope)  # (a Python float would be float32 here)
     return torch.where(z > 0, torch.ones_like(z), below)
 
@@ -557,6 +562,8 @@ def _act(z: torch.Tensor, activation: str, slope: float) -> torch.Tensor:
         return torch.relu(z)
     if activation == "leaky_relu":
         return torch.nn.functional.leaky_relu(z, slope)
+    if activation == "relu6":
+        return torch.nn.functional.relu6(z)
     return z
 
 
@@ -617,7 +624,7 @@ def check_block_case(case: dict) -> None:
 
     # backward_reduce / backward_elemt with our mask; gradients zeroed where the branch is ambiguous.
     if act != "identity":
-        amb = ambiguous_branch(x64, m64, s64, w64, b64, r64, dtype)
+        amb = ambiguous_branch(x64, m64, s64, w64, b64, r64, dtype, kinks=activation_kinks(act))
         dy64 = dy64.masked_fill(amb, 0.0)
     dy = arrange(dy64, dtype, lay, case["seed"] + 2)
     x_hat64 = (x64 - cv(m64)) * cv(s64)

@@ -80,9 +80,11 @@ cpu::BnActBackwardArgs backward_tensor_args(const BnActGeom& g, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const at::Tensor& save_mean, const at::Tensor& save_invstd, const at::Tensor& mask, bool training,
-    c10::string_view activation, double negative_slope, std::array<bool, 4> output_mask) {
+    c10::string_view activation, double negative_slope, std::array<bool, 4> output_mask,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
   const int act = parse_activation(activation);
-  const BnActGeom g = check_bn_act_backward(grad_out, input, weight, save_mean, save_invstd, mask, act);
+  const BnActGeom g =
+      check_bn_act_backward(grad_out, input, weight, save_mean, save_invstd, mask, act, bias, residual);
   const auto acc = bn_act_acc_type(input.scalar_type());
   const bool need_dx = output_mask[0], need_dr = output_mask[1], need_dw = output_mask[2], need_db = output_mask[3];
   const bool reduce = need_dw || need_db || (training && need_dx);
@@ -98,6 +100,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
   if (g.numel() > 0 && (reduce || need_dx || need_dr)) {
     const at::Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
     cpu::BnActBackwardArgs args = backward_tensor_args(g, input, dy, x, mean, invstd, w, mask, act, negative_slope);
+    // SiLU recomputes the pre-activation: bias (zeros when absent) and the residual, dense like x.
+    at::Tensor b, r;
+    if (math::act_needs_z(act)) {
+      b = bn_act_params(std::nullopt, bias, g.C, acc, input.device()).second;
+      if (residual.has_value() && residual->defined()) r = bn_act_dense(*residual, g);
+      args.bias = b.const_data_ptr();
+      args.residual = r.defined() ? r.const_data_ptr() : nullptr;
+    }
     args.training = training;
     args.dx = need_dx ? dx.mutable_data_ptr() : nullptr;
     args.dresidual = need_dr ? dr.mutable_data_ptr() : nullptr;
@@ -167,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(const at::Tensor& 
                                                               const at::Tensor& save_mean,
                                                               const at::Tensor& save_invstd, const at::Tensor& mask,
                                                               c10::string_view activation, double negative_slope) {
-  const int act = parse_activation(activation);
+  const int act = parse_mask_activation(activation, "bn_act_backward_reduce");
   const BnActGeom g = check_bn_act_backward(grad_out, input, std::nullopt, save_mean, save_invstd, mask, act);
   const auto acc_opts = input.options().dtype(bn_act_acc_type(input.scalar_type()));
   at::Tensor sum_dz = at::zeros({g.C}, acc_opts), sum_dz_xhat = at::zeros({g.C}, acc_opts);
@@ -187,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cpu(
     const at::Tensor& save_mean, const at::Tensor& save_invstd, const at::Tensor& mask, const at::Tensor& sum_dz,
     const at::Tensor& sum_dz_xhat, int64_t count, c10::string_view activation, double negative_slope,
     std::array<bool, 2> output_mask) {
-  const int act = parse_activation(activation);
+  const int act = parse_mask_activation(activation, "bn_act_backward_elemt");
   const BnActGeom g = check_bn_act_backward_elemt(grad_out, input, weight, save_mean, save_invstd, mask, sum_dz,
                                                   sum_dz_xhat, count, act);
   const auto acc = bn_act_acc_type(input.scalar_type());

@@ -53,6 +53,9 @@ struct BnActBackwardArgs {
   void* dresidual;       // null when not wanted
   void* sum_dz;          // acc_t[C], null when the reduction is not needed
   void* sum_dz_xhat;     // acc_t[C], null when the reduction is not needed
+  // SiLU only (math::act_needs_z): its backward recomputes z = (x - mean) * w * invstd + bias (+ residual).
+  const void* bias;      // acc_t[C]; null for the other activations
+  const void* residual;  // dense like x; null when the forward had no residual (or the activation is not SiLU)
   // sums_given: sum_dz / sum_dz_xhat are inputs (taken over `count` values per channel, e.g. across ranks):
   // no reduction runs and the training-form dx uses them with `count` instead of N * S.
   bool sums_given;

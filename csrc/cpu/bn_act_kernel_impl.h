@@ -43,6 +43,14 @@ using at::vec::Vectorized;
 using math::kIdentity;
 using math::kLeakyReLU;
 using math::kReLU;
+using math::kReLU6;
+using math::kSiLU;
+
+// Activations whose backward reads the 1-bit mask (math::act_has_mask), and the one that recomputes z instead.
+template <int ACT>
+constexpr bool kMaskAct = ACT == kReLU || ACT == kLeakyReLU || ACT == kReLU6;
+template <int ACT>
+constexpr bool kZAct = ACT == kSiLU;
 
 // Values per reduction block: short enough that float partial sums stay accurate to ~1e-7 relative,
 // long enough that folding them into double costs nothing.
@@ -135,6 +143,80 @@ inline V relu_vec(const V& z) {
   if constexpr (std::is_same_v<V, Vectorized<double>>) return _mm256_max_pd(_mm256_setzero_pd(), z);
 #endif
   return at::vec::maximum(z, V(0));
+}
+
+// min(max(z, 0), 6) propagating NaN (and keeping -0) like torch.nn.functional.relu6: min(6, t) returns its second
+// operand (t) when either is NaN, as max does above.
+template <typename V>
+inline V relu6_vec(const V& z) {
+  const V t = relu_vec(z);
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<V, Vectorized<float>>) return _mm512_min_ps(_mm512_set1_ps(6.f), t);
+  if constexpr (std::is_same_v<V, Vectorized<double>>) return _mm512_min_pd(_mm512_set1_pd(6.0), t);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<V, Vectorized<float>>) return _mm256_min_ps(_mm256_set1_ps(6.f), t);
+  if constexpr (std::is_same_v<V, Vectorized<double>>) return _mm256_min_pd(_mm256_set1_pd(6.0), t);
+#endif
+  return at::vec::minimum(t, V(6));
+}
+
+// Lane i of the result is bit i: ReLU6's derivative is 1, i.e. not (z <= 0 or z >= 6) (math::act_mask_bit; NaN
+// gives 1 as in PyTorch's hardtanh_backward). The "not less-or-equal" / "not greater-or-equal" compares are
+// unordered, so true for NaN.
+template <typename V>
+inline uint32_t relu6_bits(const V& z) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<V, Vectorized<float>>) {
+    return static_cast<uint32_t>(_mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_NLE_UQ) &
+                                 _mm512_cmp_ps_mask(z, _mm512_set1_ps(6.f), _CMP_NGE_UQ));
+  } else {
+    return static_cast<uint32_t>(_mm512_cmp_pd_mask(z, _mm512_setzero_pd(), _CMP_NLE_UQ) &
+                                 _mm512_cmp_pd_mask(z, _mm512_set1_pd(6.0), _CMP_NGE_UQ));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<V, Vectorized<float>>) {
+    return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_NLE_UQ),
+                                                                  _mm256_cmp_ps(z, _mm256_set1_ps(6.f), _CMP_NGE_UQ))));
+  } else {
+    return static_cast<uint32_t>(_mm256_movemask_pd(_mm256_and_pd(_mm256_cmp_pd(z, _mm256_setzero_pd(), _CMP_NLE_UQ),
+                                                                  _mm256_cmp_pd(z, _mm256_set1_pd(6.0), _CMP_NGE_UQ))));
+  }
+#else
+  typename V::value_type tmp[V::size()];
+  z.store(tmp);
+  uint32_t bits = 0;
+  for (int i = 0; i < V::size(); ++i) bits |= static_cast<uint32_t>(math::act_mask_bit(tmp[i], kReLU6)) << i;
+  return bits;
+#endif
+}
+
+// y = act(z) for one vector; *bits receives the mask bits of the activations that keep one (kMaskAct).
+// SiLU is PyTorch's own vectorised formula z / (1 + exp(-z)) with at::vec's exp (Sleef, 1 ulp), so it rounds as
+// torch.nn.functional.silu does.
+template <int ACT, typename V>
+inline V act_vec(const V& z, const V& vslope, uint32_t* bits) {
+  if constexpr (ACT == kReLU) {
+    *bits = gt_zero_bits(z);
+    return relu_vec(z);
+  } else if constexpr (ACT == kLeakyReLU) {
+    *bits = gt_zero_bits(z);
+    return select_bits(*bits, z, z * vslope);
+  } else if constexpr (ACT == kReLU6) {
+    *bits = relu6_bits(z);
+    return relu6_vec(z);
+  } else if constexpr (ACT == kSiLU) {
+    return z / (V(1) + z.neg().exp());
+  } else {
+    return z;
+  }
+}
+
+// dy * silu'(z) = dy * s * (1 + z * (1 - s)), s = 1 / (1 + exp(-z)): PyTorch's vectorised silu_backward.
+template <typename V>
+inline V silu_grad_vec(const V& dy, const V& z) {
+  const V one(1);
+  const V s = one / (one + z.neg().exp());
+  return dy * s * (one + z * (one - s));
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -324,12 +406,12 @@ void forward_run(const T* x, const T* r, T* y, int64_t len, const acc_type_t<T>*
   using acc_t = typename IO::acc_t;
   constexpr int W = IO::W;
   constexpr bool kDirect = !std::is_same_v<BW, BitWriter>;
-  const V vcenter(center[0]), vscale(scale[0]), vshift(shift[0]), vslope(slope), zero(0);
+  const V vcenter(center[0]), vscale(scale[0]), vshift(shift[0]), vslope(slope);
   auto one = [&](int64_t i) {
     const int64_t j = PER_ELEM ? i : 0;
     acc_t z = (static_cast<acc_t>(x[i]) - center[j]) * scale[j] + shift[j];
     if constexpr (RES) z += static_cast<acc_t>(r[i]);
-    if constexpr (ACT != kIdentity && !kDirect) bw->append(math::act_mask_bit(z) ? 1u : 0u, 1);
+    if constexpr (kMaskAct<ACT> && !kDirect) bw->append(math::act_mask_bit(z, ACT) ? 1u : 0u, 1);
     y[i] = static_cast<T>(math::act_forward(z, ACT, slope));
   };
   stream = stream && can_stream<T>();
@@ -348,14 +430,9 @@ void forward_run(const T* x, const T* r, T* y, int64_t len, const acc_type_t<T>*
     const V b = PER_ELEM ? V::loadu(shift + i) : vshift;
     V z = at::vec::fmadd(IO::load(x + i) - c, s, b);
     if constexpr (RES) z = z + IO::load(r + i);
-    if constexpr (ACT == kReLU) {
-      bw->append(gt_zero_bits(z), W);
-      z = relu_vec(z);
-    } else if constexpr (ACT == kLeakyReLU) {
-      const uint32_t bits = gt_zero_bits(z);
-      bw->append(bits, W);
-      z = select_bits(bits, z, z * vslope);
-    }
+    uint32_t bits = 0;
+    z = act_vec<ACT>(z, vslope, &bits);
+    if constexpr (kMaskAct<ACT>) bw->append(bits, W);
     if (stream) {
       store_stream(y + i, z);
     } else {
@@ -369,81 +446,132 @@ void forward_run(const T* x, const T* r, T* y, int64_t len, const acc_type_t<T>*
       const V b = PER_ELEM ? V::loadu(shift + i, n) : vshift;
       V z = at::vec::fmadd(IO::load_n(x + i, n) - c, s, b);
       if constexpr (RES) z = z + IO::load_n(r + i, n);
-      if constexpr (ACT == kReLU) {
-        bw->append(gt_zero_bits(z) & ((1u << n) - 1u), n);
-        z = at::vec::maximum(z, zero);
-      } else if constexpr (ACT == kLeakyReLU) {
-        const uint32_t bits = gt_zero_bits(z) & ((1u << n) - 1u);
-        bw->append(bits, n);
-        z = select_bits(bits, z, z * vslope);
-      }
+      uint32_t bits = 0;
+      z = act_vec<ACT>(z, vslope, &bits);
+      if constexpr (kMaskAct<ACT>) bw->append(bits & ((1u << n) - 1u), n);
       IO::store_n(y + i, z, n);
     }
   }
 }
 
-// dz = dy * act'(z) for one vector, from the mask bits.
+// dz = dy * act'(z) for one vector, from the mask bits (mask activations and identity; SiLU: dz_vec_z).
 template <int ACT, typename V, typename BR>
 inline V dz_vec(const V& dy, BR* br, const V& vslope) {
+  static_assert(!kZAct<ACT>, "SiLU's dz needs z: dz_vec_z");
   if constexpr (ACT == kIdentity) {
     return dy;
   } else {
     const uint32_t bits = br->take(V::size());
-    return select_bits(bits, dy, ACT == kReLU ? V(0) : dy * vslope);
+    return select_bits(bits, dy, ACT == kLeakyReLU ? dy * vslope : V(0));
+  }
+}
+
+// dz for any activation: from the mask bits, or (SiLU) from z = zf(), the pre-activation recomputed by the caller
+// only when it is needed.
+template <int ACT, typename V, typename BR, typename ZF>
+inline V dz_vec_z(const V& dy, BR* br, const V& vslope, ZF&& zf) {
+  if constexpr (kZAct<ACT>) {
+    return silu_grad_vec(dy, zf());
+  } else {
+    return dz_vec<ACT>(dy, br, vslope);
   }
 }
 
 // dz for the first n (< V::size()) lanes of a partial vector (dy's other lanes are zero, and so are dz's).
 template <int ACT, typename V, typename BR>
 inline V dz_vec_n(const V& dy, BR* br, const V& vslope, int n) {
+  static_assert(!kZAct<ACT>, "SiLU's dz needs z: dz_vec_n_z");
   if constexpr (ACT == kIdentity) {
     return dy;
   } else {
     const uint32_t bits = br->take(n);
-    return select_bits(bits, dy, ACT == kReLU ? V(0) : dy * vslope);
+    return select_bits(bits, dy, ACT == kLeakyReLU ? dy * vslope : V(0));
   }
 }
 
+// dz_vec_n for any activation. SiLU: lanes n.. are set to 0 (silu'(z) of the padding lanes' z may be inf or NaN,
+// and 0 * NaN would reach the sums).
+template <int ACT, typename V, typename BR, typename ZF>
+inline V dz_vec_n_z(const V& dy, BR* br, const V& vslope, int n, ZF&& zf) {
+  if constexpr (kZAct<ACT>) {
+    return V::set(V(0), silu_grad_vec(dy, zf()), n);
+  } else {
+    return dz_vec_n<ACT>(dy, br, vslope, n);
+  }
+}
+
+// dz for one value; z is read only by SiLU (callers pass the recomputed pre-activation, or anything otherwise).
 template <int ACT, typename acc_t, typename BR>
-inline acc_t dz_scalar(acc_t dy, BR* br, acc_t slope) {
+inline acc_t dz_scalar(acc_t dy, BR* br, acc_t slope, acc_t z) {
   if constexpr (ACT == kIdentity) {
     return dy;
+  } else if constexpr (kZAct<ACT>) {
+    return math::silu_backward(dy, z);
   } else {
     return math::act_backward(dy, br->take(1) != 0u, ACT, slope);
   }
 }
 
+// What SiLU's backward recomputes z = (x - mean) * scale + shift (+ r) from (docs/design.md section 1): the
+// residual (indexed like x; null when there is none) and, per channel, scale = w * invstd and shift = bias (a
+// single value for a run of one channel, arrays indexed by channel for channels_last rows). Unused (all null) for
+// the other activations.
+template <typename T>
+struct ZSrc {
+  const T* r = nullptr;
+  const acc_type_t<T>* scale = nullptr;
+  const acc_type_t<T>* shift = nullptr;
+  // The same source for the values starting `off` elements further (the residual pointer moves, the
+  // per-channel coefficients do not).
+  ZSrc shifted(int64_t off) const { return {r != nullptr ? r + off : nullptr, scale, shift}; }
+};
+
 // Backward reduction over one contiguous run of a single channel: (sum dz, sum dz * (x - mean)). Two vectors per
 // step into independent accumulators, so the loop is not bound by the add / fma latency chain.
+// zs: SiLU's z source (scale / shift: the channel's single values; r: the run's residual or null).
 template <typename T, int ACT, typename BR = BitReader>
 void backward_reduce_run(const T* dy, const T* x, int64_t len, BR* br, acc_type_t<T> mean,
-                         acc_type_t<T> slope, double& sum_dz, double& sum_dzxc) {
+                         acc_type_t<T> slope, double& sum_dz, double& sum_dzxc, const ZSrc<T>& zs = {}) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
   constexpr int W = IO::W;
   const V vmean(mean), vslope(slope);
+  const V vzs(kZAct<ACT> ? zs.scale[0] : acc_t(0)), vzb(kZAct<ACT> ? zs.shift[0] : acc_t(0));
+  // SiLU's z from d = x - mean (the same difference the sums use) and the residual.
+  auto z_of = [&](const V& d, int64_t pos) {
+    V z = at::vec::fmadd(d, vzs, vzb);
+    if (zs.r != nullptr) z = z + IO::load(zs.r + pos);
+    return z;
+  };
   int64_t i = 0;
   while (i < len) {
     const int64_t stop = std::min(len, i + kReduceBlock);
     V a0(0), b0(0), a1(0), b1(0);
     for (; i + 2 * W <= stop; i += 2 * W) {
-      const V dz0 = dz_vec<ACT>(IO::load(dy + i), br, vslope);
-      const V dz1 = dz_vec<ACT>(IO::load(dy + i + W), br, vslope);
+      const V d0 = IO::load(x + i) - vmean, d1 = IO::load(x + i + W) - vmean;
+      const V dz0 = dz_vec_z<ACT>(IO::load(dy + i), br, vslope, [&] { return z_of(d0, i); });
+      const V dz1 = dz_vec_z<ACT>(IO::load(dy + i + W), br, vslope, [&] { return z_of(d1, i + W); });
       a0 = a0 + dz0;
       a1 = a1 + dz1;
-      b0 = at::vec::fmadd(dz0, IO::load(x + i) - vmean, b0);
-      b1 = at::vec::fmadd(dz1, IO::load(x + i + W) - vmean, b1);
+      b0 = at::vec::fmadd(dz0, d0, b0);
+      b1 = at::vec::fmadd(dz1, d1, b1);
     }
     for (; i + W <= stop; i += W) {
-      const V dz = dz_vec<ACT>(IO::load(dy + i), br, vslope);
+      const V d = IO::load(x + i) - vmean;
+      const V dz = dz_vec_z<ACT>(IO::load(dy + i), br, vslope, [&] { return z_of(d, i); });
       a0 = a0 + dz;
-      b0 = at::vec::fmadd(dz, IO::load(x + i) - vmean, b0);
+      b0 = at::vec::fmadd(dz, d, b0);
     }
     if (const int n = static_cast<int>(stop - i); n > 0) {  // lanes beyond n: dz = 0, so they add nothing
-      const V dz = dz_vec_n<ACT>(IO::load_n(dy + i, n), br, vslope, n);
+      const V d = IO::load_n(x + i, n) - vmean;
+      const V dz = dz_vec_n_z<ACT>(IO::load_n(dy + i, n), br, vslope, n, [&] {
+        V z = at::vec::fmadd(d, vzs, vzb);
+        if (zs.r != nullptr) z = z + IO::load_n(zs.r + i, n);
+        return z;
+      });
       a0 = a0 + dz;
-      b0 = at::vec::fmadd(dz, IO::load_n(x + i, n) - vmean, b0);
+      b0 = at::vec::fmadd(dz, d, b0);
       i = stop;
     }
     const acc_t sa = hsum(a0 + a1), sb = hsum(b0 + b1);
@@ -454,27 +582,45 @@ void backward_reduce_run(const T* dy, const T* x, int64_t len, BR* br, acc_type_
 
 // Per-channel backward coefficients: dx = a * (dz - mdz) - (x - mean) * q in training
 // (a = w * invstd, mdz = sum dz / M, q = a * invstd * sum(dz * xc) / M); dx = a * dz in eval.
+// SiLU also recomputes z = (x - mean) * a + shift (+ r), shift = bias; shift is null for the other activations.
 template <typename acc_t>
 struct BwdCoef {
   const acc_t* mean;
   const acc_t* a;
   const acc_t* mdz;
   const acc_t* q;
+  const acc_t* shift = nullptr;
 };
 
 // Backward elementwise over one contiguous run: dx (TRAIN or eval form) and/or dresidual = dz.
+// r: SiLU's residual for this run (indexed like x), or null.
 template <typename T, int ACT, bool PER_ELEM, bool TRAIN, bool DX, bool DR, typename BR = BitReader>
 void backward_elementwise_run(const T* dy, const T* x, T* dx, T* dr, int64_t len, BR* br,
-                              const BwdCoef<acc_type_t<T>>& k, acc_type_t<T> slope, bool stream = false) {
+                              const BwdCoef<acc_type_t<T>>& k, acc_type_t<T> slope, bool stream = false,
+                              const T* r = nullptr) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
   constexpr int W = IO::W;
   const V vslope(slope), vmean(k.mean[0]), va(k.a[0]), vmdz(TRAIN ? k.mdz[0] : acc_t(0)),
-      vq(TRAIN ? k.q[0] : acc_t(0));
+      vq(TRAIN ? k.q[0] : acc_t(0)), vshift(kZAct<ACT> ? k.shift[0] : acc_t(0));
+  // SiLU's pre-activation of the vector at i (n < W: a partial one).
+  auto z_vec = [&](int64_t i, int n) {
+    const V mean = PER_ELEM ? V::loadu(k.mean + i, n) : vmean;
+    const V a = PER_ELEM ? V::loadu(k.a + i, n) : va;
+    const V b = PER_ELEM ? V::loadu(k.shift + i, n) : vshift;
+    V z = at::vec::fmadd((n == W ? IO::load(x + i) : IO::load_n(x + i, n)) - mean, a, b);
+    if (r != nullptr) z = z + (n == W ? IO::load(r + i) : IO::load_n(r + i, n));
+    return z;
+  };
   auto one = [&](int64_t i) {
     const int64_t j = PER_ELEM ? i : 0;
-    const acc_t dz = dz_scalar<ACT>(static_cast<acc_t>(dy[i]), br, slope);
+    acc_t z = 0;
+    if constexpr (kZAct<ACT>) {
+      z = (static_cast<acc_t>(x[i]) - k.mean[j]) * k.a[j] + k.shift[j];
+      if (r != nullptr) z += static_cast<acc_t>(r[i]);
+    }
+    const acc_t dz = dz_scalar<ACT>(static_cast<acc_t>(dy[i]), br, slope, z);
     if constexpr (DR) dr[i] = static_cast<T>(dz);
     if constexpr (DX) {
       if constexpr (TRAIN) {
@@ -504,7 +650,7 @@ void backward_elementwise_run(const T* dy, const T* x, T* dx, T* dr, int64_t len
     }
   }
   for (; i + W <= len; i += W) {
-    const V dz = dz_vec<ACT>(IO::load(dy + i), br, vslope);
+    const V dz = dz_vec_z<ACT>(IO::load(dy + i), br, vslope, [&] { return z_vec(i, W); });
     if constexpr (DR) put(dr + i, dz, stream);
     if constexpr (DX) {
       const V a = PER_ELEM ? V::loadu(k.a + i) : va;
@@ -519,7 +665,7 @@ void backward_elementwise_run(const T* dy, const T* x, T* dx, T* dr, int64_t len
     }
   }
   if (const int n = static_cast<int>(len - i); n > 0) {  // the tail as one partial vector
-    const V dz = dz_vec_n<ACT>(IO::load_n(dy + i, n), br, vslope, n);
+    const V dz = dz_vec_n_z<ACT>(IO::load_n(dy + i, n), br, vslope, n, [&] { return z_vec(i, n); });
     if constexpr (DR) IO::store_n(dr + i, dz, n);
     if constexpr (DX) {
       const V a = PER_ELEM ? V::loadu(k.a + i, n) : va;
@@ -574,14 +720,9 @@ void forward_rows(const T* x, const T* r, T* y, int64_t y_ld, uint8_t* mask, int
       const int64_t j = v * W;
       V z = at::vec::fmadd(IO::load(xr + j) - V::loadu(center + j), V::loadu(scale + j), V::loadu(shift + j));
       if constexpr (RES) z = z + IO::load(r + row * C + j);
-      if constexpr (ACT == kReLU) {
-        bw.append(gt_zero_bits(z), W);
-        z = relu_vec(z);
-      } else if constexpr (ACT == kLeakyReLU) {
-        const uint32_t bits = gt_zero_bits(z);
-        bw.append(bits, W);
-        z = select_bits(bits, z, z * vslope);
-      }
+      uint32_t bits = 0;
+      z = act_vec<ACT>(z, vslope, &bits);
+      if constexpr (kMaskAct<ACT>) bw.append(bits, W);
       if (stream) {
         store_stream(yr + j, z);
       } else {
@@ -593,9 +734,11 @@ void forward_rows(const T* x, const T* r, T* y, int64_t y_ld, uint8_t* mask, int
 }
 
 // dx = a * (dz - mdz) - (x - mean) * q (training) or a * dz (eval), and/or dresidual = dz, for rows [r0, r1).
+// r: SiLU's residual (dense like x), or null.
 template <typename T, int ACT, bool TRAIN, bool DX, bool DR, int NV>
 void backward_rows(const T* dy, int64_t dy_ld, const T* x, T* dx, T* dr, const uint8_t* mask, int64_t r0, int64_t r1,
-                   int64_t C, const BwdCoef<acc_type_t<T>>& k, acc_type_t<T> slope, bool stream) {
+                   int64_t C, const BwdCoef<acc_type_t<T>>& k, acc_type_t<T> slope, bool stream,
+                   const T* r = nullptr) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   constexpr int W = IO::W;
@@ -617,14 +760,22 @@ void backward_rows(const T* dy, int64_t dy_ld, const T* x, T* dx, T* dr, const u
   const acc_type_t<T>* const kmdz = k.mdz;
   const acc_type_t<T>* const kmean = k.mean;
   const acc_type_t<T>* const kq = k.q;
+  const acc_type_t<T>* const kshift = k.shift;
   for (int64_t row = r0; row < r1; ++row) {
     const T* dyr = dy + row * dy_ld;
     const int64_t off = row * C;
     prefetch_row(dy + (row + ahead) * dy_ld, C);
-    if constexpr (DX && TRAIN) prefetch_row(x + off + ahead * C, C);
+    if constexpr ((DX && TRAIN) || kZAct<ACT>) prefetch_row(x + off + ahead * C, C);
+    if constexpr (kZAct<ACT>) {
+      if (r != nullptr) prefetch_row(r + off + ahead * C, C);
+    }
     for (int64_t v = 0; v < nv; ++v) {
       const int64_t j = v * W;
-      const V dz = dz_vec<ACT>(IO::load(dyr + j), &br, vslope);
+      const V dz = dz_vec_z<ACT>(IO::load(dyr + j), &br, vslope, [&] {
+        V z = at::vec::fmadd(IO::load(x + off + j) - V::loadu(kmean + j), V::loadu(ka + j), V::loadu(kshift + j));
+        if (r != nullptr) z = z + IO::load(r + off + j);
+        return z;
+      });
       if constexpr (DR) put(dr + off + j, dz);
       if constexpr (DX) {
         if constexpr (TRAIN) {
@@ -693,15 +844,23 @@ enum ColumnOp { kStats0, kStats1, kGrad };
 
 // G vectors of channels x U rows per step: G * U independent accumulator pairs, so that narrow tensors (C of one or
 // two vectors) are not bound by the latency of one add / fma chain per vector.
+// kGrad with SiLU: zs gives z = (x - center) * scale + shift (+ r), per channel (center = the batch mean).
 template <typename T, int OP, int ACT, int G, int U>
 inline void column_group(const T* x, const T* dy, int64_t dy_ld, const uint8_t* mask, int64_t row0, int64_t nrows,
                          int64_t C, int64_t j, const acc_type_t<T>* center, acc_type_t<T> slope, acc_type_t<T>* s1,
-                         acc_type_t<T>* s2) {
+                         acc_type_t<T>* s2, const ZSrc<T>& zs) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   constexpr int W = IO::W;
-  V c[G], a1[G * U], a2[G * U];
+  constexpr bool kZ = OP == kGrad && kZAct<ACT>;
+  V c[G], a1[G * U], a2[G * U], zsc[kZ ? G : 1], zsh[kZ ? G : 1];
   for (int g = 0; g < G; ++g) c[g] = V::loadu(center + j + g * W);
+  if constexpr (kZ) {
+    for (int g = 0; g < G; ++g) {
+      zsc[g] = V::loadu(zs.scale + j + g * W);
+      zsh[g] = V::loadu(zs.shift + j + g * W);
+    }
+  }
   for (int k = 0; k < G * U; ++k) {
     a1[k] = V(0);
     a2[k] = V(0);
@@ -714,8 +873,12 @@ inline void column_group(const T* x, const T* dy, int64_t dy_ld, const uint8_t* 
       const V d = IO::load(x + off + g * W) - c[g];
       if constexpr (OP == kGrad) {
         V dz = IO::load(dy + row * dy_ld + j + g * W);
-        if constexpr (ACT != kIdentity) {
-          dz = select_bits(read_bits(mask, off + g * W, W), dz, ACT == kReLU ? V(0) : dz * vslope);
+        if constexpr (kZ) {
+          V z = at::vec::fmadd(d, zsc[g], zsh[g]);
+          if (zs.r != nullptr) z = z + IO::load(zs.r + off + g * W);
+          dz = silu_grad_vec(dz, z);
+        } else if constexpr (ACT != kIdentity) {
+          dz = select_bits(read_bits(mask, off + g * W, W), dz, ACT == kLeakyReLU ? dz * vslope : V(0));
         }
         a1[k] = a1[k] + dz;
         a2[k] = at::vec::fmadd(dz, d, a2[k]);
@@ -745,19 +908,25 @@ inline void column_group(const T* x, const T* dy, int64_t dy_ld, const uint8_t* 
 template <typename T, int OP, int ACT>
 inline void column_tail(const T* x, const T* dy, int64_t dy_ld, const uint8_t* mask, int64_t row0, int64_t nrows,
                         int64_t C, int64_t j, const acc_type_t<T>* center, acc_type_t<T> slope, acc_type_t<T>* s1,
-                        acc_type_t<T>* s2) {
+                        acc_type_t<T>* s2, const ZSrc<T>& zs) {
   using IO = VecIO<T>;
   using V = typename IO::V;
+  constexpr bool kZ = OP == kGrad && kZAct<ACT>;
   const int n = static_cast<int>(C - j);
   const V c = V::loadu(center + j, n), vslope(slope);
+  const V zsc = kZ ? V::loadu(zs.scale + j, n) : V(0), zsh = kZ ? V::loadu(zs.shift + j, n) : V(0);
   V a1(0), a2(0);
   for (int64_t r = 0; r < nrows; ++r) {
     const int64_t off = (row0 + r) * C + j;
     const V d = IO::load_n(x + off, n) - c;
     if constexpr (OP == kGrad) {
       V dz = IO::load_n(dy + (row0 + r) * dy_ld + j, n);
-      if constexpr (ACT != kIdentity) {
-        dz = select_bits(read_bits(mask, off, n), dz, ACT == kReLU ? V(0) : dz * vslope);
+      if constexpr (kZ) {
+        V z = at::vec::fmadd(d, zsc, zsh);
+        if (zs.r != nullptr) z = z + IO::load_n(zs.r + off, n);
+        dz = V::set(V(0), silu_grad_vec(dz, z), n);  // lanes n..: 0, not 0 * silu'(padding z)
+      } else if constexpr (ACT != kIdentity) {
+        dz = select_bits(read_bits(mask, off, n), dz, ACT == kLeakyReLU ? dz * vslope : V(0));
       }
       a1 = a1 + dz;
       a2 = at::vec::fmadd(dz, d, a2);
@@ -777,10 +946,11 @@ inline void column_tail(const T* x, const T* dy, int64_t dy_ld, const uint8_t* m
 template <typename T, int OP, int ACT>
 inline void column_tail_overlap(const T* x, const T* dy, int64_t dy_ld, const uint8_t* mask, int64_t row0,
                                 int64_t nrows, int64_t C, int64_t j, const acc_type_t<T>* center, acc_type_t<T> slope,
-                                acc_type_t<T>* s1, acc_type_t<T>* s2) {
+                                acc_type_t<T>* s1, acc_type_t<T>* s2, const ZSrc<T>& zs) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   using acc_t = acc_type_t<T>;
+  constexpr bool kZ = OP == kGrad && kZAct<ACT>;
   using bits_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
   constexpr int W = IO::W;
   const int64_t j0 = C - W;
@@ -790,14 +960,19 @@ inline void column_tail_overlap(const T* x, const T* dy, int64_t dy_ld, const ui
     std::memcpy(&keep_lanes[l], &b, sizeof(b));
   }
   const V keep = V::loadu(keep_lanes), c = V::loadu(center + j0), vslope(slope);
+  const V zsc = kZ ? V::loadu(zs.scale + j0) : V(0), zsh = kZ ? V::loadu(zs.shift + j0) : V(0);
   V a1(0), a2(0);
   for (int64_t r = 0; r < nrows; ++r) {
     const int64_t off = (row0 + r) * C + j0;
     const V d = (IO::load(x + off) - c) & keep;
     if constexpr (OP == kGrad) {
       V dz = IO::load(dy + (row0 + r) * dy_ld + j0);
-      if constexpr (ACT != kIdentity) {
-        dz = select_bits(read_bits(mask, off, W), dz, ACT == kReLU ? V(0) : dz * vslope);
+      if constexpr (kZ) {
+        V z = at::vec::fmadd(d, zsc, zsh);
+        if (zs.r != nullptr) z = z + IO::load(zs.r + off);
+        dz = silu_grad_vec(dz, z);
+      } else if constexpr (ACT != kIdentity) {
+        dz = select_bits(read_bits(mask, off, W), dz, ACT == kLeakyReLU ? dz * vslope : V(0));
       }
       dz = dz & keep;
       a1 = a1 + dz;
@@ -814,24 +989,25 @@ inline void column_tail_overlap(const T* x, const T* dy, int64_t dy_ld, const ui
 
 template <typename T, int OP, int ACT = kIdentity>
 void column_reduce(const T* x, const T* dy, int64_t dy_ld, const uint8_t* mask, int64_t row0, int64_t nrows,
-                   int64_t C, const acc_type_t<T>* center, acc_type_t<T> slope, acc_type_t<T>* s1, acc_type_t<T>* s2) {
+                   int64_t C, const acc_type_t<T>* center, acc_type_t<T> slope, acc_type_t<T>* s1, acc_type_t<T>* s2,
+                   const ZSrc<T>& zs = {}) {
   constexpr int W = VecIO<T>::W;
   int64_t j = 0;
   for (; j + 4 * W <= C; j += 4 * W) {
-    column_group<T, OP, ACT, 4, 1>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2);
+    column_group<T, OP, ACT, 4, 1>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2, zs);
   }
   if (j + 2 * W <= C) {
-    column_group<T, OP, ACT, 2, 2>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2);
+    column_group<T, OP, ACT, 2, 2>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2, zs);
     j += 2 * W;
   }
   if (j + W <= C) {
-    column_group<T, OP, ACT, 1, 4>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2);
+    column_group<T, OP, ACT, 1, 4>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2, zs);
     j += W;
   }
   if (j < C && C >= W) {
-    column_tail_overlap<T, OP, ACT>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2);
+    column_tail_overlap<T, OP, ACT>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2, zs);
   } else if (j < C) {
-    column_tail<T, OP, ACT>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2);
+    column_tail<T, OP, ACT>(x, dy, dy_ld, mask, row0, nrows, C, j, center, slope, s1, s2, zs);
   }
 }
 
@@ -950,7 +1126,7 @@ void forward_typed(const BnActForwardArgs& a) {
   // Runs (NCHW planes of S, channels_last rows of C) of whole vectors write the mask directly.
   constexpr int kDirectW = W % 8 == 0 ? W : 8;  // direct is false when W is not a multiple of 8
   const bool direct = direct_mask<T>(a.channels_last ? C : S);
-  if (!stats_only && ACT != kIdentity) prepare_mask(a.mask, N * C * S, direct);
+  if (!stats_only && kMaskAct<ACT>) prepare_mask(a.mask, N * C * S, direct);
   auto eval_coef = [&](int64_t c) { return FwdCoef<acc_t>{mean[c], w[c] * invstd[c], b[c]}; };
 
   if (!a.channels_last) {
@@ -1070,6 +1246,10 @@ void backward_typed(const BnActBackwardArgs& a) {
   const acc_t* w = static_cast<const acc_t*>(a.weight);
   acc_t* sum_dz = static_cast<acc_t*>(a.sum_dz);
   acc_t* sum_dzxhat = static_cast<acc_t*>(a.sum_dz_xhat);
+  // SiLU recomputes z = (x - mean) * w * invstd + bias (+ residual) (docs/design.md section 1).
+  const acc_t* bias = static_cast<const acc_t*>(a.bias);
+  const T* res = static_cast<const T*>(a.residual);
+  TORCH_INTERNAL_ASSERT(!kZAct<ACT> || bias != nullptr, "bn_act backward kernel: SiLU needs the bias");
   // sums_given: the sums are inputs (over a.count values, e.g. all ranks' of a synchronised BatchNorm).
   const bool reduce = sum_dz != nullptr && !a.sums_given;
   const acc_t slope = static_cast<acc_t>(a.negative_slope);
@@ -1108,15 +1288,22 @@ void backward_typed(const BnActBackwardArgs& a) {
       for (int64_t c = c0; c < c1; ++c) {
         double sdz = 0, sdzxc = 0;
         if (a.sums_given) given_sums(c, &sdz, &sdzxc);
+        // SiLU's z coefficients: scale = w * invstd rounded as the elementwise pass's `a`, shift = bias.
+        const acc_t zscale = kZAct<ACT> ? static_cast<acc_t>(static_cast<double>(w[c]) * static_cast<double>(invstd[c]))
+                                        : acc_t(0);
+        const acc_t zshift = kZAct<ACT> ? bias[c] : acc_t(0);
+        const ZSrc<T> zs{res, &zscale, &zshift};
         if (reduce) {
           for (int64_t n = 0; n < N; ++n) {
             const int64_t off = (n * C + c) * S;
             if (direct) {
               DirectBitReader<kDirectW> br(a.mask, off);
-              backward_reduce_run<T, ACT>(dy + n * dy_ld + c * S, x + off, S, &br, mean[c], slope, sdz, sdzxc);
+              backward_reduce_run<T, ACT>(dy + n * dy_ld + c * S, x + off, S, &br, mean[c], slope, sdz, sdzxc,
+                                          zs.shifted(off));
             } else {
               BitReader br(a.mask, off);
-              backward_reduce_run<T, ACT>(dy + n * dy_ld + c * S, x + off, S, &br, mean[c], slope, sdz, sdzxc);
+              backward_reduce_run<T, ACT>(dy + n * dy_ld + c * S, x + off, S, &br, mean[c], slope, sdz, sdzxc,
+                                          zs.shifted(off));
             }
           }
           sum_dz[c] = static_cast<acc_t>(sdz);
@@ -1125,18 +1312,21 @@ void backward_typed(const BnActBackwardArgs& a) {
         if constexpr (kElementwise) {
           acc_t ka, kmdz, kq;
           coefficients(c, sdz, sdzxc, &ka, &kmdz, &kq);
-          const BwdCoef<acc_t> k{mean + c, &ka, &kmdz, &kq};
+          const BwdCoef<acc_t> k{mean + c, &ka, &kmdz, &kq, &zshift};
           for (int64_t n = 0; n < N; ++n) {
             const int64_t off = (n * C + c) * S;
             const T* dyp = dy + n * dy_ld + c * S;
             T* dxp = DX ? dx + off : nullptr;
             T* drp = DR ? dr + off : nullptr;
+            const T* rp = res != nullptr ? res + off : nullptr;
             if (direct) {
               DirectBitReader<kDirectW> br(a.mask, off);
-              backward_elementwise_run<T, ACT, false, TRAIN, DX, DR>(dyp, x + off, dxp, drp, S, &br, k, slope, stream);
+              backward_elementwise_run<T, ACT, false, TRAIN, DX, DR>(dyp, x + off, dxp, drp, S, &br, k, slope, stream,
+                                                                     rp);
             } else {
               BitReader br(a.mask, off);
-              backward_elementwise_run<T, ACT, false, TRAIN, DX, DR>(dyp, x + off, dxp, drp, S, &br, k, slope, stream);
+              backward_elementwise_run<T, ACT, false, TRAIN, DX, DR>(dyp, x + off, dxp, drp, S, &br, k, slope, stream,
+                                                                     rp);
             }
           }
         }
@@ -1148,6 +1338,12 @@ void backward_typed(const BnActBackwardArgs& a) {
 
   // channels_last: per-chunk partial reductions over row blocks (acc_t per block, double per chunk).
   std::vector<double> sdz(C, 0.0), sdzxc(C, 0.0);
+  // SiLU's z coefficients per channel (see the NCHW path): scale = w * invstd, shift = bias.
+  std::vector<acc_t> zscale(kZAct<ACT> ? C : 0);
+  for (int64_t c = 0; c < static_cast<int64_t>(zscale.size()); ++c) {
+    zscale[c] = static_cast<acc_t>(static_cast<double>(w[c]) * static_cast<double>(invstd[c]));
+  }
+  const ZSrc<T> zs{res, zscale.data(), bias};
   if (a.sums_given) {
     for (int64_t c = 0; c < C; ++c) given_sums(c, &sdz[c], &sdzxc[c]);
   }
@@ -1164,7 +1360,8 @@ void backward_typed(const BnActBackwardArgs& a) {
           const int64_t b1 = std::min(r1, b0 + block);
           std::fill(bdz.begin(), bdz.end(), acc_t(0));
           std::fill(bdzx.begin(), bdzx.end(), acc_t(0));
-          column_reduce<T, kGrad, ACT>(x, dy, dy_ld, a.mask, b0, b1 - b0, C, mean, slope, bdz.data(), bdzx.data());
+          column_reduce<T, kGrad, ACT>(x, dy, dy_ld, a.mask, b0, b1 - b0, C, mean, slope, bdz.data(), bdzx.data(),
+                                       zs);
           for (int64_t j = 0; j < C; ++j) {
             pdz[ch * C + j] += static_cast<double>(bdz[j]);
             pdzx[ch * C + j] += static_cast<double>(bdzx[j]);
@@ -1186,12 +1383,12 @@ void backward_typed(const BnActBackwardArgs& a) {
   if constexpr (kElementwise) {
     std::vector<acc_t> ka(C), kmdz(C), kq(C);
     for (int64_t c = 0; c < C; ++c) coefficients(c, sdz[c], sdzxc[c], &ka[c], &kmdz[c], &kq[c]);
-    const BwdCoef<acc_t> k{mean, ka.data(), kmdz.data(), kq.data()};
+    const BwdCoef<acc_t> k{mean, ka.data(), kmdz.data(), kq.data(), kZAct<ACT> ? bias : nullptr};
     const int64_t grain = std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(1, C));
     if (direct) {
       dispatch_row_vectors<VecIO<T>::W>(C, [&](auto nv) {
         at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
-          backward_rows<T, ACT, TRAIN, DX, DR, nv()>(dy, dy_ld, x, dx, dr, a.mask, r0, r1, C, k, slope, stream);
+          backward_rows<T, ACT, TRAIN, DX, DR, nv()>(dy, dy_ld, x, dx, dr, a.mask, r0, r1, C, k, slope, stream, res);
         });
       });
       return;
@@ -1201,16 +1398,18 @@ void backward_typed(const BnActBackwardArgs& a) {
       for (int64_t row = r0; row < r1; ++row) {
         const int64_t off = row * C;
         backward_elementwise_run<T, ACT, true, TRAIN, DX, DR>(dy + row * dy_ld, x + off, DX ? dx + off : nullptr,
-                                                              DR ? dr + off : nullptr, C, &br, k, slope, stream);
+                                                              DR ? dr + off : nullptr, C, &br, k, slope, stream,
+                                                              res != nullptr ? res + off : nullptr);
       }
       if (stream) stream_fence();
     });
   }
 }
 
-// Turns runtime flags into template arguments.
+// Turns runtime flags into template arguments. dispatch_act: every activation of bn_act; dispatch_basic_act: the
+// ones the dense op supports (identity, relu, leaky_relu; its host code refuses the others before any kernel).
 template <typename F>
-void dispatch_act(int act, F&& f) {
+void dispatch_basic_act(int act, F&& f) {
   switch (act) {
     case kReLU:
       f(std::integral_constant<int, kReLU>{});
@@ -1219,7 +1418,23 @@ void dispatch_act(int act, F&& f) {
       f(std::integral_constant<int, kLeakyReLU>{});
       break;
     default:
+      TORCH_INTERNAL_ASSERT(act == kIdentity, "dense kernels: unsupported activation code ", act);
       f(std::integral_constant<int, kIdentity>{});
+      break;
+  }
+}
+
+template <typename F>
+void dispatch_act(int act, F&& f) {
+  switch (act) {
+    case kReLU6:
+      f(std::integral_constant<int, kReLU6>{});
+      break;
+    case kSiLU:
+      f(std::integral_constant<int, kSiLU>{});
+      break;
+    default:
+      dispatch_basic_act(act, f);
       break;
   }
 }

@@ -872,14 +872,14 @@ void dense_backward_cl_typed(const BnActBackwardArgs* parts, int64_t n_parts) {
 void dense_forward_cl_kernel(const BnActForwardArgs* parts, int64_t n_parts) {
   if (n_parts == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, parts[0].dtype, "dense_forward_cl_cpu", [&] {
-    dispatch_act(parts[0].act, [&](auto act) { dense_forward_cl_typed<scalar_t, act()>(parts, n_parts); });
+    dispatch_basic_act(parts[0].act, [&](auto act) { dense_forward_cl_typed<scalar_t, act()>(parts, n_parts); });
   });
 }
 
 void dense_backward_cl_kernel(const BnActBackwardArgs* parts, int64_t n_parts) {
   if (n_parts == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, parts[0].dtype, "dense_backward_cl_cpu", [&] {
-    dispatch_act(parts[0].act, [&](auto act) {
+    dispatch_basic_act(parts[0].act, [&](auto act) {
       dispatch_bool(parts[0].training,
                     [&](auto train) { dense_backward_cl_typed<scalar_t, act(), train()>(parts, n_parts); });
     });

@@ -16,9 +16,11 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const at::Tensor& save_mean, const at::Tensor& save_invstd, const at::Tensor& mask, bool training,
-    c10::string_view activation, double negative_slope, std::array<bool, 4> output_mask) {
+    c10::string_view activation, double negative_slope, std::array<bool, 4> output_mask,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
   const int act = parse_activation(activation);
-  const BnActGeom g = check_bn_act_backward(grad_out, input, weight, save_mean, save_invstd, mask, act);
+  const BnActGeom g =
+      check_bn_act_backward(grad_out, input, weight, save_mean, save_invstd, mask, act, bias, residual);
   const c10::cuda::CUDAGuard device_guard(input.device());
 
   const at::Tensor dy = bn_act_dense(grad_out, g);
@@ -31,7 +33,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
   // Same rule as the CPU backend: parameter gradients in the weight's dtype, or the accumulation dtype.
   const at::ScalarType param_dtype = weight.has_value() && weight->defined() ? weight->scalar_type() : acc;
 
-  const at::Tensor w = bn_act_params(weight, std::nullopt, C, acc, x.device()).first;
+  // SiLU recomputes the pre-activation: bias (zeros when absent) and the residual, dense like x.
+  const bool needs_z = math::act_needs_z(act);
+  // (not a structured binding: the dispatch lambda below captures them)
+  const std::pair<at::Tensor, at::Tensor> params =
+      bn_act_params(weight, needs_z ? bias : std::nullopt, C, acc, x.device());
+  const at::Tensor& w = params.first;
+  const at::Tensor& b = params.second;
+  const at::Tensor r =
+      needs_z && residual.has_value() && residual->defined() ? bn_act_dense(*residual, g) : at::Tensor();
   at::Tensor grad_input = want_input ? at::empty_like(x, g.format) : bn_act_empty_like_none(x);
   at::Tensor grad_residual = want_residual ? at::empty_like(x, g.format) : bn_act_empty_like_none(x);
   // The kernels index every per-element tensor with the offsets of g's layout.
@@ -85,7 +95,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
         want_residual ? reinterpret_cast<kscalar_t*>(grad_residual.mutable_data_ptr<scalar_t>()) : nullptr,
         need_sums ? sum_dz.mutable_data_ptr<acc_t>() : nullptr,
         need_sums ? sum_dz_xhat.mutable_data_ptr<acc_t>() : nullptr,
-        workspace.mutable_data_ptr<acc_t>()};
+        workspace.mutable_data_ptr<acc_t>(),
+        needs_z ? b.const_data_ptr<acc_t>() : nullptr,
+        r.defined() ? reinterpret_cast<const kscalar_t*>(r.const_data_ptr<scalar_t>()) : nullptr};
     gpu::bn_act_backward_launch(L, buffers, training, act, static_cast<acc_t>(negative_slope), stream);
   });
 

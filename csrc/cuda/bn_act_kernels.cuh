@@ -363,7 +363,8 @@ struct BnActStatsOp {
   static FUSEDRES_DEVICE_INLINE void accumulate(State& s, const Value& v) { welford_push(s, v); }
 };
 
-// Backward sums: dz = act'(dy) from the mask bit; sum dz and sum dz * (x - mean). The invstd factor of
+// Backward sums: dz = act'(dy) from the mask bit (SiLU: from z recomputed as (x - mean) * w * invstd + bias
+// (+ residual), docs/design.md section 1); sum dz and sum dz * (x - mean). The invstd factor of
 // xhat = (x - mean) * invstd is applied once per channel in the finalize kernel instead of per element.
 template <typename scalar_t, typename acc_t>
 struct BnActGradSumsOp {
@@ -371,6 +372,8 @@ struct BnActGradSumsOp {
   using Value = SumPair<acc_t>;  // (dz, x - mean)
   struct Channel {
     acc_t mean;
+    acc_t scale;  // SiLU: w * invstd
+    acc_t shift;  // SiLU: bias
   };
   const scalar_t* grad_out;
   LeadingDim grad_out_ld;  // grad_out may be a channel slice of a wider tensor
@@ -380,12 +383,26 @@ struct BnActGradSumsOp {
   int act;
   acc_t negative_slope;
   GradSumPartials<acc_t> partials;
+  // SiLU only (math::act_needs_z): what z is recomputed from; nullptr for the other activations.
+  const acc_t* invstd = nullptr;
+  const acc_t* weight = nullptr;
+  const acc_t* bias = nullptr;
+  const scalar_t* residual = nullptr;  // dense like x; nullptr without a residual
 
-  FUSEDRES_DEVICE_INLINE Channel channel(int64_t c) const { return {mean[c]}; }
+  FUSEDRES_DEVICE_INLINE Channel channel(int64_t c) const {
+    if (math::act_needs_z(act)) return {mean[c], weight[c] * invstd[c], bias[c]};
+    return {mean[c], acc_t(0), acc_t(0)};
+  }
   FUSEDRES_DEVICE_INLINE Value load(const Channel& ch, int64_t off) const {
+    const acc_t dy = to_acc(grad_out[grad_out_ld(off)]);
+    const acc_t d = to_acc(x[off]) - ch.mean;
+    if (math::act_needs_z(act)) {
+      acc_t z = d * ch.scale + ch.shift;
+      if (residual != nullptr) z += to_acc(residual[off]);
+      return {math::silu_backward(dy, z), d};
+    }
     const bool positive = mask != nullptr && mask_bit(mask, off);
-    const acc_t dz = math::act_backward(to_acc(grad_out[grad_out_ld(off)]), positive, act, negative_slope);
-    return {dz, to_acc(x[off]) - ch.mean};
+    return {math::act_backward(dy, positive, act, negative_slope), d};
   }
   static FUSEDRES_DEVICE_INLINE void accumulate(State& s, const Value& v) {
     s.first += v.first;
@@ -556,7 +573,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
       if (a.mask != nullptr) {  // kernel argument: the same in every lane
         // All 32 lanes vote (the span loop is warp-uniform); lanes past numel vote 0, so the bits of the
         // partial last word and of the spare word are 0.
-        const uint32_t bits = __ballot_sync(kFullWarpMask, valid[j] && math::act_mask_bit(z[j]));
+        const uint32_t bits = __ballot_sync(kFullWarpMask, valid[j] && math::act_mask_bit(z[j], a.act));
         if (spans.lane() == j) word = bits;
       }
     }
@@ -633,6 +650,10 @@ struct BnActBackwardArgs {
   int act;
   acc_t negative_slope;
   bool training;  // false: statistics are constants, dx = dz * w * invstd
+  // SiLU only (math::act_needs_z): z = (x - mean) * weight * invstd + bias (+ residual); nullptr otherwise.
+  const acc_t* weight = nullptr;
+  const acc_t* bias = nullptr;
+  const scalar_t* residual = nullptr;  // dense like x; nullptr without a residual
 };
 
 // dz = act'(z) * dy from the mask; grad_residual = dz; grad_input = bn_grad_input(dz, xhat, ...) in training,
@@ -640,7 +661,8 @@ struct BnActBackwardArgs {
 template <typename scalar_t, typename acc_t, bool kChannelsLast>
 __global__ void __launch_bounds__(kElementwiseThreads)
     bn_act_backward_elementwise_kernel(const BnActBackwardArgs<scalar_t, acc_t> a, const BnActShape sh) {
-  const bool need_x = a.training && a.grad_input != nullptr;
+  const bool need_z = math::act_needs_z(a.act);
+  const bool need_x = (a.training && a.grad_input != nullptr) || need_z;
   for (ElementwiseSpans<kChannelsLast> spans(sh); spans.active(); spans.next()) {
     int64_t channel[kElementwiseUnroll];
     spans.channels(channel);
@@ -652,9 +674,17 @@ __global__ void __launch_bounds__(kElementwiseThreads)
       dz[j] = acc_t(0);
       xv[j] = acc_t(0);
       if (i < sh.numel) {
-        const bool positive = a.mask != nullptr && mask_bit(a.mask, i);
-        dz[j] = math::act_backward(to_acc(a.grad_out[a.grad_out_ld(i)]), positive, a.act, a.negative_slope);
+        const acc_t dy = to_acc(a.grad_out[a.grad_out_ld(i)]);
         if (need_x) xv[j] = to_acc(a.x[i]);
+        if (need_z) {
+          const int64_t c = channel[j];
+          acc_t z = (xv[j] - a.mean[c]) * (a.weight[c] * a.invstd[c]) + a.bias[c];
+          if (a.residual != nullptr) z += to_acc(a.residual[i]);
+          dz[j] = math::silu_backward(dy, z);
+        } else {
+          const bool positive = a.mask != nullptr && mask_bit(a.mask, i);
+          dz[j] = math::act_backward(dy, positive, a.act, a.negative_slope);
+        }
       }
     }
 #pragma unroll

@@ -135,6 +135,9 @@ struct BnActBackwardBuffers {
   acc_t* sum_dz;             // [C] (grad_bias in acc_t); non-null exactly when bn_act_backward_needs_sums
   acc_t* sum_dz_xhat;        // [C] (grad_weight in acc_t); non-null exactly when bn_act_backward_needs_sums
   acc_t* workspace;          // bn_act_backward_workspace_elems(L, need_sums), uninitialised
+  // SiLU only (math::act_needs_z), whose backward recomputes z = (x - mean) * weight * invstd + bias (+ residual):
+  const acc_t* bias = nullptr;          // [C] (zeros when the forward had none); weight is then required too
+  const scalar_t* residual = nullptr;   // numel, dense like x; nullptr without a residual
 };
 
 // The backward elementwise kernel in L's layout.
@@ -169,8 +172,9 @@ void bn_act_backward_launch(const BnActLaunch& L, const BnActBackwardBuffers<sca
   const LeadingDim grad_out_ld = make_leading_dim(C, L.shape.S, L.channels_last, b.grad_out_ld);
 
   if (need_sums) {
-    const BnActGradSumsOp<scalar_t, acc_t> op{b.grad_out, grad_out_ld, b.x,           b.mask,
-                                              b.mean,     act,         negative_slope, partials};
+    const BnActGradSumsOp<scalar_t, acc_t> op{b.grad_out, grad_out_ld, b.x,      b.mask,   b.mean,
+                                              act,        negative_slope, partials, b.invstd, b.weight,
+                                              b.bias,     b.residual};
     if (L.channels_last) {
       KERNEL_LAUNCH((bn_act_reduce_channels_last_kernel<BnActGradSumsOp<scalar_t, acc_t>>), L.reduce_grid,
                     L.reduce_block, 0, stream, op, L.shape);
@@ -189,7 +193,8 @@ void bn_act_backward_launch(const BnActLaunch& L, const BnActBackwardBuffers<sca
   if (need_elementwise) {
     const BnActBackwardArgs<scalar_t, acc_t> args{b.grad_out,   grad_out_ld,     b.x,  b.mask, b.mean,
                                                   b.invstd,     coeffs,          b.grad_input, b.grad_residual,
-                                                  act,          negative_slope,  training};
+                                                  act,          negative_slope,  training, b.weight, b.bias,
+                                                  b.residual};
     bn_act_backward_elementwise(L, args, stream);
   }
 }

@@ -120,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(const at::Tensor&
                                                                const at::Tensor& save_mean,
                                                                const at::Tensor& save_invstd, const at::Tensor& mask,
                                                                c10::string_view activation, double negative_slope) {
-  const int act = parse_activation(activation);
+  const int act = parse_mask_activation(activation, "bn_act_backward_reduce");
   const BnActGeom g = check_bn_act_backward(grad_out, input, std::nullopt, save_mean, save_invstd, mask, act);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const auto acc_opts = input.options().dtype(bn_act_acc_type(input.scalar_type()));
@@ -158,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cuda(
     const at::Tensor& save_mean, const at::Tensor& save_invstd, const at::Tensor& mask, const at::Tensor& sum_dz,
     const at::Tensor& sum_dz_xhat, int64_t count, c10::string_view activation, double negative_slope,
     std::array<bool, 2> output_mask) {
-  const int act = parse_activation(activation);
+  const int act = parse_mask_activation(activation, "bn_act_backward_elemt");
   const BnActGeom g = check_bn_act_backward_elemt(grad_out, input, weight, save_mean, save_invstd, mask, sum_dz,
                                                   sum_dz_xhat, count, act);
   const c10::cuda::CUDAGuard device_guard(input.device());

@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_bn_act_forward_
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& batch_mean, const std::optional<at::Tensor>& batch_var, bool training,
     double momentum, double eps, c10::string_view activation, double negative_slope) {
-  const int act = parse_activation(activation);
+  const int act = parse_basic_activation(activation, "dense_bn_act_forward");
   const DenseGeom g = check_dense_forward(inputs, weight, bias, running_mean, running_var, batch_mean, batch_var,
                                           training, momentum, eps, act);
   const at::Tensor& x0 = inputs[0];
@@ -115,7 +115,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dense_bn_act_backwar
     const at::Tensor& save_mean, const at::Tensor& save_invstd, const at::Tensor& mask, bool training,
     c10::string_view activation, double negative_slope, c10::List<bool> input_mask_list,
     std::array<bool, 2> param_mask) {
-  const int act = parse_activation(activation);
+  const int act = parse_basic_activation(activation, "dense_bn_act_backward");
   const std::vector<bool> input_mask(input_mask_list.begin(), input_mask_list.end());
   const DenseGeom g = check_dense_backward(grad_out, inputs, weight, save_mean, save_invstd, mask, act, input_mask);
   const at::Tensor& x0 = inputs[0];

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from fusedres.ops.bn_act import batch_norm_act as _fused_batch_norm_act
 from fusedres.reference.bn_act import batch_norm_act as _reference_batch_norm_act
-from fusedres.reference.bn_act import check_activation
+from fusedres.reference.bn_act import ACTIVATIONS, check_activation
 
 __all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
 
@@ -22,6 +22,10 @@ __all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
 class _BatchNormActMixin:
     """forward / extra_repr shared by the three modules; the parent nn.BatchNorm*d provides everything else."""
 
+    # The activations this module's op supports, and the name said in the error for the others (subclasses on
+    # ops with fewer activations narrow them).
+    _activations: tuple[str, ...] = ACTIVATIONS
+    _activation_op: str | None = None
     activation: str
     negative_slope: float
     fused: bool
@@ -45,7 +49,7 @@ class _BatchNormActMixin:
         super().__init__(  # type: ignore[call-arg]
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
-        self.activation = check_activation(activation)
+        self.activation = check_activation(activation, self._activations, self._activation_op)
         self.negative_slope = float(negative_slope)
         self.fused = bool(fused)
 
@@ -116,7 +120,8 @@ def _init_doc(parent: type) -> str:
     return (
         f"Args: those of ``nn.{parent.__name__}`` (num_features, eps, momentum, affine, track_running_stats, device,"
         " dtype, then keyword-only bias: False keeps the affine weight without a bias, and the state_dict has no"
-        ' ``bias`` key), then activation ("relu", "identity" or "leaky_relu"), negative_slope (leaky_relu slope) and'
+        ' ``bias`` key), then activation ("relu", "identity", "leaky_relu", "relu6" or "silu"), negative_slope'
+        " (leaky_relu slope) and"
         " fused (False runs the pure PyTorch reference: one definition builds both)."
     )
 

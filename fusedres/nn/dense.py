@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from fusedres.nn.batchnorm import _BatchNormActMixin, _init_doc
 from fusedres.ops.dense import dense_batch_norm_act as _fused_dense_batch_norm_act
+from fusedres.reference.bn_act import BASIC_ACTIVATIONS
 from fusedres.reference.dense import check_dense_inputs
 from fusedres.reference.dense import dense_batch_norm_act as _reference_dense_batch_norm_act
 
@@ -21,6 +22,10 @@ __all__ = ["DenseBatchNormAct2d"]
 
 class DenseBatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
     """``act(nn.BatchNorm2d(torch.cat(inputs, 1)))`` for a list of Tensor[N, C_j, H, W] (any memory format)."""
+
+    # The dense op's kernels implement these activations only (no relu6 / silu).
+    _activations = BASIC_ACTIVATIONS
+    _activation_op = "DenseBatchNormAct2d (dense_batch_norm_act)"
 
     def forward(  # type: ignore[override]
         self, inputs: Tensor | Sequence[Tensor], input_stats: Sequence[tuple[Tensor, Tensor]] | None = None

@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 from fusedres.nn.dense import DenseBatchNormAct2d
 from fusedres.ops import dense as _dense_ops
 from fusedres.ops.bn_act_blocks import bn_stats
-from fusedres.reference.bn_act import check_activation
+from fusedres.reference.bn_act import BASIC_ACTIVATIONS, check_activation
 from fusedres.reference.dense import check_dense_args, check_dense_inputs, concat_input_stats
 
 __all__ = ["DenseBlock", "DenseFeatures", "DenseLayer", "DenseNormAct2d", "DenseTransition", "dense_bn_act_conv"]
@@ -215,7 +215,7 @@ def dense_bn_act_conv(
         Tensor[N, C_out, H', W'].
     """
     inputs = check_dense_inputs(inputs)
-    check_activation(activation)
+    check_activation(activation, BASIC_ACTIVATIONS, "dense_batch_norm_act")
     if momentum is None:
         raise TypeError("momentum must be a float, got None (the DenseNormAct2d module handles momentum=None)")
     if not isinstance(conv_weight, Tensor) or conv_weight.dim() != 4:

@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fusedres.ops.bn_act import batch_norm_act as _fused_batch_norm_act
 from fusedres.ops.sync_bn import distributed_world_size, has_sync_kernels, sync_batch_norm_act
-from fusedres.reference.bn_act import check_activation
+from fusedres.reference.bn_act import MASK_ACTIVATIONS, check_activation
 
 __all__ = ["DistributedDataParallel", "SyncBatchNormAct2d", "convert_sync_batchnorm"]
 
@@ -42,9 +42,13 @@ class SyncBatchNormAct2d(nn.SyncBatchNorm):
     warning).
 
     Args: those of ``nn.SyncBatchNorm`` (num_features, eps, momentum, affine, track_running_stats,
-    process_group, device, dtype, bias), then activation ("relu", "identity" or "leaky_relu"), negative_slope
+    process_group, device, dtype, bias), then activation ("relu", "identity", "leaky_relu" or "relu6"), negative_slope
     (leaky_relu slope) and fused.
     """
+
+    # silu is not among them: its backward recomputes the pre-activation, which the synchronised backward's
+    # building-block ops (bn_act_backward_reduce / bn_act_backward_elemt) cannot.
+    _activations = MASK_ACTIVATIONS
 
     def __init__(
         self,
@@ -65,7 +69,7 @@ class SyncBatchNormAct2d(nn.SyncBatchNorm):
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype, bias=bias
         )
-        self.activation = check_activation(activation)
+        self.activation = check_activation(activation, self._activations, "SyncBatchNormAct2d")
         self.negative_slope = float(negative_slope)
         self.fused = bool(fused)
 
@@ -80,6 +84,8 @@ class SyncBatchNormAct2d(nn.SyncBatchNorm):
             return torch.relu(z)
         if self.activation == "leaky_relu":
             return F.leaky_relu(z, self.negative_slope)
+        if self.activation == "relu6":
+            return F.relu6(z)
         return z
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:

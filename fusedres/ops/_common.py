@@ -10,13 +10,14 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from fusedres import _native
-from fusedres.reference.bn_act import check_activation
+from fusedres.reference.bn_act import ACTIVATIONS, MASK_ACTIVATIONS, check_activation
 
 __all__ = [
     "FLOAT_DTYPES",
     "acc_dtype",
     "check_channel_vector",
     "check_input",
+    "has_mask",
     "mask_bytes",
     "memory_format",
     "refuse_double_backward",
@@ -29,6 +30,12 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 def mask_bytes(numel: int) -> int:
     """Bytes of the packed activation mask (csrc/common/bn_act_math.h): whole 32-bit words plus a spare one."""
     return ((numel + 31) // 32 + 1) * 4
+
+
+def has_mask(activation: str) -> bool:
+    """Whether the activation's backward reads a 1-bit mask (math::act_has_mask): relu, leaky_relu, relu6.
+    identity needs nothing; silu recomputes its pre-activation instead."""
+    return activation in MASK_ACTIVATIONS and activation != "identity"
 
 
 def memory_format(t: Tensor) -> torch.memory_format:
@@ -113,17 +120,24 @@ def check_same(t: Tensor, name: str, shape, like: Tensor, like_name: str) -> Non
 
 
 def check_functional_args(
-    input: object, residual: object, activation: str, momentum: object, momentum_none_hint: str
+    input: object,
+    residual: object,
+    activation: str,
+    momentum: object,
+    momentum_none_hint: str,
+    activations: tuple[str, ...] = ACTIVATIONS,
+    op: str | None = None,
 ) -> None:
     """The public BatchNorm functionals' first checks: tensor types, the activation name, a float momentum.
 
-    ``momentum_none_hint`` names what handles ``momentum=None`` (the modules do, the functionals do not).
+    ``momentum_none_hint`` names what handles ``momentum=None`` (the modules do, the functionals do not);
+    ``activations`` / ``op``: the activations the calling op supports and its name for the error.
     """
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
     if residual is not None and not isinstance(residual, Tensor):
         raise TypeError(f"residual must be a Tensor or None, got {type(residual).__name__}")
-    check_activation(activation)
+    check_activation(activation, activations, op)
     if momentum is None:
         raise TypeError(f"momentum must be a float, got None ({momentum_none_hint})")
 

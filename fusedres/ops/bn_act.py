@@ -4,7 +4,8 @@ The kernels are ``torch.ops.fusedres.bn_act_forward`` / ``bn_act_backward`` (sch
 mode the functional calls ``torch.ops.fusedres.bn_act``, whose autograd node is C++ (csrc/bn_act_autograd.cpp); under
 torch.compile it calls the Python Function below, which Dynamo traces. Both call the same two ops.
 Autograd saves only ``input``, ``weight``, the per-channel ``save_mean`` / ``save_invstd`` and the 1-bit
-activation mask — never the residual, the pre-activation or the output.
+activation mask (relu, leaky_relu, relu6) — never the pre-activation or the output. silu keeps no mask: its backward
+recomputes the pre-activation from those and references to ``bias`` and ``residual`` (docs/design.md section 1).
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from torch import Tensor
 from fusedres import _native
 from fusedres.ops._common import acc_dtype as _acc_dtype
 from fusedres.ops._common import check_channel_vector as _check_channel_vector
-from fusedres.ops._common import check_functional_args, check_same, mask_bytes, refuse_double_backward, warn_fallback
+from fusedres.ops._common import (
+    check_functional_args,
+    check_same,
+    has_mask,
+    mask_bytes,
+    refuse_double_backward,
+    warn_fallback,
+)
 from fusedres.ops._common import check_input as _check_input
 from fusedres.ops._common import memory_format as _memory_format
 from fusedres.reference import bn_act as _reference
@@ -43,7 +51,7 @@ def _check_acc_vector(t: Tensor, name: str, input: Tensor, C: int) -> None:
 
 
 def _check_mask(mask: Tensor, input: Tensor, activation: str) -> None:
-    want = mask_bytes(input.numel()) if activation != "identity" else 0
+    want = mask_bytes(input.numel()) if has_mask(activation) else 0
     torch._check(
         mask.dtype == torch.uint8 and mask.dim() == 1 and mask.numel() == want and mask.device == input.device,
         lambda: (
@@ -86,7 +94,7 @@ def _fake_forward(
     output = torch.empty_like(input, memory_format=_memory_format(input))
     save_mean = input.new_empty((C,), dtype=acc)
     save_invstd = input.new_empty((C,), dtype=acc)
-    mask = input.new_empty((mask_bytes(input.numel()) if activation != "identity" else 0,), dtype=torch.uint8)
+    mask = input.new_empty((mask_bytes(input.numel()) if has_mask(activation) else 0,), dtype=torch.uint8)
     return output, save_mean, save_invstd, mask
 
 
@@ -122,12 +130,17 @@ def _fake_backward(
     activation: str,
     negative_slope: float,
     output_mask: Sequence[bool],
+    bias: Tensor | None = None,
+    residual: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     check_activation(activation)
     _check_input(input)
     _check_grad_out(grad_out, input)
     C = input.shape[1]
     _check_channel_vector(weight, "weight", input, C)
+    _check_channel_vector(bias, "bias", input, C)
+    if residual is not None:
+        check_same(residual, "residual", input.shape, input, "input")
     acc = _acc_dtype(input.dtype)
     _check_acc_vector(save_mean, "save_mean", input, C)
     _check_acc_vector(save_invstd, "save_invstd", input, C)
@@ -151,11 +164,15 @@ class _BnActFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        input, _residual, weight, bias, _rm, _rv, training, _momentum, _eps, activation, negative_slope = inputs
+        input, residual, weight, bias, _rm, _rv, training, _momentum, _eps, activation, negative_slope = inputs
         _output, save_mean, save_invstd, mask = output
         ctx.mark_non_differentiable(save_mean, save_invstd, mask)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(input, weight, save_mean, save_invstd, mask)
+        # silu recomputes its pre-activation in backward from bias and residual too (references to inputs).
+        needs_z = activation == "silu"
+        ctx.save_for_backward(
+            input, weight, save_mean, save_invstd, mask, bias if needs_z else None, residual if needs_z else None
+        )
         ctx.training = training
         ctx.activation = activation
         ctx.negative_slope = negative_slope
@@ -167,7 +184,7 @@ class _BnActFunction(torch.autograd.Function):
         nones = (None,) * 7
         if grad_out is None:
             return (None,) * 4 + nones
-        input, weight, save_mean, save_invstd, mask = ctx.saved_tensors
+        input, weight, save_mean, save_invstd, mask, bias, residual = ctx.saved_tensors
         need_input, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
         # For identity d(residual) is grad_out itself: no need to have the kernel copy it.
         residual_from_kernel = need_residual and ctx.activation != "identity"
@@ -187,6 +204,8 @@ class _BnActFunction(torch.autograd.Function):
                 ctx.activation,
                 ctx.negative_slope,
                 output_mask,
+                bias,
+                residual,
             )
         grad_input = gi if need_input else None
         grad_residual = gr if residual_from_kernel else (grad_out if need_residual else None)
@@ -232,7 +251,8 @@ def batch_norm_act(
     Training mode normalises with the batch statistics and, when ``running_mean`` / ``running_var`` are given,
     updates them in place (``running = (1 - momentum) * running + momentum * batch``, unbiased variance), only
     if the call succeeds. Eval mode normalises with the running statistics. Backward saves ``input``,
-    ``weight``, two per-channel vectors and a 1-bit mask (nothing for identity); double backward is refused.
+    ``weight``, two per-channel vectors and a 1-bit mask (nothing for identity; for silu no mask but references to
+    ``bias`` and ``residual``, from which it recomputes the pre-activation); double backward is refused.
     When the native module did not load (see ``fusedres.info()``), or has no kernel for the input's device,
     this runs :func:`fusedres.reference.batch_norm_act` instead.
 
@@ -244,7 +264,7 @@ def batch_norm_act(
         momentum: running-statistics update factor (a float; the modules handle ``momentum=None``).
         eps: added to the variance.
         residual: Tensor[N, C, *] (input's shape and dtype) added before the activation, or None.
-        activation: "relu" (default), "identity" or "leaky_relu".
+        activation: "relu" (default), "identity", "leaky_relu", "relu6" or "silu".
         negative_slope: slope of "leaky_relu" below zero.
 
     Returns:

@@ -25,7 +25,7 @@ from fusedres.ops.bn_act import (
     _fake_forward,
     _memory_format,
 )
-from fusedres.reference.bn_act import check_activation
+from fusedres.reference.bn_act import MASK_ACTIVATIONS, check_activation
 
 __all__ = ["bn_stats"]
 
@@ -65,8 +65,10 @@ def _fake_backward_reduce(
     mask: Tensor,
     activation: str,
     negative_slope: float,
+    op: str = "bn_act_backward_reduce",
 ) -> tuple[Tensor, Tensor]:
-    check_activation(activation)
+    # silu's backward needs the pre-activation (bias and residual), which the building blocks do not take.
+    check_activation(activation, MASK_ACTIVATIONS, op)
     _check_input(input)
     _check_grad_out(grad_out, input)
     C = input.shape[1]
@@ -91,7 +93,9 @@ def _fake_backward_elemt(
     negative_slope: float,
     output_mask: Sequence[bool],
 ) -> tuple[Tensor, Tensor]:
-    _fake_backward_reduce(grad_out, input, save_mean, save_invstd, mask, activation, negative_slope)
+    _fake_backward_reduce(
+        grad_out, input, save_mean, save_invstd, mask, activation, negative_slope, op="bn_act_backward_elemt"
+    )
     C = input.shape[1]
     _check_channel_vector(weight, "weight", input, C)
     _check_acc_vector(sum_dz, "sum_dz", input, C)

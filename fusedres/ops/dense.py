@@ -29,7 +29,7 @@ from fusedres.ops._common import (
     warn_fallback,
 )
 from fusedres.reference import dense as _reference
-from fusedres.reference.bn_act import check_activation
+from fusedres.reference.bn_act import BASIC_ACTIVATIONS, check_activation
 from fusedres.reference.dense import check_dense_args, check_dense_inputs, concat_input_stats
 
 __all__ = ["dense_batch_norm_act", "dense_mask_bytes"]
@@ -98,7 +98,7 @@ def _fake_forward(
     activation: str,
     negative_slope: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    check_activation(activation)
+    check_activation(activation, BASIC_ACTIVATIONS, "dense_batch_norm_act")
     x0, C = _check_inputs(inputs)
     for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"), (running_var, "running_var")):
         check_channel_vector(t, name, x0, C, _CHANNELS)
@@ -154,7 +154,7 @@ def _fake_backward(
     input_mask: Sequence[bool],
     param_mask: Sequence[bool],
 ) -> tuple[list[Tensor], Tensor, Tensor]:
-    check_activation(activation)
+    check_activation(activation, BASIC_ACTIVATIONS, "dense_batch_norm_act")
     x0, C = _check_inputs(inputs)
     shape = [x0.shape[0], C, *x0.shape[2:]]
     check_same(grad_out, "grad_out", shape, x0, "the output")
@@ -302,7 +302,7 @@ def dense_batch_norm_act(
         Tensor[N, C, *]: the inputs' dtype, dense in inputs[0]'s suggested memory format.
     """
     inputs = check_dense_inputs(inputs)
-    check_activation(activation)
+    check_activation(activation, BASIC_ACTIVATIONS, "dense_batch_norm_act")
     if momentum is None:
         raise TypeError("momentum must be a float, got None (the DenseBatchNormAct modules handle momentum=None)")
     check_dense_args(inputs, running_mean, running_var, weight, bias, training)

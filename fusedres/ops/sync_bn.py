@@ -32,6 +32,7 @@ from fusedres.ops._common import check_functional_args, refuse_double_backward
 from fusedres.ops._common import check_input as _check_input
 from fusedres.ops._common import memory_format as _memory_format
 from fusedres.ops.bn_act import batch_norm_act
+from fusedres.reference.bn_act import MASK_ACTIVATIONS
 
 __all__ = ["distributed_world_size", "has_sync_kernels", "sync_batch_norm_act"]
 
@@ -278,14 +279,23 @@ def sync_batch_norm_act(
         momentum: running-statistics update factor (a float; the module handles ``momentum=None``).
         eps: added to the variance.
         residual: Tensor[N, C, *] (input's shape and dtype) added before the activation, or None.
-        activation: "relu" (default), "identity" or "leaky_relu".
+        activation: "relu" (default), "identity", "leaky_relu" or "relu6" ("silu" is not supported: its backward
+            recomputes the pre-activation, which the building-block backward ops cannot).
         negative_slope: slope of "leaky_relu" below zero.
         process_group: the group whose ranks share the statistics (default: the world).
 
     Returns:
         Tensor[N, C, *]: input's dtype, dense in the input's suggested memory format.
     """
-    check_functional_args(input, residual, activation, momentum, "SyncBatchNormAct2d handles momentum=None")
+    check_functional_args(
+        input,
+        residual,
+        activation,
+        momentum,
+        "SyncBatchNormAct2d handles momentum=None",
+        MASK_ACTIVATIONS,
+        "sync_batch_norm_act (its backward runs bn_act_backward_reduce / bn_act_backward_elemt)",
+    )
     world_size = distributed_world_size(process_group)
     if world_size == 1:
         return batch_norm_act(

@@ -7,19 +7,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "batch_norm_act", "check_activation"]
+__all__ = ["ACTIVATIONS", "BASIC_ACTIVATIONS", "MASK_ACTIVATIONS", "batch_norm_act", "check_activation"]
 
-ACTIVATIONS = ("relu", "identity", "leaky_relu")
+# Every activation of batch_norm_act. relu, leaky_relu and relu6 keep a 1-bit mask for backward; silu recomputes
+# its pre-activation instead (docs/design.md section 1).
+ACTIVATIONS = ("relu", "identity", "leaky_relu", "relu6", "silu")
+# The activations of the ops whose backward cannot recompute the pre-activation (synchronised BatchNorm and the
+# building blocks bn_act_backward_reduce / bn_act_backward_elemt, which take no bias and residual).
+MASK_ACTIVATIONS = ("relu", "identity", "leaky_relu", "relu6")
+# The activations of the dense op (dense_batch_norm_act): its kernels implement these only.
+BASIC_ACTIVATIONS = ("relu", "identity", "leaky_relu")
 
 
-def check_activation(activation: object) -> str:
-    """Validates an activation name (the part of the op's arguments the user spells out)."""
+def check_activation(activation: object, allowed: tuple[str, ...] = ACTIVATIONS, op: str | None = None) -> str:
+    """Validates an activation name (the part of the op's arguments the user spells out).
+
+    ``allowed``: the names the calling op supports; ``op``: its name, said in the error when given.
+    """
+    names = ", ".join(map(repr, allowed))
+    where = f" for {op}" if op else ""
     if not isinstance(activation, str):
-        raise TypeError(
-            f"activation must be a str, one of {', '.join(map(repr, ACTIVATIONS))}, got {type(activation).__name__}"
-        )
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+        raise TypeError(f"activation must be a str, one of {names}{where}, got {type(activation).__name__}")
+    if activation not in allowed:
+        raise ValueError(f"activation must be one of {names}{where}, got {activation!r}")
     return activation
 
 
@@ -47,7 +57,7 @@ def batch_norm_act(
         momentum: running-statistics update factor.
         eps: added to the variance.
         residual: Tensor[N, C, *] (input's shape) added after the normalisation, or None.
-        activation: "relu", "identity" or "leaky_relu".
+        activation: "relu", "identity", "leaky_relu", "relu6" or "silu".
         negative_slope: slope of leaky_relu for negative values.
 
     Returns:
@@ -63,4 +73,8 @@ def batch_norm_act(
         return torch.relu(z)
     if activation == "leaky_relu":
         return F.leaky_relu(z, negative_slope)
+    if activation == "relu6":
+        return F.relu6(z)
+    if activation == "silu":
+        return F.silu(z)
     return z

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusedres.reference.bn_act import batch_norm_act, check_activation
+from fusedres.reference.bn_act import BASIC_ACTIVATIONS, batch_norm_act, check_activation
 
 __all__ = ["check_dense_args", "check_dense_inputs", "concat_input_stats", "dense_batch_norm_act"]
 
@@ -216,7 +216,7 @@ def dense_batch_norm_act(
         Tensor[N, C, *] of the inputs' dtype.
     """
     inputs = check_dense_inputs(inputs)
-    check_activation(activation)
+    check_activation(activation, BASIC_ACTIVATIONS, "dense_batch_norm_act")
     if momentum is None:
         raise TypeError("momentum must be a float, got None (the DenseBatchNormAct modules handle momentum=None)")
     check_dense_args(inputs, running_mean, running_var, weight, bias, training)

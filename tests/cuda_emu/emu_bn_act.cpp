@@ -54,7 +54,7 @@ void forward(const gpu::BnActLaunch& L, int training, int act, double eps, doubl
 template <typename scalar_t, typename acc_t>
 void backward(const gpu::BnActLaunch& L, int training, int act, double slope, const void* grad_out, const void* x,
               const void* mask, const void* mean, const void* invstd, const void* weight, void* grad_input,
-              void* grad_residual, void* grad_weight, void* grad_bias) {
+              void* grad_residual, void* grad_weight, void* grad_bias, const void* bias, const void* residual) {
   const int64_t C = L.shape.C;
   const bool need_sums = gpu::bn_act_backward_needs_sums(training != 0, grad_input != nullptr,
                                                          grad_weight != nullptr, grad_bias != nullptr);
@@ -71,7 +71,9 @@ void backward(const gpu::BnActLaunch& L, int training, int act, double slope, co
                                                      static_cast<scalar_t*>(grad_residual),
                                                      need_sums ? sum_dz.data() : nullptr,
                                                      need_sums ? sum_dz_xhat.data() : nullptr,
-                                                     ws.data()};
+                                                     ws.data(),
+                                                     static_cast<const acc_t*>(bias),
+                                                     static_cast<const scalar_t*>(residual)};
   gpu::bn_act_backward_launch(L, b, training != 0, act, static_cast<acc_t>(slope), nullptr);
   if (grad_weight != nullptr) std::memcpy(grad_weight, sum_dz_xhat.data(), sizeof(acc_t) * C);
   if (grad_bias != nullptr) std::memcpy(grad_bias, sum_dz.data(), sizeof(acc_t) * C);
@@ -271,16 +273,18 @@ int emu_bn_act_forward(int dtype, int64_t N, int64_t C, int64_t S, int channels_
   });
 }
 
-// Backward (bn_act_backward's kernels): the outputs that are not nullptr are computed.
+// Backward (bn_act_backward's kernels): the outputs that are not nullptr are computed. bias (acc dtype [C]) and
+// residual (nullptr: none) are read by silu only, which recomputes the pre-activation from them.
 int emu_bn_act_backward(int dtype, int64_t N, int64_t C, int64_t S, int channels_last, int num_sms, int training,
                         int act, double negative_slope, const void* grad_out, const void* x, const void* mask,
                         const void* mean, const void* invstd, const void* weight, void* grad_input,
-                        void* grad_residual, void* grad_weight, void* grad_bias) {
+                        void* grad_residual, void* grad_weight, void* grad_bias, const void* bias,
+                        const void* residual) {
   const gpu::BnActLaunch L =
       gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
   return dispatch(dtype, [&](auto s, auto a) {
     backward<decltype(s), decltype(a)>(L, training, act, negative_slope, grad_out, x, mask, mean, invstd, weight,
-                                       grad_input, grad_residual, grad_weight, grad_bias);
+                                       grad_input, grad_residual, grad_weight, grad_bias, bias, residual);
   });
 }
 
