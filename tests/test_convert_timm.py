@@ -181,6 +181,8 @@ def _norm_act(**kwargs) -> nn.Module:
         ({"act_layer": nn.LeakyReLU, "inplace": False}, "leaky_relu", 0.01),
         ({"momentum": None}, "relu", 0.01),
         ({"drop_layer": lambda: DropBlock2d(drop_prob=0.0)}, "relu", 0.01),  # a drop that does nothing
+        ({"act_layer": "silu"}, "silu", 0.01),  # nn.SiLU (EfficientNet, RegNetY in timm)
+        ({"act_layer": "relu6"}, "relu6", 0.01),  # nn.ReLU6 (MobileNetV2)
     ],
 )
 def test_norm_act_is_replaced_with_its_activation(kwargs: dict, activation: str, slope: float) -> None:
@@ -200,9 +202,8 @@ def test_norm_act_is_replaced_with_its_activation(kwargs: dict, activation: str,
 @pytest.mark.parametrize(
     "kwargs, reason",
     [
-        ({"act_layer": "silu"}, "act: activation silu is not fused by the kernels yet"),
-        ({"act_layer": "relu6"}, "act: activation relu6 is not fused by the kernels yet"),
         ({"act_layer": "gelu"}, "act: activation gelu is not fused by the kernels yet"),
+        ({"act_layer": "hard_swish"}, "act: activation hardswish is not fused by the kernels yet"),
         ({"apply_act": False}, "without an activation"),
         ({"drop_layer": lambda: DropBlock2d(drop_prob=0.1)}, "drop: DropBlock2d"),
     ],

@@ -19,9 +19,9 @@ Everything else is left as it is, and every BatchNorm left is listed with the re
 (``convert(model, report=True)``; the summary is also logged at INFO level on the ``fusedres.convert`` logger).
 Only exact module types are converted (a subclass may have a different forward), never a module with hooks (a hook
 between the BN and the activation would see other values), and only activations the kernels compute (ReLU,
-LeakyReLU; ReLU6, SiLU, ... are reported as "not fused by the kernels yet"). The new modules keep the train/eval
-mode, device, dtype and ``requires_grad``; with ``inplace=True`` an optimizer built on the original parameters keeps
-working.
+LeakyReLU, ReLU6, SiLU; Hardswish, GELU, ... are reported as "not fused by the kernels yet"). The new modules keep
+the train/eval mode, device, dtype and ``requires_grad``; with ``inplace=True`` an optimizer built on the original
+parameters keeps working.
 
 Extension points: ``register_converter(module_type)`` registers a function for an exact module type, called as
 ``fn(module, name, ctx)``; it returns the replacement module (or the module itself) and reports through ``ctx``

@@ -27,6 +27,7 @@ __all__ = [
     "ConvertedNorm",
     "UntouchedNorm",
     "activation_spec",
+    "fused_activation_problem",
     "block_end_problem",
     "branch_op",
     "register_branch_op",
@@ -128,7 +129,8 @@ class ConvertReport:
 
 
 class ActivationSpec(NamedTuple):
-    """An activation the fused kernels compute: ``name`` ("relu", "leaky_relu" or "identity") and the slope."""
+    """An activation the fused kernels compute: ``name`` ("relu", "leaky_relu", "relu6", "silu" or "identity") and
+    the slope."""
 
     name: str
     negative_slope: float = 0.01
@@ -136,8 +138,6 @@ class ActivationSpec(NamedTuple):
 
 # Activations the kernels do not compute yet, by module type: a BatchNorm before one stays unconverted with this name.
 _PENDING_ACTIVATIONS: dict[type[nn.Module], str] = {
-    nn.ReLU6: "relu6",
-    nn.SiLU: "silu",
     nn.Hardswish: "hardswish",
     nn.Hardsigmoid: "hardsigmoid",
     nn.GELU: "gelu",
@@ -157,15 +157,15 @@ def register_pending_activation(module_type: type[nn.Module], name: str) -> None
 
 
 def is_activation(module: nn.Module | None) -> bool:
-    """Whether ``module`` is an activation module, fused (ReLU, LeakyReLU) or not yet (ReLU6, SiLU, ...)."""
-    return type(module) in (nn.ReLU, nn.LeakyReLU) or type(module) in _PENDING_ACTIVATIONS
+    """Whether ``module`` is an activation module, fused (ReLU, LeakyReLU, ReLU6, SiLU) or not yet (Hardswish, ...)."""
+    return type(module) in (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.SiLU) or type(module) in _PENDING_ACTIVATIONS
 
 
 def activation_spec(module: nn.Module | None) -> ActivationSpec | str:
     """The fused activation ``module`` computes, or why it cannot run inside the fused op.
 
-    Only exact ``nn.ReLU``, ``nn.LeakyReLU`` and ``nn.Identity`` qualify (a subclass may compute something else);
-    ``inplace`` does not matter (the fused op writes one output either way).
+    Only exact ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.ReLU6``, ``nn.SiLU`` and ``nn.Identity`` qualify (a subclass may
+    compute something else); ``inplace`` does not matter (the fused op writes one output either way).
     """
     if module is None:
         return "missing"
@@ -176,11 +176,18 @@ def activation_spec(module: nn.Module | None) -> ActivationSpec | str:
         return ActivationSpec("relu")
     if kind is nn.LeakyReLU:
         return ActivationSpec("leaky_relu", float(module.negative_slope))
+    if kind is nn.ReLU6:
+        return ActivationSpec("relu6")
+    if kind is nn.SiLU:
+        return ActivationSpec("silu")
     if kind is nn.Identity:
         return ActivationSpec("identity")
     if kind in _PENDING_ACTIVATIONS:
         return f"activation {_PENDING_ACTIVATIONS[kind]} is not fused by the kernels yet"
-    return f"{kind.__name__} is not an activation the kernels fuse (exactly nn.ReLU, nn.LeakyReLU or nn.Identity)"
+    return (
+        f"{kind.__name__} is not an activation the kernels fuse (exactly nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.SiLU or "
+        "nn.Identity)"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -386,10 +393,28 @@ class ConvertContext:
         return self.fuse(bn, name, spec.name, negative_slope=spec.negative_slope, residual=residual, via=via, cls=cls)
 
 
+def fused_activation_problem(bn: nn.Module, spec: ActivationSpec, cls: type[nn.Module] | None = None) -> str | None:
+    """None when the fused class that would replace ``bn`` (``cls``, or the one for its torch BatchNorm) computes
+    ``spec``'s activation; else why not (SyncBatchNormAct2d has no silu, the dense modules no relu6 / silu)."""
+    base = _torch_base(bn)
+    if base is None:
+        return f"{type(bn).__name__} is not a BatchNorm"
+    target = cls if cls is not None else BN_TO_ACT[base]
+    allowed = getattr(target, "_activations", None)
+    if allowed is not None and spec.name not in allowed:
+        return (
+            f"activation {spec.name} is not supported by {target.__name__} (its op computes "
+            f"{', '.join(allowed)})"
+        )
+    return None
+
+
 def _fused_norm(bn: nn.Module, activation: str, negative_slope: float, cls: type[nn.Module] | None) -> nn.Module:
     base = _torch_base(bn)
     if base is None:
         raise TypeError(f"bn must be a BatchNorm, got {type(bn).__name__}")
+    if (r := fused_activation_problem(bn, ActivationSpec(activation, negative_slope), cls)) is not None:
+        raise ValueError(f"cannot fuse: {r}")  # callers check first; this guards a missed check
     if cls is None:
         cls = BN_TO_ACT[base]
     elif not (isinstance(cls, type) and issubclass(cls, base) and issubclass(cls, (_BatchNormActMixin, *FUSED_NORMS))):

@@ -68,8 +68,8 @@ def _default_reason(bn: nn.Module) -> str:
     if type(bn) not in BN_TO_ACT:
         return f"{type(bn).__name__} is not exactly nn.BatchNorm1d/2d/3d/SyncBatchNorm or a known norm-act layer"
     return (
-        "not directly followed by nn.ReLU/nn.LeakyReLU inside an nn.Sequential, nor in a block convert knows "
-        "(convert fuses only what it can see the data flow of)"
+        "not directly followed by nn.ReLU/nn.LeakyReLU/nn.ReLU6/nn.SiLU inside an nn.Sequential, nor in a block "
+        "convert knows (convert fuses only what it can see the data flow of)"
     )
 
 

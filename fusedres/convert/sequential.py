@@ -16,6 +16,7 @@ from fusedres.convert._core import (
     ActivationSpec,
     ConvertContext,
     activation_spec,
+    fused_activation_problem,
     identity_like,
     is_activation,
 )
@@ -29,8 +30,8 @@ def is_plain_sequential(module: nn.Module) -> bool:
 
 
 def fuse_sequential_pairs(seq: nn.Sequential, name: str, ctx: ConvertContext) -> None:
-    """Fuses every BatchNorm of ``seq`` directly followed by a ReLU or LeakyReLU; records why the BatchNorms
-    followed by another activation (ReLU6, SiLU, ... or one with hooks) stay.
+    """Fuses every BatchNorm of ``seq`` directly followed by a ReLU, LeakyReLU, ReLU6 or SiLU; records why the
+    BatchNorms followed by another activation (Hardswish, ... or one with hooks) stay.
 
     Args:
         seq: a plain Sequential (:func:`is_plain_sequential`), changed in place.
@@ -51,6 +52,8 @@ def fuse_sequential_pairs(seq: nn.Sequential, name: str, ctx: ConvertContext) ->
         ):
             problem = ctx.plain_norm_problem(bn)
             spec = activation_spec(act)
+            if problem is None and isinstance(spec, ActivationSpec):
+                problem = fused_activation_problem(bn, spec)
             if problem is None and isinstance(spec, ActivationSpec):
                 seq._modules[keys[i]] = ctx.fuse_spec(
                     bn, f"{prefix}{keys[i]}", spec, residual=False, via="Sequential pair"

@@ -47,6 +47,7 @@ from fusedres.convert._core import (
     bare,
     block_end_problem,
     dense_unit_conv_problem,
+    fused_activation_problem,
     has_hooks,
     identity_like,
     register_branch_op,
@@ -109,6 +110,8 @@ def _norm_act_activation(module: nn.Module) -> ActivationSpec | str:
     if act is None:  # SyncBatchNormAct made by hand, without the attribute: no activation
         return ActivationSpec("identity")
     spec = activation_spec(act)
+    if isinstance(spec, ActivationSpec) and (r := fused_activation_problem(module, spec)) is not None:
+        return f"act: {r}"
     return f"act: {spec}" if isinstance(spec, str) else spec
 
 
@@ -147,6 +150,8 @@ def _fuse_pair(
     spec = activation_spec(act)
     if problem is None and isinstance(spec, str):
         problem = f"{act_name}: {spec}"
+    if problem is None and (r := fused_activation_problem(bn, spec)) is not None:
+        problem = f"{act_name}: {r}"
     if problem is None and spec.name == "identity":
         problem = f"{act_name} is nn.Identity (a BatchNorm alone is left to PyTorch)"
     if problem is not None:
@@ -168,7 +173,10 @@ def _end_problem(
         return r
     if (r := block_end_problem(bn_name, between)) is not None:
         return r
-    return activation_spec(act)
+    spec = activation_spec(act)
+    if isinstance(spec, ActivationSpec) and (r := fused_activation_problem(bn, spec)) is not None:
+        return r
+    return spec
 
 
 def _fuse_timm_projection(downsample: nn.Module | None, name: str, ctx: ConvertContext, via: str) -> None:
@@ -311,6 +319,8 @@ def convert_regnet_block(block: nn.Module, name: str, ctx: ConvertContext) -> nn
         return block
     if block.downsample is None:  # no shortcut (RegNetZ): forward is act3(conv3(x)), a BN -> act pair
         spec = activation_spec(block.act3)
+        if isinstance(spec, ActivationSpec) and (r := fused_activation_problem(bn, spec)) is not None:
+            spec = r
         if isinstance(spec, ActivationSpec) and spec.name != "identity" and ctx.plain_norm_problem(bn) is None:
             conv3.bn = ctx.fuse_spec(
                 bn, f"{prefix}conv3.bn", spec, residual=False, via="timm RegNet Bottleneck (BN+act)"
@@ -340,11 +350,14 @@ def convert_regnet_block(block: nn.Module, name: str, ctx: ConvertContext) -> nn
 def _dense_unit_problems(module: nn.Module, units: tuple[tuple[str, str], ...], ctx: ConvertContext) -> list[str]:
     problems = []
     for norm_name, conv_name in units:
-        spec = ctx.norm_activation(getattr(module, norm_name, None))
+        norm = getattr(module, norm_name, None)
+        spec = ctx.norm_activation(norm)
         if isinstance(spec, str):
             problems.append(f"{norm_name}: {spec}")
         elif spec.name == "identity":
             problems.append(f"{norm_name} has no activation")
+        elif (r := fused_activation_problem(norm, spec, fr_dense.DenseNormAct2d)) is not None:
+            problems.append(f"{norm_name}: {r}")
         if (r := dense_unit_conv_problem(getattr(module, conv_name, None), ctx)) is not None:
             problems.append(f"{conv_name}: {r}")
     if has_hooks(module):
@@ -402,7 +415,7 @@ register_default_converter(timm_densenet.DenseLayer)(convert_dense_layer)
 register_default_converter(timm_densenet.DenseTransition)(convert_dense_transition)
 
 for _act, _act_name in (
-    (timm_act.Swish, "silu"),
+    (timm_act.Swish, "swish (timm's Swish module, x * sigmoid(x); nn.SiLU fuses)"),
     (timm_act.Mish, "mish"),
     (timm_act.Sigmoid, "sigmoid"),
     (timm_act.Tanh, "tanh"),

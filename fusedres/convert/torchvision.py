@@ -20,7 +20,8 @@
   BatchNorm of ``f`` (``f.c``) takes the shortcut and the block's activation, and the projection ``proj`` gets a
   ``BatchNormAct2d("identity")``. The squeeze-excitation of RegNetY sits before ``f.c``, so it does not stand in the
   way. The BN -> ReLU pairs of ``Conv2dNormActivation`` (RegNet, MobileNet, EfficientNet, MNASNet stems and blocks)
-  are Sequential pairs (:mod:`fusedres.convert.sequential`); ReLU6 / SiLU / Hardswish pairs wait for the kernels.
+  are Sequential pairs (:mod:`fusedres.convert.sequential`), ReLU6 (MobileNetV2) and SiLU (EfficientNet) included;
+  Hardswish pairs (MobileNetV3) wait for the kernels.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from fusedres.convert._core import (
     activation_spec,
     bare,
     dense_unit_conv_problem,
+    fused_activation_problem,
     has_hooks,
     identity_like,
     register_branch_op,
@@ -155,7 +157,9 @@ def _regnet_end_problem(block: nn.Module, ctx: ConvertContext) -> str | None:
     if (r := ctx.plain_norm_problem(last[1])) is not None:
         return r
     spec = activation_spec(block.activation)
-    return spec if isinstance(spec, str) else None
+    if isinstance(spec, str):
+        return spec
+    return fused_activation_problem(last[1], spec)
 
 
 def convert_regnet_block(block: nn.Module, name: str, ctx: ConvertContext) -> nn.Module:
