@@ -63,9 +63,10 @@ FUSEDRES_HD bool act_mask_bit(acc_t z, int act) {
 // dz = dy * act'(z), from the saved mask bit (activations with act_has_mask, and identity).
 template <typename acc_t>
 FUSEDRES_HD acc_t act_backward(acc_t dy, bool bit, int act, acc_t negative_slope) {
-  if (act == kReLU || act == kReLU6) return bit ? dy : acc_t(0);
+  // Two compares, as before ReLU6 existed: a third pushed a CUDA reduce kernel (double) past its register budget.
   if (act == kLeakyReLU) return bit ? dy : dy * negative_slope;
-  return dy;
+  if (act == kIdentity) return dy;
+  return bit ? dy : acc_t(0);  // kReLU, kReLU6
 }
 
 // dz = dy * silu'(z) = dy * s * (1 + z * (1 - s)), s = 1 / (1 + exp(-z)): PyTorch's silu_backward formula, so the

@@ -366,15 +366,22 @@ struct BnActStatsOp {
 // Backward sums: dz = act'(dy) from the mask bit (SiLU: from z recomputed as (x - mean) * w * invstd + bias
 // (+ residual), docs/design.md section 1); sum dz and sum dz * (x - mean). The invstd factor of
 // xhat = (x - mean) * invstd is applied once per channel in the finalize kernel instead of per element.
-template <typename scalar_t, typename acc_t>
+// SiLU is a compile-time variant (kSiLU): with one runtime branch for both, the channels_last reduce kernel needs
+// more registers than its launch bounds allow and spills (ptxas, sm_90); apart, each fits.
+template <typename scalar_t, typename acc_t, bool kSiLU = false>
 struct BnActGradSumsOp {
   using State = SumPair<acc_t>;
   using Value = SumPair<acc_t>;  // (dz, x - mean)
-  struct Channel {
+  struct ChannelMask {
     acc_t mean;
-    acc_t scale;  // SiLU: w * invstd
-    acc_t shift;  // SiLU: bias
   };
+  struct ChannelSiLU {
+    acc_t mean;
+    acc_t scale;  // w * invstd
+    acc_t shift;  // bias
+  };
+  // Only what the variant reads: unused per-channel values still cost registers (the double instance spilled).
+  using Channel = std::conditional_t<kSiLU, ChannelSiLU, ChannelMask>;
   const scalar_t* grad_out;
   LeadingDim grad_out_ld;  // grad_out may be a channel slice of a wider tensor
   const scalar_t* x;
@@ -383,26 +390,30 @@ struct BnActGradSumsOp {
   int act;
   acc_t negative_slope;
   GradSumPartials<acc_t> partials;
-  // SiLU only (math::act_needs_z): what z is recomputed from; nullptr for the other activations.
+  // kSiLU only: what z is recomputed from; nullptr for the other activations.
   const acc_t* invstd = nullptr;
   const acc_t* weight = nullptr;
   const acc_t* bias = nullptr;
   const scalar_t* residual = nullptr;  // dense like x; nullptr without a residual
 
   FUSEDRES_DEVICE_INLINE Channel channel(int64_t c) const {
-    if (math::act_needs_z(act)) return {mean[c], weight[c] * invstd[c], bias[c]};
-    return {mean[c], acc_t(0), acc_t(0)};
+    if constexpr (kSiLU) {
+      return {mean[c], weight[c] * invstd[c], bias[c]};
+    } else {
+      return {mean[c]};
+    }
   }
   FUSEDRES_DEVICE_INLINE Value load(const Channel& ch, int64_t off) const {
     const acc_t dy = to_acc(grad_out[grad_out_ld(off)]);
     const acc_t d = to_acc(x[off]) - ch.mean;
-    if (math::act_needs_z(act)) {
+    if constexpr (kSiLU) {
       acc_t z = d * ch.scale + ch.shift;
       if (residual != nullptr) z += to_acc(residual[off]);
       return {math::silu_backward(dy, z), d};
+    } else {
+      const bool positive = mask != nullptr && mask_bit(mask, off);
+      return {math::act_backward(dy, positive, act, negative_slope), d};
     }
-    const bool positive = mask != nullptr && mask_bit(mask, off);
-    return {math::act_backward(dy, positive, act, negative_slope), d};
   }
   static FUSEDRES_DEVICE_INLINE void accumulate(State& s, const Value& v) {
     s.first += v.first;

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "bn_act_kernels.cuh"
 #include "cuda_compat.cuh"
@@ -171,18 +172,24 @@ void bn_act_backward_launch(const BnActLaunch& L, const BnActBackwardBuffers<sca
   const GradSumPartials<acc_t> partials{ws + 3 * C, ws + 3 * C + partial_elems};
   const LeadingDim grad_out_ld = make_leading_dim(C, L.shape.S, L.channels_last, b.grad_out_ld);
 
-  if (need_sums) {
-    const BnActGradSumsOp<scalar_t, acc_t> op{b.grad_out, grad_out_ld, b.x,      b.mask,   b.mean,
-                                              act,        negative_slope, partials, b.invstd, b.weight,
-                                              b.bias,     b.residual};
+  // The sums kernel, instantiated apart for SiLU (BnActGradSumsOp's kSiLU: a shared one spills registers).
+  auto launch_sums = [&](auto silu) {
+    using Op = BnActGradSumsOp<scalar_t, acc_t, decltype(silu)::value>;
+    const Op op{b.grad_out, grad_out_ld, b.x,      b.mask,   b.mean, act,       negative_slope,
+                partials,   b.invstd,    b.weight, b.bias,   b.residual};
     if (L.channels_last) {
-      KERNEL_LAUNCH((bn_act_reduce_channels_last_kernel<BnActGradSumsOp<scalar_t, acc_t>>), L.reduce_grid,
-                    L.reduce_block, 0, stream, op, L.shape);
+      KERNEL_LAUNCH((bn_act_reduce_channels_last_kernel<Op>), L.reduce_grid, L.reduce_block, 0, stream, op, L.shape);
     } else {
-      KERNEL_LAUNCH((bn_act_reduce_nchw_kernel<BnActGradSumsOp<scalar_t, acc_t>>), L.reduce_grid, L.reduce_block, 0,
-                    stream, op, L.shape);
+      KERNEL_LAUNCH((bn_act_reduce_nchw_kernel<Op>), L.reduce_grid, L.reduce_block, 0, stream, op, L.shape);
     }
     FUSEDRES_LAUNCH_CHECK();
+  };
+  if (need_sums) {
+    if (math::act_needs_z(act)) {
+      launch_sums(std::true_type{});
+    } else {
+      launch_sums(std::false_type{});
+    }
   }
   if (need_sums || b.grad_input != nullptr) {
     // Without sums (eval, input gradient only) this only computes k = w * invstd.
