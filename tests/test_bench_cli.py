@@ -297,3 +297,31 @@ def test_peak_memory_grows_with_the_batch() -> None:
     activations_mb = 4 * 4096 * 256 * 4 / 2**20  # one [4096, 256] float32 tensor per layer: a lower bound
     assert large["peak_mb"] - small["peak_mb"] > activations_mb, (small["peak_mb"], large["peak_mb"])
     assert large["peak_mb"] < 2000 and large["config"]["batch"] == 4096 and large["peak_reset"] is True
+
+
+@pytest.mark.slow  # two fresh processes (the memory workers)
+def test_timm_model_row() -> None:
+    """The timm row (issue 13 item 7): fused is fusedres.convert of the timm model, with the reference's weights, so
+    the first-step losses agree; the memory workers build the same two models."""
+    pytest.importorskip("timm")
+    settings = harness.Settings("cpu", False, True, 1, 0.1, 1, 1)
+    name = bench_models.TIMM_PREFIX + "resnet50"
+    row = bench_models.run(settings, names=[name])["rows"][0]
+    assert row["available"] and row["model_name"] == name, row["null_reasons"]
+    for impl in ("fused", "reference"):
+        assert row["times_ms"][impl] is not None, row["null_reasons"]
+        assert row["peak_mb"][impl] is not None, row["null_reasons"]
+        assert row["memory"][impl]["config"]["build_kwargs"]["fused"] == (impl == "fused")
+    assert row["losses_agree"] is True, row["first_loss"]
+
+
+def test_timm_model_build_fuses() -> None:
+    pytest.importorskip("timm")
+    from fusedres.bench.memory import build_model
+    from fusedres.nn import BatchNormAct2d
+
+    fused = build_model(bench_models.TIMM_PREFIX + "resnet18", {"fused": True})
+    reference = build_model(bench_models.TIMM_PREFIX + "resnet18", {"fused": False})
+    assert any(isinstance(m, BatchNormAct2d) for m in fused.modules())
+    assert not any(isinstance(m, BatchNormAct2d) for m in reference.modules())
+    assert fused.state_dict().keys() == reference.state_dict().keys()

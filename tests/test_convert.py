@@ -13,6 +13,7 @@ from torchvision.models.densenet import DenseNet, _DenseBlock, _DenseLayer, _Tra
 from torchvision.models.regnet import ResBottleneckBlock
 
 import fusedres
+from fusedres.convert.lone import VIA as LONE_VIA
 from fusedres.convert import _CONVERTERS, ConvertContext, ConvertReport, register_converter
 from fusedres.convert import torchvision as tv_convert
 from fusedres.convert._core import register_default_converter
@@ -128,10 +129,16 @@ def test_sequential_pairs_report_and_identity_indices() -> None:
     assert converted[4].activation == "leaky_relu" and converted[4].negative_slope == 0.2
     assert converted[4].momentum is None
     assert isinstance(converted[9], BatchNormAct1d) and not converted[9].affine
-    assert type(converted[7]) is nn.BatchNorm2d
-    assert [(c.name, c.activation) for c in report.converted] == [("1", "relu"), ("4", "leaky_relu"), ("9", "relu")]
-    assert [(u.name, u.type) for u in report.untouched] == [("7", "BatchNorm2d")]
-    assert "not directly followed by nn.ReLU" in report.untouched[0].reason
+    # 7 has no activation after it: a BatchNorm alone, fused with the identity activation by the last pass
+    assert type(converted[7]) is BatchNormAct2d and converted[7].activation == "identity"
+    assert [(c.name, c.activation) for c in report.converted] == [
+        ("1", "relu"),
+        ("4", "leaky_relu"),
+        ("7", "identity"),
+        ("9", "relu"),
+    ]
+    assert [c.via for c in report.converted if c.name == "7"] == [LONE_VIA]
+    assert report.untouched == [] and report.num_pairs == 3
     bn3d = fusedres.convert(nn.Sequential(nn.BatchNorm3d(3), nn.ReLU()))
     assert isinstance(bn3d[0], BatchNormAct3d)
 
@@ -426,32 +433,38 @@ def test_regnet_block_without_projection_and_with_hooks() -> None:
 
 
 @pytest.mark.parametrize(
-    "name, share, act",
+    "name, pairs, act",
     [("mobilenet_v2", 35 / 52, "relu6"), ("efficientnet_b0", 33 / 49, "silu"), ("mnasnet0_5", 35 / 52, "relu")],
 )
-def test_mobile_models_training_step(name: str, share: float, act: str) -> None:
+def test_mobile_models_training_step(name: str, pairs: float, act: str) -> None:
     """MobileNetV2's BN -> ReLU6 and EfficientNet's BN -> SiLU Conv2dNormActivation pairs fuse (issue 13 item 5), as
-    MNASNet's BN -> ReLU pairs do: a float64 training step equal to the unconverted model's, float32 within 2x, the
-    same state_dict keys. Every BatchNorm left is a block's projection BatchNorm with no activation after it (an
-    inverted residual's last BatchNorm, whose output the block's forward adds to the input, if at all): fusing those
-    (identity, or with the residual add) is the next step, so the share is 67%, not all."""
+    MNASNet's BN -> ReLU pairs do (two thirds of the BatchNorms); the rest, each block's projection BatchNorm with no
+    activation after it (an inverted residual's last BatchNorm, whose output the block's forward adds to the input,
+    if at all), runs fused with the identity activation: every BatchNorm fused. A float64 training step equal to
+    the unconverted model's, float32 within 2x, the same state_dict keys."""
+    # 64x64, batch 4: the last stages (stride 32) normalise over N*H*W = 16 values per channel. At 32x32, batch 2,
+    # they normalise over 2: float32 gradients reach 1e6-1e9 and PyTorch's own float32 gradients are ~100% off
+    # float64 (measured: mobilenet_v2 1.1, efficientnet_b0 1.7, mnasnet0_5 0.3 relative), a lottery for any
+    # comparison; at 64x64, batch 4, 1e-5 to 1e-2.
     converted, report = check_converted_training_step(
-        lambda: torchvision.models.get_model(name, num_classes=10), (2, 3, 32, 32), min_share=share
+        lambda: torchvision.models.get_model(name, num_classes=10), (4, 3, 64, 64), min_share=1.0
     )
-    assert report.fused_share == pytest.approx(share)
-    assert {c.activation for c in report.converted} == {act}
-    reasons = {u.reason for u in report.untouched}
-    assert all(r.startswith("not directly followed") for r in reasons), reasons
+    assert report.fused_share == 1.0 and report.untouched == []
+    # the BatchNorms alone (projections) run fused with the identity activation
+    assert {c.activation for c in report.converted} == {act, "identity"}
+    assert sum(c.activation != "identity" for c in report.converted) / report.num_batchnorms == pytest.approx(pairs)
 
 
 def test_hardswish_waits_for_the_kernels() -> None:
-    """MobileNetV3's BN -> Hardswish pairs are reported as waiting; its BN -> ReLU pairs fuse."""
+    """MobileNetV3's BN -> Hardswish pairs are reported as waiting; its BN -> ReLU pairs fuse, and its projection
+    BatchNorms (nothing after them) run fused with the identity activation."""
     torch.manual_seed(0)
     model = torchvision.models.get_model("mobilenet_v3_small", num_classes=10)
     converted, report = fusedres.convert(model, report=True)
     reasons = {u.reason for u in report.untouched}
     assert "activation hardswish is not fused by the kernels yet" in reasons
-    assert {c.activation for c in report.converted} == {"relu"}
+    assert {c.activation for c in report.converted} == {"relu", "identity"}
+    assert all(u.reason.endswith("activation hardswish is not fused by the kernels yet") for u in report.untouched)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(converted.eval()(x), model.eval()(x), rtol=1e-4, atol=1e-5)

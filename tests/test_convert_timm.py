@@ -27,6 +27,7 @@ from timm.models import densenet as timm_densenet
 from timm.models import resnet as timm_resnet
 
 import fusedres
+from fusedres.convert.lone import VIA as LONE_VIA
 from fusedres.convert import ConvertContext, ConvertReport, block_end_problem, branch_op
 from fusedres.convert import timm as timm_convert
 from fusedres.nn import BatchNormAct2d, DenseLayer, DenseNormAct2d, DenseTransition, SyncBatchNormAct2d
@@ -204,7 +205,6 @@ def test_norm_act_is_replaced_with_its_activation(kwargs: dict, activation: str,
     [
         ({"act_layer": "gelu"}, "act: activation gelu is not fused by the kernels yet"),
         ({"act_layer": "hard_swish"}, "act: activation hardswish is not fused by the kernels yet"),
-        ({"apply_act": False}, "without an activation"),
         ({"drop_layer": lambda: DropBlock2d(drop_prob=0.1)}, "drop: DropBlock2d"),
     ],
 )
@@ -212,6 +212,17 @@ def test_norm_act_that_cannot_fuse_is_left_with_the_reason(kwargs: dict, reason:
     converted, report = fusedres.convert(nn.Sequential(_norm_act(**kwargs)), report=True)
     assert type(converted[0]) is TimmBatchNormAct2d
     assert [u.name for u in report.untouched] == ["0"] and reason in report.untouched[0].reason
+
+
+def test_norm_act_without_activation_alone_runs_fused_identity() -> None:
+    """A norm-act layer with apply_act=False and nothing after it is a BatchNorm alone: fused, identity."""
+    layer = _norm_act(apply_act=False)
+    converted, report = fusedres.convert(nn.Sequential(layer), report=True)
+    assert type(converted[0]) is BatchNormAct2d and converted[0].activation == "identity"
+    assert report.untouched == [] and [c.via for c in report.converted] == [LONE_VIA]
+    assert list(converted.state_dict()) == list(nn.Sequential(layer).state_dict())
+    x = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+    assert_same(step(converted, x), step(nn.Sequential(layer), x), rtol=1e-12, atol=1e-13)
 
 
 def test_norm_act_without_activation_pairs_with_a_following_relu() -> None:

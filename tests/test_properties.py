@@ -551,8 +551,8 @@ def block_cases(draw) -> dict:
 def _act_grad(z: torch.Tensor, activation: str, slope: float) -> torch.Tensor:
     if activation == "identity":
         return torch.ones_like(z)
-    if activation == "relu6":  # hardtanh_backward: 1 exactly where not (z <= 0 or z >= 6)
-        return (~((z <= 0) | (z >= 6))).to(z.dtype)
+    if activation == "relu6":  # 1 exactly where 0 < z < 6 (hardtanh_backward's kinks; NaN: 0, as relu's bit)
+        return ((z > 0) & (z < 6)).to(z.dtype)
     below = torch.full_like(z, 0.0 if activation == "relu" else slope)  # (a Python float would be float32 here)
     return torch.where(z > 0, torch.ones_like(z), below)
 

@@ -52,11 +52,12 @@ FUSEDRES_HD acc_t act_forward(acc_t z, int act, acc_t negative_slope) {
 }
 
 // The mask bit kept for backward. ReLU / LeakyReLU: z > 0 (the test PyTorch's threshold / leaky_relu backward
-// uses). ReLU6: "the derivative is 1", i.e. not (z <= 0 or z >= 6): PyTorch's hardtanh_backward passes the
-// gradient exactly there, so 0 and 6 give 0 and NaN gives 1 (both compares are false).
+// uses). ReLU6: 0 < z < 6, the open interval where PyTorch's hardtanh_backward passes the gradient (0 at z = 0 and
+// z = 6). NaN gives 0 for both, as for ReLU: no gradient flows back through a NaN pre-activation. (PyTorch's own
+// relu6 gradient at NaN is 0 in its vectorised CPU loop and 1 in its scalar tail and on CUDA.)
 template <typename acc_t>
 FUSEDRES_HD bool act_mask_bit(acc_t z, int act) {
-  if (act == kReLU6) return !(z <= acc_t(0) || z >= acc_t(6));
+  if (act == kReLU6) return z > acc_t(0) && z < acc_t(6);
   return z > acc_t(0);
 }
 

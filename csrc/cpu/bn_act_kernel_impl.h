@@ -167,19 +167,19 @@ template <typename V>
 inline uint32_t relu6_bits(const V& z) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<V, Vectorized<float>>) {
-    return static_cast<uint32_t>(_mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_NLE_UQ) &
-                                 _mm512_cmp_ps_mask(z, _mm512_set1_ps(6.f), _CMP_NGE_UQ));
+    return static_cast<uint32_t>(_mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GT_OQ) &
+                                 _mm512_cmp_ps_mask(z, _mm512_set1_ps(6.f), _CMP_LT_OQ));
   } else {
-    return static_cast<uint32_t>(_mm512_cmp_pd_mask(z, _mm512_setzero_pd(), _CMP_NLE_UQ) &
-                                 _mm512_cmp_pd_mask(z, _mm512_set1_pd(6.0), _CMP_NGE_UQ));
+    return static_cast<uint32_t>(_mm512_cmp_pd_mask(z, _mm512_setzero_pd(), _CMP_GT_OQ) &
+                                 _mm512_cmp_pd_mask(z, _mm512_set1_pd(6.0), _CMP_LT_OQ));
   }
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<V, Vectorized<float>>) {
-    return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_NLE_UQ),
-                                                                  _mm256_cmp_ps(z, _mm256_set1_ps(6.f), _CMP_NGE_UQ))));
+    return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ),
+                                                                  _mm256_cmp_ps(z, _mm256_set1_ps(6.f), _CMP_LT_OQ))));
   } else {
-    return static_cast<uint32_t>(_mm256_movemask_pd(_mm256_and_pd(_mm256_cmp_pd(z, _mm256_setzero_pd(), _CMP_NLE_UQ),
-                                                                  _mm256_cmp_pd(z, _mm256_set1_pd(6.0), _CMP_NGE_UQ))));
+    return static_cast<uint32_t>(_mm256_movemask_pd(_mm256_and_pd(_mm256_cmp_pd(z, _mm256_setzero_pd(), _CMP_GT_OQ),
+                                                                  _mm256_cmp_pd(z, _mm256_set1_pd(6.0), _CMP_LT_OQ))));
   }
 #else
   typename V::value_type tmp[V::size()];

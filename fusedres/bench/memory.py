@@ -123,16 +123,35 @@ def _maxrss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
-def _measure(config: dict[str, Any]) -> dict[str, Any]:
-    from fusedres.models import get_model
+TIMM_PREFIX = "timm:"  # a bench model name "timm:NAME": timm.create_model(NAME), fused by fusedres.convert
 
+
+def build_model(name: str, build_kwargs: dict[str, Any]) -> nn.Module:
+    """The bench's models: ``get_model(name, **build_kwargs)`` for the registry's, and for ``timm:NAME``
+    ``timm.create_model(NAME, pretrained=False, ...)``, converted by :func:`fusedres.convert` when
+    ``build_kwargs["fused"]`` (what a timm user does; the state_dict keys stay the same)."""
+    if not name.startswith(TIMM_PREFIX):
+        from fusedres.models import get_model
+
+        return get_model(name, **build_kwargs)
+    import timm
+
+    import fusedres
+
+    kwargs = dict(build_kwargs)
+    fused = kwargs.pop("fused", True)
+    model = timm.create_model(name[len(TIMM_PREFIX) :], pretrained=False, **kwargs)
+    return fusedres.convert(model) if fused else model
+
+
+def _measure(config: dict[str, Any]) -> dict[str, Any]:
     device = config.get("device", "cpu")
     steps = int(config.get("steps", 2))
     compiled = bool(config.get("compiled", False))
     torch.manual_seed(int(config.get("seed", 0)))
     result: dict[str, Any] = {"null_reasons": {}}
     rss_import = _status_kb("VmRSS")
-    model = get_model(config["model"], **config["build_kwargs"]).to(device)
+    model = build_model(config["model"], config["build_kwargs"]).to(device)
     x = make_batch(int(config["batch"]), config["input_shape"], device)
     forward = torch.compile(model, dynamic=False, fullgraph=True) if compiled else None
     step = make_train_step(model, x, forward=forward)
@@ -221,10 +240,10 @@ def measure_peak_memory(
     threads: int | None = None,
     timeout_s: float = 600.0,
 ) -> dict[str, Any]:
-    """Peak memory of ``steps`` training steps of ``get_model(model_name, **build_kwargs)`` in a fresh process.
+    """Peak memory of ``steps`` training steps of ``build_model(model_name, build_kwargs)`` in a fresh process.
 
     Args:
-        model_name: a name of ``fusedres.models.list_models()``.
+        model_name: a name of ``fusedres.models.list_models()``, or ``timm:NAME`` (see build_model).
         build_kwargs: keyword arguments of the builder, e.g. ``{"fused": True, "num_classes": 10}``; JSON-able.
         batch: batch size N of the input [N, *input_shape].
         input_shape: per-sample input shape, e.g. (3, 32, 32), or (1024,) for the highway MLP.

@@ -32,7 +32,14 @@ from torch import nn
 
 from fusedres.bench import harness, table
 from fusedres.bench import highway as _highway
-from fusedres.bench.memory import MEMORY_METHOD, make_batch, make_train_step, measure_peak_memory
+from fusedres.bench.memory import (
+    MEMORY_METHOD,
+    TIMM_PREFIX,
+    build_model,
+    make_batch,
+    make_train_step,
+    measure_peak_memory,
+)
 from fusedres.bench.table import Column
 
 __all__ = ["COLUMNS", "DEFAULT_MODELS", "MODELS", "QUICK_MODELS", "TITLE", "ModelSpec", "measure_model", "notes", "run"]
@@ -70,6 +77,8 @@ MODELS: dict[str, ModelSpec] = {
     "resnet20": ModelSpec("resnet20", {"num_classes": 10}, 128, _CIFAR, True),
     "resnet56": ModelSpec("resnet56", {"num_classes": 10}, 128, _CIFAR, False, _TOO_LONG),
     "resnet50": ModelSpec("resnet50", {}, 16, (3, 224, 224), False, _TOO_LONG),
+    # What a timm user gets from fusedres.convert(timm.create_model("resnet50")): fused = the converted model.
+    TIMM_PREFIX + "resnet50": ModelSpec(TIMM_PREFIX + "resnet50", {}, 16, (3, 224, 224), False, _TOO_LONG),
     "densenet_bc_100": ModelSpec("densenet_bc_100", {"num_classes": 10}, 64, _CIFAR, False, _TOO_LONG),
     "highway_mlp": ModelSpec("highway_mlp", _MLP, _highway.MLP_STEP["batch"], (_MLP["in_features"],), True),
 }
@@ -83,6 +92,7 @@ DEFAULT_MODELS = (
     "resnet56" + CL,
     "resnet50",
     "resnet50" + CL,
+    TIMM_PREFIX + "resnet50" + CL,
     "densenet_bc_100",
     "highway_mlp",
 )
@@ -96,12 +106,20 @@ RATIOS = (
     ("compiled/compiled_fused", "compiled", "compiled_fused"),
 )
 # --quick: smaller batches (the default highway MLP step alone is ~0.5 s on 2 cores).
-_QUICK_BATCH = {"resnet20": 32, "resnet56": 32, "resnet50": 4, "densenet_bc_100": 16, "highway_mlp": 64}
+_QUICK_BATCH = {
+    "resnet20": 32,
+    "resnet56": 32,
+    "resnet50": 4,
+    TIMM_PREFIX + "resnet50": 4,
+    "densenet_bc_100": 16,
+    "highway_mlp": 64,
+}
 # FUSEDRES_BENCH_TINY=1 (the CLI's own test): tiny batches and images.
 _TINY = {
     "resnet20": {"batch": 4, "input_shape": (3, 8, 8)},
     "resnet56": {"batch": 2, "input_shape": (3, 8, 8)},
     "resnet50": {"batch": 2, "input_shape": (3, 32, 32)},
+    TIMM_PREFIX + "resnet50": {"batch": 2, "input_shape": (3, 32, 32)},
     "densenet_bc_100": {"batch": 2, "input_shape": (3, 8, 8)},
     "highway_mlp": {"batch": _highway.MLP_STEP_TINY["batch"], "input_shape": (_MLP_TINY["in_features"],)},
 }
@@ -133,6 +151,15 @@ def spec_for(name: str, settings: harness.Settings) -> ModelSpec:
 def _unavailable(name: str) -> str | None:
     from fusedres.models import list_models
 
+    if name.startswith(TIMM_PREFIX):
+        try:
+            import timm
+        except ImportError:
+            return "not available: timm is not installed (pip install timm)"
+        if not timm.is_model(name[len(TIMM_PREFIX) :]):
+            return f"not available: timm has no model {name[len(TIMM_PREFIX) :]!r}"
+        return None
+
     known = list_models()
     if name not in known:
         return f"not available: model {name!r} is not registered in fusedres.models (registered: {', '.join(known)})"
@@ -141,11 +168,9 @@ def _unavailable(name: str) -> str | None:
 
 def _same_weights(spec: ModelSpec, device: str) -> dict[str, nn.Module]:
     """fused and reference models with the reference's weights, and the copy that torch.compile wraps."""
-    from fusedres.models import get_model
-
     torch.manual_seed(0)
-    reference = get_model(spec.name, fused=False, **spec.build_kwargs)
-    fused = get_model(spec.name, fused=True, **spec.build_kwargs)
+    reference = build_model(spec.name, {"fused": False, **spec.build_kwargs})
+    fused = build_model(spec.name, {"fused": True, **spec.build_kwargs})
     fused.load_state_dict(reference.state_dict())
     models = {
         "fused": fused,

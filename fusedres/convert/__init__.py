@@ -2,9 +2,11 @@
 
 ``fusedres.convert(model)`` walks the model top-down. For each module whose exact type has a registered converter
 (torchvision's and timm's residual blocks, dense layers, norm-act layers, ...), the converter replaces what that
-type's forward owns; then, in every plain ``nn.Sequential``, a BatchNorm directly followed by ``nn.ReLU`` or
-``nn.LeakyReLU`` becomes one fused BatchNorm. Each BatchNorm keeps its parameters, buffers (the same objects) and
-state_dict key. What each library gets:
+type's forward owns; then, in every plain ``nn.Sequential``, a BatchNorm directly followed by ``nn.ReLU``,
+``nn.LeakyReLU``, ``nn.ReLU6`` or ``nn.SiLU`` becomes one fused BatchNorm; last, every BatchNorm nobody fused or
+decided about (a BatchNorm alone) becomes a fused one with ``activation="identity"`` (:mod:`fusedres.convert.lone`:
+faster than ``nn.BatchNorm2d`` even with nothing to fuse). Each BatchNorm keeps its parameters, buffers (the same
+objects) and state_dict key. What each library gets:
 
 * :mod:`fusedres.convert.torchvision`: ResNet / ResNeXt / Wide ResNet blocks and stem, DenseNet (layers, blocks with
   statistics reuse, transitions, norm5 + ReLU), RegNet's ``ResBottleneckBlock`` end.
@@ -12,6 +14,7 @@ state_dict key. What each library gets:
   DenseNet, DLA, DPN, ...), the ResNet family's blocks (BN + act pairs, downsample, the block end when no SE or
   active drop_path sits before the add) and stem, RegNet's block end, DenseNet's layers and transitions.
 * :mod:`fusedres.convert.sequential`: the BatchNorm -> activation pairs of any Sequential, and shortcut projections.
+* :mod:`fusedres.convert.lone`: every BatchNorm left alone, whatever holds it (MobileNet / EfficientNet projections).
 
 A library's converters are registered the first time convert() runs while the library is imported.
 

@@ -20,6 +20,7 @@ from fusedres.convert._core import (
     converter_for,
     is_norm_act_type,
 )
+from fusedres.convert.lone import fuse_lone_norms
 from fusedres.convert.sequential import fuse_sequential_pairs, is_plain_sequential
 
 __all__ = ["convert", "load_library_converters"]
@@ -97,6 +98,7 @@ def convert(
     rep = ConvertReport()
     ctx = ConvertContext(rep)
     model = _walk(model, "", ctx)
+    model = fuse_lone_norms(model, ctx)
     # Converters record in the order they run (a parent before its children, a Sequential's pairs after them).
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     rep.converted.sort(key=lambda c: order.get(c.name, len(order)))
