@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from fusedres.ops.bn_act import batch_norm_act as _fused_batch_norm_act
 from fusedres.reference.bn_act import batch_norm_act as _reference_batch_norm_act
-from fusedres.reference.bn_act import ACTIVATIONS, check_activation
+from fusedres.validation import ACTIVATIONS, check_activation
 
 __all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
 

@@ -13,8 +13,8 @@ from torch import Tensor, nn
 
 from fusedres.nn.batchnorm import _BatchNormActMixin, _init_doc
 from fusedres.ops.dense import dense_batch_norm_act as _fused_dense_batch_norm_act
-from fusedres.reference.bn_act import BASIC_ACTIVATIONS
-from fusedres.reference.dense import check_dense_inputs
+from fusedres.validation import BASIC_ACTIVATIONS
+from fusedres.validation import check_dense_inputs
 from fusedres.reference.dense import dense_batch_norm_act as _reference_dense_batch_norm_act
 
 __all__ = ["DenseBatchNormAct2d"]

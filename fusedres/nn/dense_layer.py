@@ -31,8 +31,8 @@ from torch.autograd.function import once_differentiable
 from fusedres.nn.dense import DenseBatchNormAct2d
 from fusedres.ops import dense as _dense_ops
 from fusedres.ops.bn_act_blocks import bn_stats
-from fusedres.reference.bn_act import BASIC_ACTIVATIONS, check_activation
-from fusedres.reference.dense import check_dense_args, check_dense_inputs, concat_input_stats
+from fusedres.validation import BASIC_ACTIVATIONS, check_activation
+from fusedres.validation import check_dense_args, check_dense_inputs, concat_input_stats
 
 __all__ = ["DenseBlock", "DenseFeatures", "DenseLayer", "DenseNormAct2d", "DenseTransition", "dense_bn_act_conv"]
 

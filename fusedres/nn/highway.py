@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fusedres.reference.highway import check_highway_activation
+from fusedres.validation import check_highway_activation
 
 __all__ = ["Highway", "HighwayConv2d"]
 

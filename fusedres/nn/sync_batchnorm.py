@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fusedres.ops.bn_act import batch_norm_act as _fused_batch_norm_act
 from fusedres.ops.sync_bn import distributed_world_size, has_sync_kernels, sync_batch_norm_act
-from fusedres.reference.bn_act import MASK_ACTIVATIONS, check_activation
+from fusedres.validation import MASK_ACTIVATIONS, check_activation
 
 __all__ = ["DistributedDataParallel", "SyncBatchNormAct2d", "convert_sync_batchnorm"]
 

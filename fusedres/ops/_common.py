@@ -10,7 +10,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from fusedres import _native
-from fusedres.reference.bn_act import ACTIVATIONS, MASK_ACTIVATIONS, check_activation
+from fusedres.validation import ACTIVATIONS, MASK_ACTIVATIONS, check_activation
 
 __all__ = [
     "FLOAT_DTYPES",

@@ -30,7 +30,7 @@ from fusedres.ops._common import (
 from fusedres.ops._common import check_input as _check_input
 from fusedres.ops._common import memory_format as _memory_format
 from fusedres.reference import bn_act as _reference
-from fusedres.reference.bn_act import check_activation
+from fusedres.validation import check_activation
 
 __all__ = ["batch_norm_act", "mask_bytes"]
 

@@ -25,7 +25,7 @@ from fusedres.ops.bn_act import (
     _fake_forward,
     _memory_format,
 )
-from fusedres.reference.bn_act import MASK_ACTIVATIONS, check_activation
+from fusedres.validation import MASK_ACTIVATIONS, check_activation
 
 __all__ = ["bn_stats"]
 

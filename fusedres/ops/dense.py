@@ -29,8 +29,8 @@ from fusedres.ops._common import (
     warn_fallback,
 )
 from fusedres.reference import dense as _reference
-from fusedres.reference.bn_act import BASIC_ACTIVATIONS, check_activation
-from fusedres.reference.dense import check_dense_args, check_dense_inputs, concat_input_stats
+from fusedres.validation import BASIC_ACTIVATIONS, check_activation
+from fusedres.validation import check_dense_args, check_dense_inputs, concat_input_stats
 
 __all__ = ["dense_batch_norm_act", "dense_mask_bytes"]
 

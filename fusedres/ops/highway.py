@@ -18,7 +18,7 @@ from torch._prims_common import suggest_memory_format
 
 from fusedres import _native
 from fusedres.ops._common import check_same
-from fusedres.reference.highway import check_highway_activation, check_packed_dim
+from fusedres.validation import check_highway_activation, check_packed_dim
 from fusedres.reference.highway import highway as _reference_highway
 from fusedres.reference.highway import highway_packed as _reference_highway_packed
 

@@ -32,7 +32,7 @@ from fusedres.ops._common import check_functional_args, refuse_double_backward
 from fusedres.ops._common import check_input as _check_input
 from fusedres.ops._common import memory_format as _memory_format
 from fusedres.ops.bn_act import batch_norm_act
-from fusedres.reference.bn_act import MASK_ACTIVATIONS
+from fusedres.validation import MASK_ACTIVATIONS
 
 __all__ = ["distributed_world_size", "has_sync_kernels", "sync_batch_norm_act"]
 

@@ -7,31 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "BASIC_ACTIVATIONS", "MASK_ACTIVATIONS", "batch_norm_act", "check_activation"]
+from fusedres.validation import check_activation
 
-# Every activation of batch_norm_act. relu, leaky_relu and relu6 keep a 1-bit mask for backward; silu recomputes
-# its pre-activation instead (docs/design.md section 1).
-ACTIVATIONS = ("relu", "identity", "leaky_relu", "relu6", "silu")
-# The activations of the ops whose backward cannot recompute the pre-activation (synchronised BatchNorm and the
-# building blocks bn_act_backward_reduce / bn_act_backward_elemt, which take no bias and residual).
-MASK_ACTIVATIONS = ("relu", "identity", "leaky_relu", "relu6")
-# The activations of the dense op (dense_batch_norm_act): its kernels implement these only.
-BASIC_ACTIVATIONS = ("relu", "identity", "leaky_relu")
-
-
-def check_activation(activation: object, allowed: tuple[str, ...] = ACTIVATIONS, op: str | None = None) -> str:
-    """Validates an activation name (the part of the op's arguments the user spells out).
-
-    ``allowed``: the names the calling op supports; ``op``: its name, said in the error when given.
-    """
-    names = ", ".join(map(repr, allowed))
-    where = f" for {op}" if op else ""
-    if not isinstance(activation, str):
-        raise TypeError(f"activation must be a str, one of {names}{where}, got {type(activation).__name__}")
-    if activation not in allowed:
-        raise ValueError(f"activation must be one of {names}{where}, got {activation!r}")
-    return activation
-
+__all__ = ["batch_norm_act"]
 
 def batch_norm_act(
     input: Tensor,

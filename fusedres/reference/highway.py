@@ -7,43 +7,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["HIGHWAY_ACTIVATIONS", "check_highway_activation", "check_packed_dim", "highway", "highway_packed"]
+from fusedres.validation import check_highway_activation, check_packed_dim
 
-HIGHWAY_ACTIVATIONS = ("relu", "tanh", "sigmoid", "identity")
-
-
-def check_highway_activation(activation: object) -> str:
-    """Validates a highway activation name."""
-    names = ", ".join(map(repr, HIGHWAY_ACTIVATIONS))
-    if not isinstance(activation, str):
-        raise TypeError(f"activation must be a str, one of {names}, got {type(activation).__name__}")
-    if activation not in HIGHWAY_ACTIVATIONS:
-        raise ValueError(f"activation must be one of {names}, got {activation!r}")
-    return activation
-
-
-def check_packed_dim(projected: Tensor, dim: object, free_carry: bool) -> int:
-    """Validates ``dim`` of the packed form and returns it wrapped to ``[0, projected.dim())``."""
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
-    nd = projected.dim()
-    if nd == 0:
-        raise ValueError("projected must have at least one dimension, got a 0-dimensional tensor")
-    if not -nd <= dim < nd:
-        raise ValueError(f"dim must be in [{-nd}, {nd - 1}] for projected of shape {list(projected.shape)}, got {dim}")
-    d = dim % nd
-    parts = 3 if free_carry else 2
-    if projected.shape[d] % parts != 0:
-        what = (
-            "divisible by 3 (3 * features: transform, gate, carry_gate)"
-            if free_carry
-            else "even (2 * features: transform, gate)"
-        )
-        raise ValueError(
-            f"projected.size(dim) must be {what}, got projected of shape {list(projected.shape)} and dim={dim}"
-        )
-    return d
-
+__all__ = ["highway", "highway_packed"]
 
 def _act(h: Tensor, activation: str) -> Tensor:
     if activation == "relu":
