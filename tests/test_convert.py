@@ -433,14 +433,19 @@ def test_regnet_block_without_projection_and_with_hooks() -> None:
 
 
 @pytest.mark.parametrize(
-    "name, pairs, act",
-    [("mobilenet_v2", 35 / 52, "relu6"), ("efficientnet_b0", 33 / 49, "silu"), ("mnasnet0_5", 35 / 52, "relu")],
+    "name, pairs, act, residual",
+    [
+        ("mobilenet_v2", 35 / 52, "relu6", 10),
+        ("efficientnet_b0", 33 / 49, "silu", 0),  # MBConv: StochasticDepth(p > 0) sits before the add
+        ("mnasnet0_5", 35 / 52, "relu", 10),
+    ],
 )
-def test_mobile_models_training_step(name: str, pairs: float, act: str) -> None:
+def test_mobile_models_training_step(name: str, pairs: float, act: str, residual: int) -> None:
     """MobileNetV2's BN -> ReLU6 and EfficientNet's BN -> SiLU Conv2dNormActivation pairs fuse (issue 13 item 5), as
     MNASNet's BN -> ReLU pairs do (two thirds of the BatchNorms); the rest, each block's projection BatchNorm with no
     activation after it (an inverted residual's last BatchNorm, whose output the block's forward adds to the input,
-    if at all), runs fused with the identity activation: every BatchNorm fused. A float64 training step equal to
+    if at all), runs fused with the identity activation: every BatchNorm fused. Where the block adds its input
+    (MobileNetV2 / MNASNet inverted residuals), that BatchNorm takes the add too. A float64 training step equal to
     the unconverted model's, float32 within 2x, the same state_dict keys."""
     # 64x64, batch 4: the last stages (stride 32) normalise over N*H*W = 16 values per channel. At 32x32, batch 2,
     # they normalise over 2: float32 gradients reach 1e6-1e9 and PyTorch's own float32 gradients are ~100% off
@@ -453,6 +458,30 @@ def test_mobile_models_training_step(name: str, pairs: float, act: str) -> None:
     # the BatchNorms alone (projections) run fused with the identity activation
     assert {c.activation for c in report.converted} == {act, "identity"}
     assert sum(c.activation != "identity" for c in report.converted) / report.num_batchnorms == pytest.approx(pairs)
+    assert sum(c.residual for c in report.converted) == residual
+
+
+def test_inverted_residual_block_end() -> None:
+    """A MobileNetV2 block with its residual: the projection BatchNorm adds the block input in the fused op (float64
+    forward, gradients and running statistics equal to the unconverted block's); a block without the residual, or
+    with hooks, keeps torchvision's forward (its BatchNorm alone fused, identity)."""
+    from torchvision.models.mobilenetv2 import InvertedResidual as TvInvertedResidual
+
+    torch.manual_seed(0)
+    block = randomize_norms(TvInvertedResidual(8, 8, 1, 4)).double()
+    converted, report = fusedres.convert(block, report=True)
+    assert type(converted) is tv_convert.InvertedResidual and report.blocks == [("", "InvertedResidual")]
+    assert [(c.name, c.activation, c.residual) for c in report.converted if c.residual] == [("conv.3", "identity", True)]
+    assert list(converted.state_dict()) == list(block.state_dict())
+    x = torch.randn(3, 8, 5, 5, dtype=torch.float64)
+    assert_same(step(converted, x), step(block, x), rtol=1e-12, atol=1e-13)
+    strided = TvInvertedResidual(8, 8, 2, 4)  # stride 2: no residual
+    kept, report = fusedres.convert(strided, report=True)
+    assert type(kept) is TvInvertedResidual and not any(c.residual for c in report.converted)
+    hooked = TvInvertedResidual(8, 8, 1, 4)
+    hooked.register_forward_hook(lambda m, i, o: None)
+    kept, report = fusedres.convert(hooked, report=True)
+    assert type(kept) is TvInvertedResidual and not any(c.residual for c in report.converted)
 
 
 def test_hardswish_waits_for_the_kernels() -> None:

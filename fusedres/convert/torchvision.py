@@ -22,12 +22,18 @@
   way. The BN -> ReLU pairs of ``Conv2dNormActivation`` (RegNet, MobileNet, EfficientNet, MNASNet stems and blocks)
   are Sequential pairs (:mod:`fusedres.convert.sequential`), ReLU6 (MobileNetV2) and SiLU (EfficientNet) included;
   Hardswish pairs (MobileNetV3) wait for the kernels.
+* MobileNetV2's ``InvertedResidual`` and MNASNet's ``_InvertedResidual`` with their residual connection become
+  :class:`InvertedResidual` / :class:`MnasInvertedResidual` (subclasses changing only ``forward``): the projection
+  BatchNorm ending the block's Sequential takes the block input as its residual, ``x + bn(conv(h))`` in one pass
+  (identity activation: these blocks are linear bottlenecks).
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 from torchvision.models import densenet as tv_densenet
+from torchvision.models import mnasnet as tv_mnasnet
+from torchvision.models import mobilenetv2 as tv_mobilenetv2
 from torchvision.models import regnet as tv_regnet
 from torchvision.models import resnet as tv_resnet
 from torchvision.ops import SqueezeExcitation, StochasticDepth
@@ -52,9 +58,13 @@ from fusedres.models import resnet as fr_resnet
 from fusedres.nn import dense_layer as fr_dense
 
 __all__ = [
+    "InvertedResidual",
+    "MnasInvertedResidual",
     "ResBottleneckBlock",
     "convert_dense_layer",
     "convert_densenet",
+    "convert_inverted_residual",
+    "convert_mnas_inverted_residual",
     "convert_regnet_block",
     "convert_resnet_block",
     "convert_resnet_stem",
@@ -181,6 +191,71 @@ def convert_regnet_block(block: nn.Module, name: str, ctx: ConvertContext) -> nn
     new.activation = identity_like(block.activation)
     ctx.report.blocks.append((name, "ResBottleneckBlock"))
     return new
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inverted residuals (MobileNetV2, MNASNet)
+
+
+def _through_last(seq: nn.Sequential, x: Tensor) -> Tensor:
+    """Runs ``seq``'s last module as ``last(h, x)``: its fused BatchNorm adds the block input ``x``."""
+    mods = list(seq._modules.values())
+    h = x
+    for m in mods[:-1]:
+        h = m(h)
+    return mods[-1](h, x)
+
+
+class InvertedResidual(tv_mobilenetv2.InvertedResidual):
+    """torchvision's MobileNetV2 ``InvertedResidual`` whose ``x + conv(x)`` ends in one fused op: ``conv``'s last
+    BatchNorm is a ``BatchNormAct2d("identity")`` that adds the block input. Built by :func:`convert_inverted_residual`
+    only for blocks with ``use_res_connect``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _through_last(self.conv, x)
+
+
+class MnasInvertedResidual(tv_mnasnet._InvertedResidual):
+    """torchvision's MNASNet ``_InvertedResidual`` whose ``layers(x) + x`` ends in one fused op (see
+    :class:`InvertedResidual`); only for blocks with ``apply_residual``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _through_last(self.layers, x)
+
+
+def _inverted_residual_problem(seq: nn.Module, ctx: ConvertContext) -> str | None:
+    if not is_plain_sequential(seq) or has_hooks(seq) or len(seq) < 2:
+        return "its Sequential is not a hook-free plain Sequential of at least two modules"
+    return ctx.plain_norm_problem(seq[-1])
+
+
+def _convert_inverted(block: nn.Module, name: str, ctx: ConvertContext, seq_attr: str, cls: type) -> nn.Module:
+    seq = getattr(block, seq_attr)
+    if (problem := _inverted_residual_problem(seq, ctx)) is not None:
+        if isinstance(seq, nn.Sequential) and len(seq):
+            ctx.skip_all([seq[-1]], f"{type(block).__name__} end: {problem}")
+        return block
+    new = retyped(block, cls)
+    key = list(seq._modules)[-1]
+    via = f"{type(block).__name__} (residual)"
+    seq._modules[key] = ctx.fuse(seq[-1], f"{_prefix(name)}{seq_attr}.{key}", "identity", residual=True, via=via)
+    ctx.report.blocks.append((name, type(block).__name__))
+    return new
+
+
+def convert_inverted_residual(block: nn.Module, name: str, ctx: ConvertContext) -> nn.Module:
+    """MobileNetV2 ``InvertedResidual`` with ``use_res_connect`` -> :class:`InvertedResidual`; without it the block
+    is left (its projection BatchNorm alone is fused by convert's last pass)."""
+    if not block.use_res_connect or has_hooks(block):
+        return block
+    return _convert_inverted(block, name, ctx, "conv", InvertedResidual)
+
+
+def convert_mnas_inverted_residual(block: nn.Module, name: str, ctx: ConvertContext) -> nn.Module:
+    """MNASNet ``_InvertedResidual`` with ``apply_residual`` -> :class:`MnasInvertedResidual`."""
+    if not block.apply_residual or has_hooks(block):
+        return block
+    return _convert_inverted(block, name, ctx, "layers", MnasInvertedResidual)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -316,6 +391,8 @@ for _block in (tv_resnet.BasicBlock, tv_resnet.Bottleneck):
     register_default_converter(_block)(convert_resnet_block)
 register_default_converter(tv_resnet.ResNet)(convert_resnet_stem)
 register_default_converter(tv_regnet.ResBottleneckBlock)(convert_regnet_block)
+register_default_converter(tv_mobilenetv2.InvertedResidual)(convert_inverted_residual)
+register_default_converter(tv_mnasnet._InvertedResidual)(convert_mnas_inverted_residual)
 register_default_converter(tv_densenet._DenseLayer)(convert_dense_layer)
 register_default_converter(tv_densenet.DenseNet)(convert_densenet)
 
