@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from fusedres.bench import bn_act, harness
 from fusedres.bench import highway as bench_highway
@@ -313,6 +314,18 @@ def test_timm_model_row() -> None:
         assert row["peak_mb"][impl] is not None, row["null_reasons"]
         assert row["memory"][impl]["config"]["build_kwargs"]["fused"] == (impl == "fused")
     assert row["losses_agree"] is True, row["first_loss"]
+
+
+def test_torchvision_model_build_fuses() -> None:
+    from fusedres.bench.memory import build_model
+    from fusedres.nn import BatchNormAct2d
+
+    name = bench_models.TORCHVISION_PREFIX + "mobilenet_v2"
+    fused, reference = build_model(name, {"fused": True}), build_model(name, {"fused": False})
+    assert all(not isinstance(m, nn.BatchNorm2d) or isinstance(m, BatchNormAct2d) for m in fused.modules())
+    assert not any(isinstance(m, BatchNormAct2d) for m in reference.modules())
+    assert fused.state_dict().keys() == reference.state_dict().keys()
+    assert bench_models._unavailable(bench_models.TORCHVISION_PREFIX + "no_such_net").startswith("not available")
 
 
 def test_timm_model_build_fuses() -> None:

@@ -124,23 +124,34 @@ def _maxrss_kb() -> int:
 
 
 TIMM_PREFIX = "timm:"  # a bench model name "timm:NAME": timm.create_model(NAME), fused by fusedres.convert
+TORCHVISION_PREFIX = "torchvision:"  # "torchvision:NAME": torchvision.models.get_model(NAME), fused by convert
+LIBRARY_PREFIXES = (TIMM_PREFIX, TORCHVISION_PREFIX)
+
+
+def library_model(name: str, **kwargs: Any) -> nn.Module:
+    """``timm:NAME`` / ``torchvision:NAME``: the library's model (random weights)."""
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        return timm.create_model(name[len(TIMM_PREFIX) :], pretrained=False, **kwargs)
+    import torchvision
+
+    return torchvision.models.get_model(name[len(TORCHVISION_PREFIX) :], **kwargs)
 
 
 def build_model(name: str, build_kwargs: dict[str, Any]) -> nn.Module:
-    """The bench's models: ``get_model(name, **build_kwargs)`` for the registry's, and for ``timm:NAME``
-    ``timm.create_model(NAME, pretrained=False, ...)``, converted by :func:`fusedres.convert` when
-    ``build_kwargs["fused"]`` (what a timm user does; the state_dict keys stay the same)."""
-    if not name.startswith(TIMM_PREFIX):
+    """The bench's models: ``get_model(name, **build_kwargs)`` for the registry's, and for ``timm:NAME`` /
+    ``torchvision:NAME`` the library's model, converted by :func:`fusedres.convert` when ``build_kwargs["fused"]``
+    (what a user of that library does; the state_dict keys stay the same)."""
+    if not name.startswith(LIBRARY_PREFIXES):
         from fusedres.models import get_model
 
         return get_model(name, **build_kwargs)
-    import timm
-
     import fusedres
 
     kwargs = dict(build_kwargs)
     fused = kwargs.pop("fused", True)
-    model = timm.create_model(name[len(TIMM_PREFIX) :], pretrained=False, **kwargs)
+    model = library_model(name, **kwargs)
     return fusedres.convert(model) if fused else model
 
 

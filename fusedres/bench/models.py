@@ -35,6 +35,7 @@ from fusedres.bench import highway as _highway
 from fusedres.bench.memory import (
     MEMORY_METHOD,
     TIMM_PREFIX,
+    TORCHVISION_PREFIX,
     build_model,
     make_batch,
     make_train_step,
@@ -73,12 +74,15 @@ _CIFAR = (3, 32, 32)
 # processes loaded it; the deeper models have proportionally larger graphs: not affordable in a run of minutes.
 _TOO_LONG = "not measured (skipped: torch.compile of this model takes minutes on {}; run with a GPU or benchmarks/)"
 
+_TV_MOBILENET = TORCHVISION_PREFIX + "mobilenet_v2"
 MODELS: dict[str, ModelSpec] = {
     "resnet20": ModelSpec("resnet20", {"num_classes": 10}, 128, _CIFAR, True),
     "resnet56": ModelSpec("resnet56", {"num_classes": 10}, 128, _CIFAR, False, _TOO_LONG),
     "resnet50": ModelSpec("resnet50", {}, 16, (3, 224, 224), False, _TOO_LONG),
     # What a timm user gets from fusedres.convert(timm.create_model("resnet50")): fused = the converted model.
     TIMM_PREFIX + "resnet50": ModelSpec(TIMM_PREFIX + "resnet50", {}, 16, (3, 224, 224), False, _TOO_LONG),
+    # convert() on a torchvision MobileNetV2: ReLU6 pairs, inverted-residual ends, projection BatchNorms
+    _TV_MOBILENET: ModelSpec(_TV_MOBILENET, {}, 16, (3, 224, 224), False, _TOO_LONG),
     "densenet_bc_100": ModelSpec("densenet_bc_100", {"num_classes": 10}, 64, _CIFAR, False, _TOO_LONG),
     "highway_mlp": ModelSpec("highway_mlp", _MLP, _highway.MLP_STEP["batch"], (_MLP["in_features"],), True),
 }
@@ -93,6 +97,7 @@ DEFAULT_MODELS = (
     "resnet50",
     "resnet50" + CL,
     TIMM_PREFIX + "resnet50" + CL,
+    TORCHVISION_PREFIX + "mobilenet_v2" + CL,
     "densenet_bc_100",
     "highway_mlp",
 )
@@ -111,6 +116,7 @@ _QUICK_BATCH = {
     "resnet56": 32,
     "resnet50": 4,
     TIMM_PREFIX + "resnet50": 4,
+    TORCHVISION_PREFIX + "mobilenet_v2": 4,
     "densenet_bc_100": 16,
     "highway_mlp": 64,
 }
@@ -120,6 +126,7 @@ _TINY = {
     "resnet56": {"batch": 2, "input_shape": (3, 8, 8)},
     "resnet50": {"batch": 2, "input_shape": (3, 32, 32)},
     TIMM_PREFIX + "resnet50": {"batch": 2, "input_shape": (3, 32, 32)},
+    TORCHVISION_PREFIX + "mobilenet_v2": {"batch": 2, "input_shape": (3, 32, 32)},
     "densenet_bc_100": {"batch": 2, "input_shape": (3, 8, 8)},
     "highway_mlp": {"batch": _highway.MLP_STEP_TINY["batch"], "input_shape": (_MLP_TINY["in_features"],)},
 }
@@ -158,6 +165,14 @@ def _unavailable(name: str) -> str | None:
             return "not available: timm is not installed (pip install timm)"
         if not timm.is_model(name[len(TIMM_PREFIX) :]):
             return f"not available: timm has no model {name[len(TIMM_PREFIX) :]!r}"
+        return None
+    if name.startswith(TORCHVISION_PREFIX):
+        try:
+            import torchvision
+        except ImportError:
+            return "not available: torchvision is not installed"
+        if name[len(TORCHVISION_PREFIX) :] not in torchvision.models.list_models():
+            return f"not available: torchvision has no model {name[len(TORCHVISION_PREFIX) :]!r}"
         return None
 
     known = list_models()
