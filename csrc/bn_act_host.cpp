@@ -77,6 +77,18 @@ int parse_basic_activation(c10::string_view activation, const char* op) {
 
 namespace {
 
+// An optional residual (forward: added before the activation; backward, silu: read to recompute z) has input's
+// shape, dtype and device.
+void check_residual(const std::optional<at::Tensor>& residual, const at::Tensor& input) {
+  if (!residual.has_value() || !residual->defined()) return;
+  TORCH_CHECK(residual->sizes() == input.sizes(), "residual must have the same shape as input, got ",
+              residual->sizes(), " and ", input.sizes());
+  TORCH_CHECK(residual->scalar_type() == input.scalar_type(), "residual must have the same dtype as input (",
+              input.scalar_type(), "), got ", residual->scalar_type());
+  TORCH_CHECK(residual->device() == input.device(), "residual must be on the same device as input (",
+              input.device(), "), got ", residual->device());
+}
+
 // The checks bn_act_forward and bn_act_elemt share: input, residual, weight and bias.
 BnActGeom check_input_residual_params(const at::Tensor& input, const std::optional<at::Tensor>& residual,
                                       const std::optional<at::Tensor>& weight,
@@ -88,14 +100,7 @@ BnActGeom check_input_residual_params(const at::Tensor& input, const std::option
               "input must have a floating dtype (float32, float64, bfloat16 or float16), got ",
               input.scalar_type());
   const BnActGeom g = geometry_of(input);
-  if (residual.has_value() && residual->defined()) {
-    TORCH_CHECK(residual->sizes() == input.sizes(), "residual must have the same shape as input, got ",
-                residual->sizes(), " and ", input.sizes());
-    TORCH_CHECK(residual->scalar_type() == input.scalar_type(), "residual must have the same dtype as input (",
-                input.scalar_type(), "), got ", residual->scalar_type());
-    TORCH_CHECK(residual->device() == input.device(), "residual must be on the same device as input (",
-                input.device(), "), got ", residual->device());
-  }
+  check_residual(residual, input);
   check_channel_vector(weight, "weight", input, g.C);
   check_channel_vector(bias, "bias", input, g.C);
   return g;
@@ -141,14 +146,7 @@ BnActGeom check_bn_act_backward(const at::Tensor& grad_out, const at::Tensor& in
   const BnActGeom g = geometry_of(input);
   check_channel_vector(weight, "weight", input, g.C);
   check_channel_vector(bias, "bias", input, g.C);
-  if (residual.has_value() && residual->defined()) {
-    TORCH_CHECK(residual->sizes() == input.sizes(), "residual must have the same shape as input, got ",
-                residual->sizes(), " and ", input.sizes());
-    TORCH_CHECK(residual->scalar_type() == input.scalar_type(), "residual must have the same dtype as input (",
-                input.scalar_type(), "), got ", residual->scalar_type());
-    TORCH_CHECK(residual->device() == input.device(), "residual must be on the same device as input (",
-                input.device(), "), got ", residual->device());
-  }
+  check_residual(residual, input);
   check_acc_vector(save_mean, "save_mean", input, g.C);
   check_acc_vector(save_invstd, "save_invstd", input, g.C);
   const int64_t want = math::act_has_mask(act) ? math::mask_bytes(g.numel()) : 0;
