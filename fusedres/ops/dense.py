@@ -32,7 +32,7 @@ from fusedres.reference import dense as _reference
 from fusedres.validation import BASIC_ACTIVATIONS, check_activation
 from fusedres.validation import check_dense_args, check_dense_inputs, concat_input_stats
 
-__all__ = ["dense_batch_norm_act", "dense_mask_bytes"]
+__all__ = ["dense_batch_norm_act", "dense_mask_bytes", "native_serves"]
 
 _FORWARD = "fusedres::dense_bn_act_forward"
 _BACKWARD = "fusedres::dense_bn_act_backward"
@@ -254,6 +254,11 @@ _NATIVE_DEVICE_TYPES = frozenset(
     d for d in ("cpu", "cuda", "meta") if _HAS_SCHEMA and _native.has_kernel(d, op=_FORWARD)
 )
 _warned_devices: set[str] = set()
+
+
+def native_serves(device: torch.device) -> bool:
+    """Whether the native dense kernels serve ``device`` (else :func:`dense_batch_norm_act` runs the reference)."""
+    return device.type in _NATIVE_DEVICE_TYPES
 
 
 def dense_batch_norm_act(
