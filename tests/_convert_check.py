@@ -48,12 +48,12 @@ def randomize_norms(model: nn.Module, seed: int = 3) -> nn.Module:
 
 def damp_residual_branches(model: nn.Module, factor: float = 0.2) -> None:
     """Scales the weight of each residual block's last BatchNorm (those convert() fuses with the shortcut add, or
-    leaves at an SE / drop_path boundary) by ``factor``, like a partial ``zero_init_residual``: a deep, randomly
+    fuses alone at an SE / drop_path boundary) by ``factor``, like a partial ``zero_init_residual``: a deep, randomly
     initialised ResNet trained on a batch of 2 is chaotic (rounding flips ReLU masks, and BatchNorms over a few
     values per channel amplify the flips), which would make float32-vs-float64 errors a lottery for any model."""
     _, probe = fusedres.convert(model, report=True)  # a copy: only the names of the block ends are used
     names = {c.name for c in probe.converted if c.residual}
-    names |= {u.name for u in probe.untouched if u.reason.startswith("block end")}
+    names |= {name for name, reason in probe.alone.items() if reason.startswith("block end")}
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name in names:

@@ -359,14 +359,15 @@ def test_densenet_parts_that_cannot_fuse_are_left_and_reported() -> None:
     assert type(f.transition1) is _Transition and isinstance(f.transition1.norm, BatchNormAct2d)
     assert isinstance(f.transition1.relu, nn.Identity)
     assert type(converted) is fr_densenet.DenseNet and isinstance(f.norm5, DenseNormAct2d)
-    untouched = {u.name: u.reason for u in report.untouched}
-    assert set(untouched) == {
+    # The BatchNorms of the layers left torchvision's run fused alone (identity), with why nothing more is fused.
+    alone = report.alone
+    assert set(alone) == {
         f"features.denseblock{b}.denselayer{layer}.norm{n}" for b, layer in ((1, 2), (2, 1)) for n in (1, 2)
     }
-    assert "the _DenseLayer has hooks" in untouched["features.denseblock1.denselayer2.norm1"]
+    assert "the _DenseLayer has hooks" in alone["features.denseblock1.denselayer2.norm1"]
     # silu runs in bn_act but not in the dense op a _DenseLayer becomes (relu only there)
-    assert "relu2: SiLU is not exactly nn.ReLU" in untouched["features.denseblock2.denselayer1.norm2"]
-    assert report.num_pairs == 2 and len(report.converted) == 11 - 4
+    assert "relu2: SiLU is not exactly nn.ReLU" in alone["features.denseblock2.denselayer1.norm2"]
+    assert report.num_pairs == 2 and len(report.converted) == 11 and report.untouched == []
     _assert_parity(converted, original)
 
 
@@ -396,7 +397,7 @@ def test_convert_standalone_dense_layer() -> None:
     strided = _DenseLayer(12, growth_rate=4, bn_size=2, drop_rate=0.0)
     strided.conv2.stride = (2, 2)
     kept, report = fusedres.convert(strided, report=True)
-    assert type(kept) is _DenseLayer and "conv2: Conv2d(8, 4" in report.untouched[0].reason
+    assert type(kept) is _DenseLayer and "conv2: Conv2d(8, 4" in report.alone["norm1"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -428,8 +429,8 @@ def test_regnet_block_without_projection_and_with_hooks() -> None:
     hooked = copy.deepcopy(original)
     hooked.f.c.register_forward_hook(lambda m, i, o: None)
     kept, report = fusedres.convert(hooked, report=True)
-    assert type(kept) is ResBottleneckBlock and [u.name for u in report.untouched] == ["f.c.1"]
-    assert "ResBottleneckBlock end: f's last module is not a hook-free Sequential" in report.untouched[0].reason
+    assert type(kept) is ResBottleneckBlock and list(report.alone) == ["f.c.1"] and report.untouched == []
+    assert "ResBottleneckBlock end: f's last module is not a hook-free Sequential" in report.alone["f.c.1"]
 
 
 @pytest.mark.parametrize(
@@ -485,29 +486,29 @@ def test_inverted_residual_block_end() -> None:
 
 
 def test_hardswish_waits_for_the_kernels() -> None:
-    """MobileNetV3's BN -> Hardswish pairs are reported as waiting; its BN -> ReLU pairs fuse, and its projection
-    BatchNorms (nothing after them) run fused with the identity activation."""
+    """MobileNetV3's BN -> Hardswish pairs are reported as waiting (their BatchNorm runs fused alone, identity);
+    its BN -> ReLU pairs fuse, and its projection BatchNorms (nothing after them) run fused, identity."""
     torch.manual_seed(0)
     model = torchvision.models.get_model("mobilenet_v3_small", num_classes=10)
     converted, report = fusedres.convert(model, report=True)
-    reasons = {u.reason for u in report.untouched}
-    assert "activation hardswish is not fused by the kernels yet" in reasons
+    assert report.untouched == [] and report.fused_share == 1.0
+    assert report.alone and all(r == "activation hardswish is not fused by the kernels yet" for r in report.alone.values())
     assert {c.activation for c in report.converted} == {"relu", "identity"}
-    assert all(u.reason.endswith("activation hardswish is not fused by the kernels yet") for u in report.untouched)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(converted.eval()(x), model.eval()(x), rtol=1e-4, atol=1e-5)
 
 
 def test_activations_a_fused_class_cannot_take_are_left() -> None:
-    """silu after an nn.SyncBatchNorm stays (SyncBatchNormAct2d has no silu: its backward cannot recompute the
-    pre-activation); relu6 after one fuses."""
+    """silu after an nn.SyncBatchNorm stays PyTorch's (SyncBatchNormAct2d has no silu: its backward cannot recompute
+    the pre-activation), its BatchNorm fused alone (identity); relu6 after one fuses."""
     seq = nn.Sequential(nn.SyncBatchNorm(4), nn.SiLU(), nn.SyncBatchNorm(4), nn.ReLU6())
     converted, report = fusedres.convert(seq, report=True)
-    assert type(converted[0]) is nn.SyncBatchNorm and type(converted[1]) is nn.SiLU
+    assert type(converted[0]) is SyncBatchNormAct2d and converted[0].activation == "identity"
+    assert type(converted[1]) is nn.SiLU
     assert type(converted[2]) is SyncBatchNormAct2d and converted[2].activation == "relu6"
-    assert [u.name for u in report.untouched] == ["0"]
-    assert "activation silu is not supported by SyncBatchNormAct2d" in report.untouched[0].reason
+    assert list(report.alone) == ["0"] and report.untouched == []
+    assert "activation silu is not supported by SyncBatchNormAct2d" in report.alone["0"]
 
 
 def test_sync_batchnorm_pairs_and_default_converters_do_not_override_users() -> None:

@@ -91,7 +91,8 @@ def test_full_resnet50_structure() -> None:
     ],
 )
 def test_se_and_drop_path_boundary_is_all_that_is_left(name: str, kwargs: dict, boundary: str) -> None:
-    """Everything outside the SE / drop_path boundary is fused; the BatchNorm before it is reported with why."""
+    """Everything outside the SE / drop_path boundary is fused; the BatchNorm before it runs fused alone (identity)
+    and the report says why its add and activation are not."""
     model = _meta(name, **kwargs)
     ends = {
         n: m
@@ -101,11 +102,12 @@ def test_se_and_drop_path_boundary_is_all_that_is_left(name: str, kwargs: dict, 
     }
     assert ends
     _, report = fusedres.convert(model, inplace=True, report=True)
-    left = {u.name: u.reason for u in report.untouched}
+    left = report.alone
     want = {f"{n}.bn3" if hasattr(m, "bn3") else f"{n}.conv3.bn" for n, m in ends.items()}
-    assert set(left) == want
+    assert set(left) == want and report.untouched == []
     assert all(boundary in r and "needs a block-end op the kernels do not have yet" in r for r in left.values())
-    assert report.num_batchnorms - len(left) == len(report.converted)
+    assert {c.activation for c in report.converted if c.name in want} == {"identity"}
+    assert report.num_batchnorms == len(report.converted)
 
 
 def test_regnety_se_sits_before_conv3_so_the_block_end_fuses() -> None:
@@ -125,30 +127,32 @@ ONE_BLOCK = {"layers": (1, 1, 1, 1)}
 
 
 @pytest.mark.parametrize(
-    "name, kwargs, min_share",
+    "name, kwargs, min_share, alone",
     [
-        ("resnet18", {}, 1.0),
-        ("resnet50", ONE_BLOCK, 1.0),
-        ("resnet50d", ONE_BLOCK, 1.0),
-        ("resnext50_32x4d", ONE_BLOCK, 1.0),
-        ("wide_resnet50_2", {**ONE_BLOCK, "channels": (16, 32, 64, 128)}, 1.0),
-        ("resnetv2_50", ONE_BLOCK, 1.0),
-        ("regnety_008", {}, 1.0),
-        ("densenet121", {"block_config": (2, 2, 2, 2)}, 1.0),
-        ("resnet10t", {}, 1.0),  # tiered deep stem, avg-pool downsample
-        ("resnetaa34d", ONE_BLOCK, 1.0),  # anti-aliasing (avg pool) after act1
-        ("seresnet50", ONE_BLOCK, 13 / 17),  # the 4 bn3 before an SE stay
-        ("resnet18", {**ONE_BLOCK, "drop_path_rate": 0.1}, 9 / 12),  # blocks 2-4 have an active DropPath
-        ("resnet18", {**ONE_BLOCK, "drop_block_rate": 0.2}, 10 / 12),  # bn1 -> DropBlock2d -> act1 in layers 3-4
+        ("resnet18", {}, 1.0, 0),
+        ("resnet50", ONE_BLOCK, 1.0, 0),
+        ("resnet50d", ONE_BLOCK, 1.0, 0),
+        ("resnext50_32x4d", ONE_BLOCK, 1.0, 0),
+        ("wide_resnet50_2", {**ONE_BLOCK, "channels": (16, 32, 64, 128)}, 1.0, 0),
+        ("resnetv2_50", ONE_BLOCK, 1.0, 0),
+        ("regnety_008", {}, 1.0, 0),
+        ("densenet121", {"block_config": (2, 2, 2, 2)}, 1.0, 0),
+        ("resnet10t", {}, 1.0, 0),  # tiered deep stem, avg-pool downsample
+        ("resnetaa34d", ONE_BLOCK, 1.0, 0),  # anti-aliasing (avg pool) after act1
+        # Every BatchNorm fused; those before an SE / active DropPath / DropBlock2d alone (identity): 4, 3, 2
+        ("seresnet50", ONE_BLOCK, 1.0, 4),
+        ("resnet18", {**ONE_BLOCK, "drop_path_rate": 0.1}, 1.0, 3),  # blocks 2-4 have an active DropPath
+        ("resnet18", {**ONE_BLOCK, "drop_block_rate": 0.2}, 1.0, 2),  # bn1 -> DropBlock2d -> act1 in layers 3-4
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
-def test_training_step_matches_the_unconverted_model(name: str, kwargs: dict, min_share: float) -> None:
+def test_training_step_matches_the_unconverted_model(name: str, kwargs: dict, min_share: float, alone: int) -> None:
     def build() -> nn.Module:
         return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
 
     _, report = check_converted_training_step(build, SHAPE, min_share=min_share)
     assert report.fused_share == pytest.approx(min_share)
+    assert len(report.alone) == alone
 
 
 def test_converted_model_pickles_and_keeps_timm_methods() -> None:

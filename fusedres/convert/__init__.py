@@ -18,7 +18,9 @@ objects) and state_dict key. What each library gets:
 
 A library's converters are registered the first time convert() runs while the library is imported.
 
-Everything else is left as it is, and every BatchNorm left is listed with the reason in the :class:`ConvertReport`
+A BatchNorm a converter cannot fuse with what follows it (before an SE module, an active drop_path, a Hardswish)
+runs fused alone, listed with the reason in ``ConvertReport.alone``. Everything else is left as it is, and every
+BatchNorm left is listed with the reason in the :class:`ConvertReport`
 (``convert(model, report=True)``; the summary is also logged at INFO level on the ``fusedres.convert`` logger).
 Only exact module types are converted (a subclass may have a different forward), never a module with hooks (a hook
 between the BN and the activation would see other values), and only activations the kernels compute (ReLU,

@@ -42,6 +42,8 @@ BN_TO_ACT: dict[type[nn.Module], type[nn.Module]] = {
     nn.SyncBatchNorm: SyncBatchNormAct2d,
 }
 FUSED_NORMS = (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, DenseBatchNormAct2d, SyncBatchNormAct2d)
+# ConvertedNorm.via of a BatchNorm fused alone where more could not be fused: "...<NOT_FUSED_WITH><reason>".
+NOT_FUSED_WITH = "; not fused with what follows: "
 # ConvertedNorm.via values that count as BatchNorm -> activation pairs outside residual blocks.
 PAIR_VIAS = frozenset(
     {"Sequential pair", "ResNet stem", "timm ResNet stem", "timm BatchNormAct2d", "timm SyncBatchNormAct"}
@@ -74,6 +76,7 @@ class ConvertReport:
             blocks, dense layers, dense blocks, transitions, DenseNets.
         converted: every BatchNorm now fused (:class:`ConvertedNorm`), in module order.
         untouched: every BatchNorm (any ``_BatchNorm`` subclass not already fused) left unchanged, with the reason.
+            (A BatchNorm a converter could not fuse with what follows is fused alone: see :attr:`alone`.)
         already_fused: qualified names of the fusedres BatchNormAct modules that were there before.
     """
 
@@ -86,6 +89,13 @@ class ConvertReport:
     def num_pairs(self) -> int:
         """BatchNorm -> activation pairs fused outside residual blocks: Sequential pairs, stems, norm-act layers."""
         return sum(1 for c in self.converted if c.via in PAIR_VIAS)
+
+    @property
+    def alone(self) -> dict[str, str]:
+        """The BatchNorms fused alone (identity) where a converter could not fuse what follows them: name -> why
+        (an SE module or an active drop_path before the add, an activation the kernels do not have, hooks on the
+        enclosing block, ...)."""
+        return {c.name: c.via.partition(NOT_FUSED_WITH)[2] for c in self.converted if NOT_FUSED_WITH in c.via}
 
     @property
     def num_batchnorms(self) -> int:
@@ -118,6 +128,12 @@ class ConvertReport:
         for reason, names in by_reason.items():
             shown = ", ".join(names[:3]) + (f", ... ({len(names) - 3} more)" if len(names) > 3 else "")
             lines.append(f"  {len(names)} unchanged, {reason}: {shown}")
+        alone: dict[str, list[str]] = {}  # fused alone (identity) where more could not be fused, by reason
+        for name, reason in self.alone.items():
+            alone.setdefault(reason, []).append(name)
+        for reason, names in alone.items():
+            shown = ", ".join(names[:3]) + (f", ... ({len(names) - 3} more)" if len(names) > 3 else "")
+            lines.append(f"  {len(names)} fused alone (identity), not with what follows, {reason}: {shown}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -8,8 +8,11 @@ backward, float32, 2-core AMD EPYC (Zen 3, AVX2), medians of 11 interleaved roun
 ``identity`` rows of ``python -m fusedres bench``): 1.25-1.85x in NCHW and 1.02-2.5x in channels_last over the
 MobileNet / CIFAR shapes 32x16x112x112 ... 32x320x7x7, 128x16x32x32, 128x64x8x8.
 
-A BatchNorm some converter left with a reason (hooks, an activation the kernels do not have after it, a block
-boundary) keeps it: this pass takes only the BatchNorms nobody decided about.
+A BatchNorm some converter could not fuse with what follows it (an SE module or an active drop_path before the
+block's add, an activation the kernels do not have, a block with hooks) still runs fused, alone; its
+:class:`ConvertedNorm` says why nothing more was fused (``via``: ``VIA + NOT_FUSED_WITH + reason``;
+``ConvertReport.alone`` lists them). Only a BatchNorm that cannot be replaced at all (hooks on it, a subclass, an unknown norm-act layer, a
+norm-act layer whose activation or drop cannot be fused) stays PyTorch's, listed in ``report.untouched``.
 """
 
 from __future__ import annotations
@@ -17,25 +20,27 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fusedres.convert._core import FUSED_NORMS, ConvertContext
+from fusedres.convert._core import FUSED_NORMS, NOT_FUSED_WITH, ConvertContext
 
-__all__ = ["fuse_lone_norms"]
+__all__ = ["VIA", "fuse_lone_norms"]
 
 VIA = "BatchNorm alone (identity)"
 
 
-def _lone(module: nn.Module | None, ctx: ConvertContext) -> bool:
-    """Whether ``module`` is a BatchNorm no converter fused or decided about."""
-    return isinstance(module, _BatchNorm) and not isinstance(module, FUSED_NORMS) and ctx.reason(module) is None
+def _lone(module: nn.Module | None) -> bool:
+    """Whether ``module`` is a BatchNorm still running PyTorch's forward."""
+    return isinstance(module, _BatchNorm) and not isinstance(module, FUSED_NORMS)
 
 
 def _fuse_one(bn: nn.Module, name: str, ctx: ConvertContext) -> nn.Module:
     """The identity fused BatchNorm for ``bn``, or ``bn`` itself with the reason it cannot be replaced recorded."""
     problem = ctx.plain_norm_problem(bn)
     if problem is not None:
-        ctx.skip(bn, problem)
+        ctx.skip(bn, problem)  # a converter's reason, when there is one, stays first
         return bn
-    return ctx.fuse(bn, name, "identity", residual=False, via=VIA)
+    reason = ctx.reason(bn)
+    via = VIA if reason is None else VIA + NOT_FUSED_WITH + reason
+    return ctx.fuse(bn, name, "identity", residual=False, via=via)
 
 
 def fuse_lone_norms(model: nn.Module, ctx: ConvertContext) -> nn.Module:
@@ -43,11 +48,11 @@ def fuse_lone_norms(model: nn.Module, ctx: ConvertContext) -> nn.Module:
 
     Returns ``model``, or its replacement when ``model`` itself is a lone BatchNorm.
     """
-    if _lone(model, ctx):
+    if _lone(model):
         return _fuse_one(model, "", ctx)
     for parent_name, parent in list(model.named_modules()):
         prefix = f"{parent_name}." if parent_name else ""
         for child_name, child in list(parent._modules.items()):
-            if _lone(child, ctx):
+            if _lone(child):
                 parent._modules[child_name] = _fuse_one(child, prefix + child_name, ctx)
     return model
