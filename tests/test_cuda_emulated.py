@@ -18,15 +18,20 @@ from _cuda_emu import (
     ACTS,
     CUDA_SRC,
     EMULATED_HEADERS,
+    EPS,
     ORDERS,
     ROOT,
     SHAPE_IDS,
     SHAPES,
     global_kernels,
+    flat_buffer,
     launch_sites,
     run_backward,
     run_forward,
+    seed_of,
+    spatial_dims,
 )
+from _numerics import activation_kinks, ambiguous_branch, assert_2x, channel_view, max_abs
 
 # ------------------------------------------------------------------------------------------------ tests
 
@@ -112,6 +117,134 @@ def test_shapes_reach_edges(emu):
         for (s, cl), c in cfg.items()
     ), "no case where the spare mask word is in a span of its own"
     assert any((s[0] * s[1] * s[2]) % 32 for s in SHAPES), "no partial warp"
+
+
+# ------------------------------------------------------------------------------------------------ large mean
+
+# Inputs whose per-channel mean is LARGE_MEAN_RATIO standard deviations (issue 17): the kind of input a BatchNorm sees
+# after an un-normalised layer. (N, C, S, num_sms): test_large_mean.py's shape (16 channels), and one with P > 1
+# partial reductions in both layouts (the Welford merge of the finalize kernel).
+LARGE_MEAN_RATIO = 1e4
+LARGE_MEAN_SHAPES = [(8, 16, 99, 1), (3, 3, 2000, 1)]
+
+
+def _large_mean_case(N, C, S, seed):
+    """float64 values exactly representable in float32: x with per-channel mean ~ +-ratio * std, std in [0.5, 2];
+    running statistics near the batch ones (eval); as tests/test_large_mean.py's make_case."""
+    g = torch.Generator().manual_seed(seed)
+    H, W = spatial_dims(S)
+    std = torch.rand(C, generator=g, dtype=torch.float64) * 1.5 + 0.5
+    sign = torch.where(torch.rand(C, generator=g, dtype=torch.float64) < 0.5, -1.0, 1.0)
+    mean = sign * LARGE_MEAN_RATIO * std * (1 + 0.1 * torch.rand(C, generator=g, dtype=torch.float64))
+    x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64) * channel_view(std, 4) + channel_view(mean, 4)
+
+    def f32(t):
+        return t.float().double()
+
+    return {
+        "x": f32(x),
+        "r": f32(torch.randn(N, C, H, W, generator=g, dtype=torch.float64)),
+        "dy": f32(torch.randn(N, C, H, W, generator=g, dtype=torch.float64)),
+        "w": f32(torch.randn(C, generator=g, dtype=torch.float64) * 2),
+        "b": f32(torch.randn(C, generator=g, dtype=torch.float64)),
+        "rm": f32(mean + std * torch.randn(C, generator=g, dtype=torch.float64) * 0.2),
+        "rv": f32(std**2 * (torch.rand(C, generator=g, dtype=torch.float64) * 0.5 + 0.75)),
+    }
+
+
+def _torch_bn_act(case, dtype, training, act, dy):
+    """Plain PyTorch in ``dtype`` on the case's values: output, the four gradients, batch mean and biased variance."""
+    x, r, w, b = (case[k].to(dtype).requires_grad_() for k in ("x", "r", "w", "b"))
+    rm, rv = case["rm"].to(dtype), case["rv"].to(dtype)
+    z = torch.nn.functional.batch_norm(x, rm, rv, w, b, training, 0.0, EPS) + r
+    y = torch.nn.functional.relu(z) if act == "relu" else torch.nn.functional.silu(z)
+    gx, gr, gw, gb = torch.autograd.grad(y, (x, r, w, b), dy.to(dtype))
+    var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), correction=0)
+    return {"output": y.detach(), "grad_input": gx, "grad_residual": gr, "grad_weight": gw, "grad_bias": gb,
+            "mean": mean, "var": var}  # fmt: skip
+
+
+def large_mean_errors(emu, shape, cl, training, act):
+    """Per quantity: (emulated CUDA kernels, float64 PyTorch oracle, float32 PyTorch, scale of its terms), float32
+    inputs with a mean of LARGE_MEAN_RATIO standard deviations; the backward runs on the emulated forward's
+    statistics and mask (the whole CUDA chain)."""
+    N, C, S, sms = shape
+    case = _large_mean_case(N, C, S, seed_of("large_mean", shape))
+    x64 = case["x"]
+    if training:
+        var, mean = torch.var_mean(x64, dim=(0, 2, 3), correction=0)
+    else:
+        mean, var = case["rm"], case["rv"]
+    invstd = (var + EPS).rsqrt()
+    # The upstream gradient is zeroed where the ReLU's branch is not decided at float32 rounding (a band that widens
+    # with the mean): no implementation can be held to either side there.
+    amb = ambiguous_branch(x64, mean, invstd, case["w"], case["b"], case["r"], torch.float32,
+                           kinks=activation_kinks(act))  # fmt: skip
+    dy = case["dy"].masked_fill(amb, 0.0)
+    ref = _torch_bn_act(case, torch.float64, training, act, dy)
+    same = _torch_bn_act(case, torch.float32, training, act, dy)
+
+    def buf(t):
+        return flat_buffer(t.float().contiguous(memory_format=torch.channels_last) if cl else t.float(), cl)
+
+    x, r, w, b = buf(case["x"]), buf(case["r"]), case["w"].float(), case["b"].float()
+    numel = x.numel()
+    e_y = torch.full((numel,), -777.0)
+    mask_bytes = ((numel + 31) // 32 + 1) * 4  # math::mask_bytes
+    e_mask = torch.full((mask_bytes,), 0xAB, dtype=torch.uint8) if act != "silu" else None
+    e_var = torch.full((C,), math.nan)
+    if training:
+        e_mean, e_invstd = torch.full((C,), math.nan), torch.full((C,), math.nan)
+    else:  # what the launcher's bn_act_eval_stats passes: the running mean and 1 / sqrt(running_var + eps)
+        e_mean, e_invstd = case["rm"].float(), (case["rv"].float() + EPS).rsqrt()
+    emu.configure("rand", seed_of("large_mean", shape, cl, training, act))
+    emu.forward(torch.float32, N, C, S, cl, sms, training, act, x, r, w, b, e_mean, e_invstd, e_y, e_mask,
+                e_var if training else None)  # fmt: skip
+    e_gi, e_gr = torch.full((numel,), -777.0), torch.full((numel,), -777.0)
+    e_gw, e_gb = torch.full((C,), math.nan), torch.full((C,), math.nan)
+    emu.backward(torch.float32, N, C, S, cl, sms, training, act, buf(dy), x, e_mask, e_mean, e_invstd, w,
+                 e_gi, e_gr, e_gw, e_gb, b, r)  # fmt: skip
+    ours = {"output": e_y, "grad_input": e_gi, "grad_residual": e_gr, "grad_weight": e_gw, "grad_bias": e_gb}
+    if training:
+        ours.update(mean=e_mean, var=e_var)
+
+    x_hat = (x64 - channel_view(mean, 4)) * channel_view(invstd, 4)
+    w_abs = channel_view(case["w"].abs(), 4)
+    dims = (0, 2, 3)
+    scales = {
+        "output": max_abs(x_hat * w_abs) + max_abs(case["b"]) + max_abs(case["r"]),
+        "grad_input": max_abs(dy.abs() * w_abs * channel_view(invstd, 4)),
+        "grad_residual": max_abs(dy),
+        "grad_weight": max_abs((dy.abs() * x_hat.abs()).sum(dims)),
+        "grad_bias": max_abs(dy.abs().sum(dims)),
+        "mean": max_abs(x64),
+        "var": max_abs(var),
+    }
+    out = {}
+    for name, got in ours.items():
+        ref_t, same_t = ref[name], same[name]
+        if ref_t.dim() == 4:  # element tensors: the kernels' flat buffers
+            ref_t, same_t = flat_buffer(ref_t, cl), flat_buffer(same_t, cl)
+        out[name] = (got, ref_t, same_t, scales[name])
+    return out
+
+
+@pytest.mark.parametrize("act", ["relu", "silu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("shape", LARGE_MEAN_SHAPES, ids=["x".join(map(str, s[:3])) for s in LARGE_MEAN_SHAPES])
+def test_large_mean_within_2x_pytorch(emu, shape, cl, training, act):
+    """float32 inputs with a mean of 1e4 standard deviations (issue 17): the output, every gradient and the batch
+    statistics of the CUDA kernels within 2x PyTorch's own float32 error against float64 PyTorch on the same rounded
+    inputs, plus a floor of a few float32 roundings of the terms (tests/_numerics.py's rule). The forward normalises
+    as (x - mean) * scale + bias: the folded x * scale + (bias - mean * scale) cancels a large mean * scale."""
+    failures = []
+    for name, (got, ref, same, scale) in large_mean_errors(emu, shape, cl, training, act).items():
+        try:
+            assert_2x(name, got, ref, same, scale, torch.float32)
+        except AssertionError as e:
+            failures.append(str(e))
+    assert not failures, "\n".join(failures)
 
 
 # ------------------------------------------------------------------------------------------------ the harness can fail

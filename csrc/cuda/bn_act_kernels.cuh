@@ -15,11 +15,11 @@
 //   bn_act_reduce_nchw_kernel<Op>           grid (C, P), 1-D blocks: block (c, p) reduces chunk p of channel c
 //   bn_act_reduce_channels_last_kernel<Op>  grid (C / tile, P), 2-D blocks: threadIdx.x = channel in the tile,
 //                                           threadIdx.y strides over the rows m of chunk p
-//       Op = BnActStatsOp      forward training statistics: Welford (count, mean, m2) of x
+//       Op = BnActStatsOp      forward training statistics: Welford (count, mean, m2) of x - pivot
 //            BnActGradSumsOp   backward: sum of dz and of dz * (x - mean)
-//   bn_act_stats_finalize_kernel       merges the Welford partials -> mean, invstd, biased var, scale, shift
-//   bn_act_eval_scale_shift_kernel     eval: scale, shift from the running-statistics mean and invstd
-//   bn_act_forward_elementwise_kernel  y = act(x * scale + shift (+ r)) and the packed mask bits
+//   bn_act_stats_finalize_kernel       merges the Welford partials -> mean, invstd, biased var, scale
+//   bn_act_eval_scale_kernel           eval: scale from the running-statistics invstd
+//   bn_act_forward_elementwise_kernel  y = act((x - mean) * scale + bias (+ r)) and the packed mask bits
 //   bn_act_backward_finalize_kernel    merges the gradient partials -> sum dz, sum dz * xhat, dx coefficients
 //   bn_act_backward_given_sums_kernel  dx coefficients from given sums over `count` values (bn_act_backward_elemt)
 //   bn_act_backward_elementwise_kernel dz = act'(dy); grad_input and/or grad_residual
@@ -159,7 +159,7 @@ struct BnActLaunch {
   bool channels_last;                    // the layout the shapes were made for (picks the kernel variants)
   dim3 reduce_grid, reduce_block;        // bn_act_reduce_{nchw,channels_last}_kernel (layout-specific)
   dim3 finalize_grid, finalize_block;    // bn_act_{stats,backward}_finalize_kernel
-  dim3 channel_grid, channel_block;      // bn_act_eval_scale_shift_kernel
+  dim3 channel_grid, channel_block;      // bn_act_eval_scale_kernel, bn_act_backward_given_sums_kernel
   dim3 elementwise_grid, elementwise_block;
 };
 
@@ -233,12 +233,19 @@ FUSEDRES_DEVICE_INLINE bool mask_bit(const uint32_t* mask, int64_t i) {
   return (mask[i >> 5] >> (i & 31)) & 1u;
 }
 
-// scale = w * invstd, shift = b - mean * scale: z = x * scale + shift is the normalised, affine value.
+// The normalised, affine value z = (x - mean) * scale + shift, scale = w * invstd (bn_scale), shift = b: every
+// kernel that recomputes z uses these two, so the forward and the backward agree (docs/design.md section 1).
+// Centred first, not folded into x * scale + (b - mean * scale): for an input whose mean is large against its
+// standard deviation, x - mean is exact (x and mean are within a factor of 2 of each other), whereas the folded
+// form cancels two values of size |mean| * scale and loses about |mean| / std units of rounding (tests:
+// test_large_mean_within_2x_pytorch in tests/test_cuda_emulated.py).
 template <typename acc_t>
-FUSEDRES_HOST_DEVICE_INLINE void bn_scale_shift(acc_t w, acc_t b, acc_t mean, acc_t invstd, acc_t& scale,
-                                                acc_t& shift) {
-  scale = w * invstd;
-  shift = b - mean * scale;
+FUSEDRES_HOST_DEVICE_INLINE acc_t bn_scale(acc_t w, acc_t invstd) {
+  return w * invstd;
+}
+template <typename acc_t>
+FUSEDRES_HOST_DEVICE_INLINE acc_t bn_normalize(acc_t x, acc_t mean, acc_t scale, acc_t shift) {
+  return (x - mean) * scale + shift;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -349,22 +356,34 @@ struct GradSumPartials {
 //   static void accumulate(State&, const Value&);     Partials partials;
 // Loads and accumulation are separate so that kReduceUnroll loads are issued before the dependent updates.
 
-// Forward training statistics of x.
+// Forward training statistics of x, shifted: the partials are the Welford states of x - pivot, with the pivot the
+// channel's first value (m = 0), the same in every block of the channel; the finalize adds it back to the mean.
+// For an input whose mean is large against its standard deviation, x - pivot is exact and of the size of the
+// deviations, so the running mean and m2 keep their precision; a float running mean of the values themselves moves
+// in steps of ulp(mean) (~|mean| * 6e-8), which at a mean of 1e4 standard deviations put 1e-3 relative errors into
+// the variance. A non-finite first value gives the pivot 0: the unshifted statistics, inf and NaN propagating as
+// they did without a pivot (v - v is 0 exactly for finite v).
 template <typename scalar_t, typename acc_t>
 struct BnActStatsOp {
   using State = WelfordStats<acc_t>;
   using Value = acc_t;
-  struct Channel {};
+  struct Channel {
+    acc_t pivot;
+  };
   const scalar_t* x;
+  int64_t pivot_stride;  // channel c's first value is x[c * pivot_stride]: S in NCHW, 1 in channels_last
   WelfordPartials<acc_t> partials;
 
-  FUSEDRES_DEVICE_INLINE Channel channel(int64_t) const { return {}; }
-  FUSEDRES_DEVICE_INLINE Value load(const Channel&, int64_t off) const { return to_acc(x[off]); }
+  FUSEDRES_DEVICE_INLINE Channel channel(int64_t c) const {
+    const acc_t v = to_acc(x[c * pivot_stride]);
+    return {v - v == acc_t(0) ? v : acc_t(0)};
+  }
+  FUSEDRES_DEVICE_INLINE Value load(const Channel& ch, int64_t off) const { return to_acc(x[off]) - ch.pivot; }
   static FUSEDRES_DEVICE_INLINE void accumulate(State& s, const Value& v) { welford_push(s, v); }
 };
 
-// Backward sums: dz = act'(dy) from the mask bit (SiLU: from z recomputed as (x - mean) * w * invstd + bias
-// (+ residual), docs/design.md section 1); sum dz and sum dz * (x - mean). The invstd factor of
+// Backward sums: dz = act'(dy) from the mask bit (SiLU: from z recomputed as bn_normalize(x, mean, w * invstd,
+// bias) (+ residual), docs/design.md section 1); sum dz and sum dz * (x - mean). The invstd factor of
 // xhat = (x - mean) * invstd is applied once per channel in the finalize kernel instead of per element.
 // SiLU is a compile-time variant (kSiLU): with one runtime branch for both, the channels_last reduce kernel needs
 // more registers than its launch bounds allow and spills (ptxas, sm_90); apart, each fits.
@@ -398,16 +417,17 @@ struct BnActGradSumsOp {
 
   FUSEDRES_DEVICE_INLINE Channel channel(int64_t c) const {
     if constexpr (kSiLU) {
-      return {mean[c], weight[c] * invstd[c], bias[c]};
+      return {mean[c], bn_scale(weight[c], invstd[c]), bias[c]};
     } else {
       return {mean[c]};
     }
   }
   FUSEDRES_DEVICE_INLINE Value load(const Channel& ch, int64_t off) const {
     const acc_t dy = to_acc(grad_out[grad_out_ld(off)]);
-    const acc_t d = to_acc(x[off]) - ch.mean;
+    const acc_t xv = to_acc(x[off]);
+    const acc_t d = xv - ch.mean;
     if constexpr (kSiLU) {
-      acc_t z = d * ch.scale + ch.shift;
+      acc_t z = bn_normalize(xv, ch.mean, ch.scale, ch.shift);
       if (residual != nullptr) z += to_acc(residual[off]);
       return {math::silu_backward(dy, z), d};
     } else {
@@ -504,37 +524,36 @@ struct BnActChannelStats {
   acc_t* mean;
   acc_t* invstd;
   acc_t* var;    // biased batch variance, for the running-statistics update
-  acc_t* scale;  // nullptr (and shift too): statistics only (bn_stats), weight and bias are not read
-  acc_t* shift;
+  acc_t* scale;  // bn_scale(w, invstd); nullptr: statistics only (bn_stats), the weight is not read
 };
 
-// Training: merges the P Welford partials of each channel; var = m2 / M, invstd = 1 / sqrt(var + eps).
+// Training: merges the P Welford partials of each channel (of x - pivot: op.channel(c) gives the pivot back);
+// mean = pivot + their mean, var = m2 / M, invstd = 1 / sqrt(var + eps), and the forward's scale (the mean itself
+// is the centre of bn_normalize: nothing folds it into a shift).
 // Block kFinalizeTile x kFinalizeRows, grid ceil(C / kFinalizeTile).
-template <typename acc_t>
+template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kFinalizeTile * kFinalizeRows)
-    bn_act_stats_finalize_kernel(const WelfordPartials<acc_t> partials, const BnActShape sh, const acc_t eps,
-                                 const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
-                                 const BnActChannelStats<acc_t> out) {
+    bn_act_stats_finalize_kernel(const BnActStatsOp<scalar_t, acc_t> op, const BnActShape sh, const acc_t eps,
+                                 const acc_t* __restrict__ weight, const BnActChannelStats<acc_t> out) {
   STATIC_SHARED(WelfordStats<acc_t>, column_partials, kFinalizeTile * kFinalizeRows);
-  const WelfordStats<acc_t> s = merge_channel_partials(partials, sh.partials, sh.C, column_partials);
+  const WelfordStats<acc_t> s = merge_channel_partials(op.partials, sh.partials, sh.C, column_partials);
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (threadIdx.y != 0 || c >= sh.C) return;
   const acc_t var = s.m2 / static_cast<acc_t>(sh.M);
   const acc_t invstd = acc_t(1) / acc_sqrt(var + eps);
-  out.mean[c] = s.mean;
+  out.mean[c] = op.channel(c).pivot + s.mean;
   out.invstd[c] = invstd;
   out.var[c] = var;
-  if (out.scale != nullptr) bn_scale_shift(weight[c], bias[c], s.mean, invstd, out.scale[c], out.shift[c]);
+  if (out.scale != nullptr) out.scale[c] = bn_scale(weight[c], invstd);
 }
 
-// Eval: scale and shift from the running statistics (mean, invstd computed by bn_act_eval_stats). 1-D grid.
+// Eval: the forward's scale from the running statistics' invstd (computed by bn_act_eval_stats). 1-D grid.
 template <typename acc_t>
 __global__ void __launch_bounds__(kChannelThreads)
-    bn_act_eval_scale_shift_kernel(const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
-                                   const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
-                                   acc_t* __restrict__ scale, acc_t* __restrict__ shift, const int64_t C) {
+    bn_act_eval_scale_kernel(const acc_t* __restrict__ invstd, const acc_t* __restrict__ weight,
+                             acc_t* __restrict__ scale, const int64_t C) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c < C) bn_scale_shift(weight[c], bias[c], mean[c], invstd[c], scale[c], shift[c]);
+  if (c < C) scale[c] = bn_scale(weight[c], invstd[c]);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -545,8 +564,9 @@ template <typename scalar_t, typename acc_t>
 struct BnActForwardArgs {
   const scalar_t* x;
   const scalar_t* residual;  // nullptr: no residual
-  const acc_t* scale;        // [C]
-  const acc_t* shift;        // [C]
+  const acc_t* mean;         // [C] the centre: the batch mean (training) or the running mean (eval)
+  const acc_t* scale;        // [C] bn_scale(w, invstd)
+  const acc_t* bias;         // [C] the shift of bn_normalize
   scalar_t* y;
   LeadingDim y_ld;  // y may be a channel slice of a wider tensor
   uint32_t* mask;   // mask_words words, or nullptr for activations without a mask
@@ -554,9 +574,9 @@ struct BnActForwardArgs {
   acc_t negative_slope;
 };
 
-// y = act(z), z = x * scale[c] + shift[c] (+ r), and the mask bit z > 0 of every element, one 32-bit word per
-// 32 consecutive elements built with __ballot_sync. Every mask word, including those past the last element, is
-// written exactly once, so the buffer needs no zeroing. 1-D blocks of a multiple of 32 threads.
+// y = act(z), z = bn_normalize(x, mean[c], scale[c], bias[c]) (+ r), and the mask bit of every element, one 32-bit
+// word per 32 consecutive elements built with __ballot_sync. Every mask word, including those past the last element,
+// is written exactly once, so the buffer needs no zeroing. 1-D blocks of a multiple of 32 threads.
 template <typename scalar_t, typename acc_t, bool kChannelsLast>
 __global__ void __launch_bounds__(kElementwiseThreads)
     bn_act_forward_elementwise_kernel(const BnActForwardArgs<scalar_t, acc_t> a, const BnActShape sh) {
@@ -572,7 +592,8 @@ __global__ void __launch_bounds__(kElementwiseThreads)
       valid[j] = i < sh.numel;
       z[j] = acc_t(0);
       if (valid[j]) {
-        z[j] = to_acc(a.x[i]) * a.scale[channel[j]] + a.shift[channel[j]];
+        const int64_t c = channel[j];
+        z[j] = bn_normalize(to_acc(a.x[i]), a.mean[c], a.scale[c], a.bias[c]);
         if (a.residual != nullptr) z[j] += to_acc(a.residual[i]);
       }
     }
@@ -661,7 +682,8 @@ struct BnActBackwardArgs {
   int act;
   acc_t negative_slope;
   bool training;  // false: statistics are constants, dx = dz * w * invstd
-  // SiLU only (math::act_needs_z): z = (x - mean) * weight * invstd + bias (+ residual); nullptr otherwise.
+  // SiLU only (math::act_needs_z): z = bn_normalize(x, mean, bn_scale(weight, invstd), bias) (+ residual);
+  // nullptr otherwise.
   const acc_t* weight = nullptr;
   const acc_t* bias = nullptr;
   const scalar_t* residual = nullptr;  // dense like x; nullptr without a residual
@@ -689,7 +711,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
         if (need_x) xv[j] = to_acc(a.x[i]);
         if (need_z) {
           const int64_t c = channel[j];
-          acc_t z = (xv[j] - a.mean[c]) * (a.weight[c] * a.invstd[c]) + a.bias[c];
+          acc_t z = bn_normalize(xv[j], a.mean[c], bn_scale(a.weight[c], a.invstd[c]), a.bias[c]);
           if (a.residual != nullptr) z += to_acc(a.residual[i]);
           dz[j] = math::silu_backward(dy, z);
         } else {

@@ -7,7 +7,7 @@
 // Sequences (launches in order):
 //   bn_act_forward_launch, training     reduce, stats finalize, forward elementwise   (bn_act_forward training)
 //                          statistics only (y == nullptr): reduce, stats finalize       (bn_stats)
-//                          eval         eval scale/shift, forward elementwise         (eval, bn_act_elemt)
+//                          eval         eval scale, forward elementwise               (eval, bn_act_elemt)
 //   bn_act_backward_launch              [reduce,] [backward finalize,] [backward elementwise]
 //                          sums only (no gradient buffers): reduce, backward finalize  (bn_act_backward_reduce)
 //   bn_act_backward_elemt_launch        given-sums coefficients, backward elementwise (bn_act_backward_elemt)
@@ -33,13 +33,14 @@ namespace gpu {
 // Forward
 // ---------------------------------------------------------------------------------------------------------
 
-// Workspace of the forward, in acc_t elements: scale, shift [C]; training adds the biased batch variance [C]
-// (at bn_act_forward_var_offset, for the running-statistics update) and the Welford partials 3 x [P][C].
+// Workspace of the forward, in acc_t elements: scale [C]; training adds the biased batch variance [C] (at
+// bn_act_forward_var_offset, for the running-statistics update) and the Welford partials 3 x [P][C]. No shift: the
+// elementwise kernel normalises as bn_normalize(x, mean, scale, bias), reading the mean and the bias themselves.
 FUSEDRES_HOST_DEVICE_INLINE int64_t bn_act_forward_workspace_elems(const BnActLaunch& L, bool training) {
   const int64_t C = L.shape.C;
-  return training ? 3 * C + 3 * L.shape.partials * C : 2 * C;
+  return training ? 2 * C + 3 * L.shape.partials * C : C;
 }
-FUSEDRES_HOST_DEVICE_INLINE int64_t bn_act_forward_var_offset(const BnActLaunch& L) { return 2 * L.shape.C; }
+FUSEDRES_HOST_DEVICE_INLINE int64_t bn_act_forward_var_offset(const BnActLaunch& L) { return L.shape.C; }
 
 template <typename scalar_t, typename acc_t>
 struct BnActForwardBuffers {
@@ -58,21 +59,20 @@ struct BnActForwardBuffers {
   acc_t* workspace;          // bn_act_forward_workspace_elems(L, training), uninitialised
 };
 
-// Training: statistics reduction -> finalize (mean, invstd, var, scale, shift) -> elementwise; with y == nullptr
-// only the statistics (mean, invstd, var; weight and bias are not read). Eval: scale/shift from the given
-// statistics -> elementwise. Requires L.shape.numel > 0.
+// Training: statistics reduction -> finalize (mean, invstd, var, scale) -> elementwise; with y == nullptr only the
+// statistics (mean, invstd, var; weight and bias are not read). Eval: scale from the given statistics ->
+// elementwise. Requires L.shape.numel > 0.
 template <typename scalar_t, typename acc_t>
 void bn_act_forward_launch(const BnActLaunch& L, const BnActForwardBuffers<scalar_t, acc_t>& b, bool training,
                            acc_t eps, int act, acc_t negative_slope, cudaStream_t stream) {
   const int64_t C = L.shape.C;
   const bool stats_only = b.y == nullptr;
   acc_t* scale = b.workspace;
-  acc_t* shift = b.workspace + C;
   if (training) {
     const int64_t partial_elems = L.shape.partials * C;
-    acc_t* part = b.workspace + 3 * C;
+    acc_t* part = b.workspace + 2 * C;
     const WelfordPartials<acc_t> partials{part, part + partial_elems, part + 2 * partial_elems};
-    const BnActStatsOp<scalar_t, acc_t> op{b.x, partials};
+    const BnActStatsOp<scalar_t, acc_t> op{b.x, L.channels_last ? int64_t(1) : L.shape.S, partials};
     if (L.channels_last) {
       KERNEL_LAUNCH((bn_act_reduce_channels_last_kernel<BnActStatsOp<scalar_t, acc_t>>), L.reduce_grid,
                     L.reduce_block, 0, stream, op, L.shape);
@@ -83,19 +83,20 @@ void bn_act_forward_launch(const BnActLaunch& L, const BnActForwardBuffers<scala
     FUSEDRES_LAUNCH_CHECK();
     const BnActChannelStats<acc_t> stats{b.save_mean, b.save_invstd,
                                          b.var != nullptr ? b.var : b.workspace + bn_act_forward_var_offset(L),
-                                         stats_only ? nullptr : scale, stats_only ? nullptr : shift};
-    KERNEL_LAUNCH((bn_act_stats_finalize_kernel<acc_t>), L.finalize_grid, L.finalize_block, 0, stream, partials,
-                  L.shape, eps, b.weight, b.bias, stats);
+                                         stats_only ? nullptr : scale};
+    KERNEL_LAUNCH((bn_act_stats_finalize_kernel<scalar_t, acc_t>), L.finalize_grid, L.finalize_block, 0, stream,
+                  op, L.shape, eps, b.weight, stats);
     FUSEDRES_LAUNCH_CHECK();
     if (stats_only) return;
   } else {
-    KERNEL_LAUNCH((bn_act_eval_scale_shift_kernel<acc_t>), L.channel_grid, L.channel_block, 0, stream, b.save_mean,
-                  b.save_invstd, b.weight, b.bias, scale, shift, C);
+    KERNEL_LAUNCH((bn_act_eval_scale_kernel<acc_t>), L.channel_grid, L.channel_block, 0, stream, b.save_invstd,
+                  b.weight, scale, C);
     FUSEDRES_LAUNCH_CHECK();
   }
 
   const LeadingDim y_ld = make_leading_dim(C, L.shape.S, L.channels_last, b.y_ld);
-  const BnActForwardArgs<scalar_t, acc_t> args{b.x, b.residual, scale, shift, b.y, y_ld, b.mask, act, negative_slope};
+  const BnActForwardArgs<scalar_t, acc_t> args{b.x,    b.residual, b.save_mean, scale, b.bias,
+                                                b.y,    y_ld,       b.mask,      act,   negative_slope};
   if (L.channels_last) {
     KERNEL_LAUNCH((bn_act_forward_elementwise_kernel<scalar_t, acc_t, true>), L.elementwise_grid,
                   L.elementwise_block, 0, stream, args, L.shape);
