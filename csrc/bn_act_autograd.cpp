@@ -1,39 +1,26 @@
-// fusedres::bn_act: bn_act_forward + bn_act_backward as one differentiable op, with its autograd in C++.
-//
-// Why: in eager mode a Python torch.autograd.Function costs ~100-200 us per call (forward and backward
-// together) on a 2-core CPU, as much as the kernels of a cache-resident CIFAR layer. This node calls the same
-// two registered ops (so numerics are identical to the Python Function that torch.compile traces, see
-// fusedres/ops/bn_act.py) and saves the same tensors: input, weight, save_mean, save_invstd and the 1-bit mask;
-// for SiLU also bias and residual (references to inputs: its backward recomputes the pre-activation).
-// Works for every backend that implements bn_act_forward / bn_act_backward (the ops are called through the
-// dispatcher below the autograd key).
-#include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
+// fusedres::bn_act: bn_act_forward + bn_act_backward as one differentiable op, with its autograd in C++
+// (why: csrc/autograd_common.h). It saves input, weight, save_mean, save_invstd and the 1-bit mask; for SiLU also
+// bias and residual (references to inputs: its backward recomputes the pre-activation). Works for every backend
+// that implements bn_act_forward / bn_act_backward (the ops are called through the dispatcher below the autograd
+// key).
 #include <torch/library.h>
 
 #include <string>
 
-#include "common/bn_act_math.h"
+#include "autograd_common.h"
 
 namespace fusedres {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-using OptTensor = std::optional<at::Tensor>;
-
-bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
+using namespace fusedres::autograd;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_forward(
     const at::Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum, double eps,
     c10::string_view activation, double negative_slope) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fusedres::bn_act_forward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                           const OptTensor&, bool, double, double, c10::string_view, double)>();
+  static auto op = typed_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool,
+      double, double, c10::string_view, double)>("fusedres::bn_act_forward");
   return op.call(input, residual, weight, bias, running_mean, running_var, training, momentum, eps, activation,
                  negative_slope);
 }
@@ -42,37 +29,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_backward(
     const at::Tensor& grad_out, const at::Tensor& input, const OptTensor& weight, const at::Tensor& save_mean,
     const at::Tensor& save_invstd, const at::Tensor& mask, bool training, c10::string_view activation,
     double negative_slope, std::array<bool, 4> output_mask, const OptTensor& bias, const OptTensor& residual) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fusedres::bn_act_backward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
-                           const at::Tensor&, const at::Tensor&, bool, c10::string_view, double,
-                           std::array<bool, 4>, const OptTensor&, const OptTensor&)>();
+  static auto op = typed_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      bool, c10::string_view, double, std::array<bool, 4>, const OptTensor&, const OptTensor&)>(
+      "fusedres::bn_act_backward");
   return op.call(grad_out, input, weight, save_mean, save_invstd, mask, training, activation, negative_slope,
                  output_mask, bias, residual);
 }
 
 constexpr const char* kDoubleBackward = "fusedres.batch_norm_act does not support double backward";
-
-// Identity on gradients computed with create_graph=True, whose own backward refuses: differentiating the
-// gradients of bn_act again fails loudly instead of silently treating them as constants.
-class RefuseDoubleBackward : public torch::autograd::Function<RefuseDoubleBackward> {
- public:
-  // grads and dependencies: defined tensors only.
-  static variable_list forward(AutogradContext* ctx, at::TensorList grads, at::TensorList dependencies) {
-    (void)ctx;
-    (void)dependencies;
-    variable_list out;
-    out.reserve(grads.size());
-    for (const auto& g : grads) out.push_back(g.view_as(g));
-    return out;
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    (void)ctx;
-    (void)grad_outputs;
-    TORCH_CHECK(false, kDoubleBackward);
-  }
-};
 
 class BnActFunction : public torch::autograd::Function<BnActFunction> {
  public:
@@ -122,7 +87,6 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& input = saved[0];
     const at::Tensor& weight = saved[1];
-    auto opt = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
     if (need_input || residual_from_kernel || need_weight || need_bias) {
       at::AutoDispatchBelowADInplaceOrView guard;
       at::NoGradGuard no_grad;
@@ -135,17 +99,7 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
     grads[1] = residual_from_kernel ? gr : (need_residual ? grad_out : at::Tensor());
     grads[2] = need_weight ? gw.to(weight.scalar_type()) : at::Tensor();
     grads[3] = need_bias ? gb.to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt())) : at::Tensor();
-    if (at::GradMode::is_enabled()) {  // create_graph=True: make a second differentiation fail loudly
-      variable_list given, deps{input, grad_out};
-      for (int i = 0; i < 4; ++i) {
-        if (grads[i].defined()) given.push_back(grads[i]);
-      }
-      if (weight.defined()) deps.push_back(weight);
-      const variable_list refused = RefuseDoubleBackward::apply(at::TensorList(given), at::TensorList(deps));
-      for (int i = 0, k = 0; i < 4; ++i) {
-        if (grads[i].defined()) grads[i] = refused[k++];
-      }
-    }
+    refuse_double_backward(grads, {input, grad_out, weight}, kDoubleBackward);
     return grads;
   }
 };

@@ -70,6 +70,11 @@ TORCH_LIBRARY(fusedres, m) {
       "dense_bn_act_forward(Tensor[] inputs, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, Tensor? batch_mean, Tensor? batch_var, bool training, float momentum, float eps, "
       "str activation, float negative_slope) -> (Tensor, Tensor, Tensor, Tensor)");
+  // dense_bn_act_forward's output as one differentiable op (C++ autograd node: csrc/dense_autograd.cpp).
+  m.def(
+      "dense_bn_act(Tensor[] inputs, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor? batch_mean, Tensor? batch_var, bool training, float momentum, float eps, str activation, "
+      "float negative_slope) -> Tensor");
   // Gradients of dense_bn_act_forward: (grad_inputs, grad_weight, grad_bias). grad_inputs[j] is dense like
   // inputs[j] when input_mask[j], else an empty [0] tensor; param_mask = (weight, bias).
   m.def(
@@ -82,6 +87,9 @@ TORCH_LIBRARY(fusedres, m) {
   // same shape and dtype; the output is dense in transform's suggested memory format. activation: "relu", "tanh",
   // "sigmoid" or "identity".
   m.def("highway_forward(Tensor transform, Tensor gate, Tensor carry, Tensor? carry_gate, str activation) -> Tensor");
+  // highway_forward / highway_packed_forward as differentiable ops (C++ autograd nodes: csrc/highway_autograd.cpp).
+  m.def("highway(Tensor transform, Tensor gate, Tensor carry, Tensor? carry_gate, str activation) -> Tensor");
+  m.def("highway_packed(Tensor projected, Tensor carry, int dim, bool free_carry, str activation) -> Tensor");
   // Gradients w.r.t. (transform, gate, carry, carry_gate) as selected by output_mask (others: empty [0] tensors),
   // each dense in transform's suggested memory format. Recomputes the sigmoid and activation from the inputs.
   m.def(

@@ -16,6 +16,7 @@ from torch import nn
 from fusedres.bench import bn_act, harness
 from fusedres.bench import highway as bench_highway
 from fusedres.bench import models as bench_models
+from fusedres.bench import overhead as bench_overhead
 from fusedres.bench.report import run_op_sections
 from fusedres.bench.sections import OP_SECTIONS, OpSection
 
@@ -160,6 +161,28 @@ def test_bench_quick_json_highway(quick_report) -> None:
         assert row["saved_bytes"]["fused"] == 0, where  # the fused op saves only its inputs
     assert not problems, "\n".join(problems)
     assert "highway gate" in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.needs_native
+def test_bench_quick_json_overhead(quick_report) -> None:
+    """One row per op: the chain's times, per-layer figures and overhead = (fused - ops) per layer."""
+    report, stdout = quick_report
+    rows = {r["op"]: r for r in report["overhead"]}
+    assert tuple(rows) == bench_overhead.OPS
+    problems: list[str] = []
+    for op, row in rows.items():
+        assert row["layers"] == bench_overhead.LAYERS and row["direction"] == "fwd+bwd"
+        for key in ("times_ms", "times_ms_spread", "ratios", "load", "us_per_layer"):
+            sub: list[str] = []
+            _check_figures(row[key], key, row["null_reasons"], sub, nonneg=key in COUNTS)
+            problems += [f"{op}: {p}" for p in sub]
+        per_layer = row["us_per_layer"]
+        for impl in bench_overhead.IMPLS:
+            assert per_layer[impl] == pytest.approx(row["times_ms"][impl] * 1e3 / row["layers"]), (op, impl)
+        assert row["overhead_us_per_layer"] == pytest.approx(per_layer["fused"] - per_layer["ops"]), op
+    assert not problems, "\n".join(problems)
+    assert "per-call overhead" in stdout and "overhead us/layer" in stdout
 
 
 @pytest.mark.slow

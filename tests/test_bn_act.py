@@ -724,6 +724,17 @@ def test_opcheck_forward(training, running, layout):
 
 
 @native
+@pytest.mark.parametrize(("activation", "layout"), [("relu", "contiguous"), ("silu", "channels_last")])
+def test_opcheck_differentiable_op(activation, layout):
+    """fusedres::bn_act (the eager path: a C++ autograd node) with inputs that require grad, so opcheck also checks
+    its autograd registration against the fake kernel."""
+    case = Case((3, 4, 3, 2), torch.float32, layout, seed=17)
+    x, r, w, b = (t.detach().requires_grad_() for t in (case.x, case.r, case.w, case.b))
+    args = (x, r, w, b, case.rm, case.rv, True, 0.1, EPS, activation, 0.01)
+    torch.library.opcheck(torch.ops.fusedres.bn_act.default, args)
+
+
+@native
 @pytest.mark.parametrize(
     ("activation", "output_mask", "layout"),
     [

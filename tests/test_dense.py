@@ -656,6 +656,18 @@ def test_opcheck_forward(training, running, stats, layout):
 
 
 @native
+@pytest.mark.parametrize(("training", "stats", "layout"), [(True, False, "channels_last"), (True, True, "mixed")])
+def test_opcheck_differentiable_op(training, stats, layout):
+    """fusedres::dense_bn_act (the eager path: a C++ autograd node) with inputs that require grad, so opcheck also
+    checks its autograd registration against the fake kernel."""
+    case = DenseCase((2, 3, 1), torch.float32, layout, seed=22)
+    args = list(forward_args(case, training, True, stats))
+    args[0] = [x.detach().requires_grad_() for x in case.xs]
+    args[1], args[2] = case.w.detach().requires_grad_(), case.b.detach().requires_grad_()
+    torch.library.opcheck(torch.ops.fusedres.dense_bn_act.default, tuple(args))
+
+
+@native
 @pytest.mark.parametrize(
     ("activation", "input_mask", "param_mask", "layout"),
     [

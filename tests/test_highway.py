@@ -433,6 +433,18 @@ def test_opcheck_packed(shape, dim, fmt, free):
         torch.library.opcheck(torch.ops.fusedres.highway_packed_backward.default, args)
 
 
+@pytest.mark.parametrize("free", [False, True], ids=["coupled", "free"])
+def test_opcheck_differentiable_ops(free):
+    """fusedres::highway / highway_packed (the eager path: C++ autograd nodes) with inputs that require grad, so
+    opcheck also checks their autograd registration against the fake kernels."""
+    inputs, _ = make_inputs((2, 3, 4, 5), torch.float32, free, layout="channels_last")
+    inputs = [t.requires_grad_() if t is not None else None for t in inputs]
+    torch.library.opcheck(torch.ops.fusedres.highway.default, (*inputs, "tanh"))
+    projected = torch.randn(2, 9 if free else 6, 4, 5, requires_grad=True)
+    carry = torch.randn(2, 3, 4, 5, requires_grad=True)
+    torch.library.opcheck(torch.ops.fusedres.highway_packed.default, (projected, carry, 1, free, "relu"))
+
+
 @torch._inductor.config.patch(force_disable_caches=True)
 def test_compile_fullgraph():
     """torch.compile(fullgraph=True) of both functionals, forward and backward, against eager.

@@ -107,11 +107,17 @@ def _load_line(load: dict[str, float] | None) -> list[str]:
     ]
 
 
+def _method_line(key: str, text: str, copy_gbps: float) -> str:
+    """One entry of a section's METHOD under its table (GB/s also says what %copy divides by)."""
+    if key == "gbps":
+        return f"GB/s: {text}; %copy = fused GB/s / measured copy bandwidth ({copy_gbps:.1f} GB/s)."
+    return f"{'saved MB' if key == 'saved_bytes' else key}: {text}."
+
+
 def _print_op_section(module: ModuleType, rows: list[dict[str, Any]], settings: harness.Settings, copy_gbps: float):
     lines = [
         *module.notes(rows),
-        f"GB/s: {module.METHOD['gbps']}; %copy = fused GB/s / measured copy bandwidth ({copy_gbps:.1f} GB/s).",
-        f"saved MB: {module.METHOD['saved_bytes']}.",
+        *(_method_line(key, text, copy_gbps) for key, text in module.METHOD.items()),
         *_load_line(harness.overall_load(rows)),
         *not_measured(rows, ("times_ms.", "saved_bytes.")),
     ]

@@ -3,8 +3,8 @@
 A section is a module of this package with
 
 * ``TITLE``: the line above its table;
-* ``METHOD``: {"gbps": how its GB/s are counted, "saved_bytes": how its saved-for-backward bytes are counted};
-  printed under its table and written to the --json report's ``method.<name>``;
+* ``METHOD``: how its figures are counted, e.g. {"gbps": its GB/s, "saved_bytes": its saved-for-backward bytes}
+  (only the figures it has); printed under its table and written to the --json report's ``method.<name>``;
 * ``COLUMNS``: its table (:class:`fusedres.bench.table.Column`), rendered by :func:`fusedres.bench.table.render_table`;
 * ``configuration(settings) -> dict``: what it measures under these settings (the --json report's
   ``settings.op_sections.<name>``);
@@ -32,4 +32,5 @@ OP_SECTIONS: tuple[OpSection, ...] = (
     OpSection("bn_act", "fusedres.bench.bn_act"),
     OpSection("highway", "fusedres.bench.highway"),
     OpSection("dense", "fusedres.bench.dense"),
+    OpSection("overhead", "fusedres.bench.overhead"),
 )

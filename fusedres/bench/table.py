@@ -19,6 +19,7 @@ __all__ = [
     "fmt_ms",
     "fmt_pct",
     "fmt_ratio",
+    "fmt_us",
     "gbps",
     "ms",
     "ratio",
@@ -54,6 +55,11 @@ def fmt_ms(v: float | None) -> str:
     if v is None:
         return "-"
     return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 100 else f"{v:.1f}"
+
+
+def fmt_us(v: float | None) -> str:
+    """Microseconds (per-call overheads: a few to a few hundred)."""
+    return "-" if v is None else f"{v:.1f}" if v < 100 else f"{v:.0f}"
 
 
 def fmt_ratio(r: dict[str, float] | None) -> str:

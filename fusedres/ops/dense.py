@@ -4,6 +4,9 @@
 ``torch.ops.fusedres.dense_bn_act_forward`` / ``dense_bn_act_backward`` (schemas in csrc/fusedres.cpp) read every
 input where it lies. Autograd saves the inputs (a dense block's feature maps, alive anyway), ``weight``, the
 per-channel ``save_mean`` / ``save_invstd`` and the 1-bit activation mask — never the concatenation or the output.
+In eager mode the functional calls ``torch.ops.fusedres.dense_bn_act``, whose autograd node is C++
+(csrc/dense_autograd.cpp); under torch.compile it calls the Python Function below, which Dynamo traces. Both call
+the same two ops.
 
 Statistics once per feature map: ``input_stats`` hands the op each input's batch mean and biased variance
 (``fusedres.ops.bn_stats``), computed once when the map was produced, instead of reducing all inputs again.
@@ -192,6 +195,10 @@ def _fake_backward(
 _NUM_ARGS = 11
 
 
+def _fake_dense_bn_act(inputs, *args) -> Tensor:  # fusedres::dense_bn_act: dense_bn_act_forward's output
+    return _fake_forward(inputs, *args)[0]
+
+
 class _DenseBnActFunction(torch.autograd.Function):
     @staticmethod
     def forward(*args):
@@ -248,6 +255,7 @@ _HAS_SCHEMA = _native.native_loaded and hasattr(torch.ops.fusedres, "dense_bn_ac
 if _HAS_SCHEMA:
     torch.library.register_fake(_FORWARD)(_fake_forward)
     torch.library.register_fake(_BACKWARD)(_fake_backward)
+    torch.library.register_fake("fusedres::dense_bn_act")(_fake_dense_bn_act)
 
 # Device types the native kernels serve; anything else runs the reference (one warning per device type).
 _NATIVE_DEVICE_TYPES = frozenset(
@@ -342,5 +350,7 @@ def dense_batch_norm_act(
         float(negative_slope),
     )
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*inputs, weight, bias)):
-        return _DenseBnActFunction.apply(*args, *inputs)[0]
+        if torch.compiler.is_compiling():  # traced: the Python Function, whose ops Dynamo / AOTAutograd compile
+            return _DenseBnActFunction.apply(*args, *inputs)[0]
+        return torch.ops.fusedres.dense_bn_act(inputs, *args)  # eager: the same ops under a C++ autograd node
     return torch.ops.fusedres.dense_bn_act_forward(inputs, *args)[0]

@@ -4,12 +4,13 @@ The kernels are ``torch.ops.fusedres.highway_forward`` / ``highway_backward`` an
 ``highway_packed_forward`` / ``highway_packed_backward`` (schemas in csrc/fusedres.cpp, math in
 csrc/common/highway_math.h). Autograd saves only the inputs (transform, gate, carry, carry_gate / projected,
 carry); the backward recomputes the sigmoid and the activation from them in the same pass that writes the
-gradients.
+gradients. In eager mode the functionals call ``torch.ops.fusedres.highway`` / ``highway_packed``, whose autograd
+nodes are C++ (csrc/highway_autograd.cpp); under torch.compile they call the Python Functions below, which Dynamo
+traces. Both call the same ops.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from fusedres import _native
-from fusedres.ops._common import check_same
+from fusedres.ops._common import check_same, refuse_double_backward, warn_fallback
 from fusedres.validation import check_highway_activation, check_packed_dim
 from fusedres.reference.highway import highway as _reference_highway
 from fusedres.reference.highway import highway_packed as _reference_highway_packed
@@ -116,23 +117,6 @@ def _fake_packed_backward(
     return grad_projected, grad_carry
 
 
-class _RefuseDoubleBackward(torch.autograd.Function):
-    """Identity on already computed gradients (the first ``n`` arguments) whose graph leads back to what they
-    depend on (the rest) and whose backward refuses: used only when backward runs with create_graph=True."""
-
-    @staticmethod
-    def forward(n: int, *args: Tensor | None) -> tuple[Tensor | None, ...]:
-        return tuple(g.view_as(g) if g is not None else None for g in args[:n])
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
-
-
 class _HighwayFunction(torch.autograd.Function):
     @staticmethod
     def forward(transform, gate, carry, carry_gate, activation):
@@ -158,7 +142,7 @@ class _HighwayFunction(torch.autograd.Function):
             )
         grads = tuple(g if w else None for g, w in zip(grads, needs))
         if torch.is_grad_enabled():  # create_graph=True: make a second differentiation fail loudly.
-            grads = _RefuseDoubleBackward.apply(4, *grads, transform, gate, carry, carry_gate, grad_out)
+            grads = refuse_double_backward(DOUBLE_BACKWARD_ERROR, grads, (transform, gate, carry, carry_gate, grad_out))
         return (*grads, None)
 
 
@@ -186,7 +170,7 @@ class _HighwayPackedFunction(torch.autograd.Function):
             )
         grads = tuple(g if w else None for g, w in zip(grads, needs))
         if torch.is_grad_enabled():
-            grads = _RefuseDoubleBackward.apply(2, *grads, projected, carry, grad_out)
+            grads = refuse_double_backward(DOUBLE_BACKWARD_ERROR, grads, (projected, carry, grad_out))
         return (*grads, None, None, None)
 
 
@@ -195,21 +179,12 @@ if _native.native_loaded:
     torch.library.register_fake(_BACKWARD)(_fake_backward)
     torch.library.register_fake(_PACKED_FORWARD)(_fake_packed_forward)
     torch.library.register_fake(_PACKED_BACKWARD)(_fake_packed_backward)
+    torch.library.register_fake("fusedres::highway")(_fake_forward)
+    torch.library.register_fake("fusedres::highway_packed")(_fake_packed_forward)
 
 # Device types the native kernels serve; anything else runs the reference (one warning per device type).
 _NATIVE_DEVICE_TYPES = frozenset(d for d in ("cpu", "cuda", "meta") if _native.has_kernel(d, op=_FORWARD))
 _warned_devices: set[str] = set()
-
-
-def _warn_fallback(device_type: str) -> None:
-    if device_type not in _warned_devices and _native.native_loaded:
-        _warned_devices.add(device_type)
-        warnings.warn(
-            f"fusedres.highway: the native module has no kernel for {device_type} tensors (cuda_compiled="
-            f"{_native.info()['cuda_compiled']}); using the pure PyTorch reference",
-            RuntimeWarning,
-            stacklevel=3,
-        )
 
 
 def _check_tensor(t: object, name: str, optional: bool = False) -> None:
@@ -243,11 +218,13 @@ def highway(
     _check_tensor(carry_gate, "carry_gate", optional=True)
     check_highway_activation(activation)
     if transform.device.type not in _NATIVE_DEVICE_TYPES:
-        _warn_fallback(transform.device.type)
+        warn_fallback("fusedres.highway", transform.device.type, _warned_devices)
         return _reference_highway(transform, gate, carry, activation=activation, carry_gate=carry_gate)
     args = (transform, gate, carry, carry_gate, activation)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:4]):
-        return _HighwayFunction.apply(*args)
+        if torch.compiler.is_compiling():  # traced: the Python Function, whose ops Dynamo / AOTAutograd compile
+            return _HighwayFunction.apply(*args)
+        return torch.ops.fusedres.highway(*args)  # eager: the same ops under a C++ autograd node
     return torch.ops.fusedres.highway_forward(*args)
 
 
@@ -277,9 +254,11 @@ def highway_packed(
         raise TypeError(f"free_carry must be a bool, got {type(free_carry).__name__}")
     d = check_packed_dim(projected, dim, free_carry)
     if projected.device.type not in _NATIVE_DEVICE_TYPES:
-        _warn_fallback(projected.device.type)
+        warn_fallback("fusedres.highway", projected.device.type, _warned_devices)
         return _reference_highway_packed(projected, carry, activation=activation, dim=d, free_carry=free_carry)
     args = (projected, carry, d, free_carry, activation)
     if torch.is_grad_enabled() and (projected.requires_grad or carry.requires_grad):
-        return _HighwayPackedFunction.apply(*args)
+        if torch.compiler.is_compiling():
+            return _HighwayPackedFunction.apply(*args)
+        return torch.ops.fusedres.highway_packed(*args)
     return torch.ops.fusedres.highway_packed_forward(*args)
