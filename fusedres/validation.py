@@ -13,6 +13,7 @@ from torch import Tensor
 
 __all__ = [
     "ACTIVATIONS",
+    "RUNNING_PAIR",
     "BASIC_ACTIVATIONS",
     "HIGHWAY_ACTIVATIONS",
     "MASK_ACTIVATIONS",
@@ -22,6 +23,7 @@ __all__ = [
     "check_highway_activation",
     "check_packed_dim",
     "concat_input_stats",
+    "one_value_per_channel",
 ]
 
 # Every activation of batch_norm_act. relu, leaky_relu and relu6 keep a 1-bit mask for backward; silu recomputes
@@ -32,6 +34,16 @@ ACTIVATIONS = ("relu", "identity", "leaky_relu", "relu6", "silu")
 MASK_ACTIVATIONS = ("relu", "identity", "leaky_relu", "relu6")
 # The activations of the dense op (dense_batch_norm_act): its kernels implement these only.
 BASIC_ACTIVATIONS = ("relu", "identity", "leaky_relu")
+
+
+# The BatchNorm rules every op states in its own words nowhere else: the text of the error, once (the eager checks
+# raise it as ValueError, the fake kernels through torch._check, the C++ host checks as RuntimeError / ValueError).
+RUNNING_PAIR = "running_mean and running_var must be given together (both or neither)"
+
+
+def one_value_per_channel(size: object) -> str:
+    """F.batch_norm's training rule, violated: ``size`` is what the caller got (an input size or a description)."""
+    return f"Expected more than 1 value per channel when training, got {size}"
 
 
 def check_activation(activation: object, allowed: tuple[str, ...] = ACTIVATIONS, op: str | None = None) -> str:
@@ -194,9 +206,9 @@ def check_dense_args(
             got = f"shape {list(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{name} must be a 1-D tensor with {C} elements (the channels of all inputs), got {got}")
     if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (both or neither)")
+        raise ValueError(RUNNING_PAIR)
     x0 = inputs[0]
     numel = x0.shape[0] * C * math.prod(x0.shape[2:])
     if training and numel != 0 and numel // C <= 1:
         size = [x0.shape[0], C, *x0.shape[2:]]
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+        raise ValueError(one_value_per_channel(f"input size {size}"))

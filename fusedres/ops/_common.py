@@ -3,6 +3,7 @@ geometry the kernels use, the double-backward guard and the once-per-device fall
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from fusedres import _native
-from fusedres.validation import ACTIVATIONS, MASK_ACTIVATIONS, check_activation
+from fusedres.validation import ACTIVATIONS, MASK_ACTIVATIONS, RUNNING_PAIR, check_activation, one_value_per_channel
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -101,6 +102,28 @@ class _RefuseDoubleBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         raise RuntimeError(ctx.message)
+
+
+def check_batch_args(
+    size: list[int],
+    numel: int,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> None:
+    """The fake kernels' BatchNorm rules (symbolic-safe torch._check, as the C++ host checks raise them): running
+    statistics in pairs and required in eval, a positive eps, a finite momentum, more than one value per channel
+    when training. ``size``: [N, C, *] of the (concatenated) input, ``numel`` its number of values."""
+    torch._check((running_mean is None) == (running_var is None), lambda: RUNNING_PAIR)
+    torch._check(
+        training or running_mean is not None, lambda: "running_mean and running_var must be given when training=False"
+    )
+    torch._check(eps > 0 or (eps == 0 and not training), lambda: f"eps must be positive, got {eps}")
+    torch._check(math.isfinite(momentum), lambda: f"momentum must be a finite number, got {momentum}")
+    if training and numel != 0:
+        torch._check_value(numel // size[1] > 1, lambda: one_value_per_channel(f"input size {list(size)}"))
 
 
 def check_same(t: Tensor, name: str, shape, like: Tensor, like_name: str) -> None:

@@ -10,7 +10,6 @@ recomputes the pre-activation from those and references to ``bias`` and ``residu
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -20,6 +19,7 @@ from fusedres import _native
 from fusedres.ops._common import acc_dtype as _acc_dtype
 from fusedres.ops._common import check_channel_vector as _check_channel_vector
 from fusedres.ops._common import (
+    check_batch_args,
     check_functional_args,
     check_same,
     has_mask,
@@ -89,34 +89,13 @@ def _fake_forward(
     for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"), (running_var, "running_var")):
         _check_channel_vector(t, name, input, C)
     if check_batch:
-        _check_batch_args(input, running_mean, running_var, training, momentum, eps)
+        check_batch_args(list(input.shape), input.numel(), running_mean, running_var, training, momentum, eps)
     acc = _acc_dtype(input.dtype)
     output = torch.empty_like(input, memory_format=_memory_format(input))
     save_mean = input.new_empty((C,), dtype=acc)
     save_invstd = input.new_empty((C,), dtype=acc)
     mask = input.new_empty((mask_bytes(input.numel()) if has_mask(activation) else 0,), dtype=torch.uint8)
     return output, save_mean, save_invstd, mask
-
-
-def _check_batch_args(
-    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, training: bool, momentum: float, eps: float
-) -> None:
-    C = input.shape[1]
-    torch._check(
-        (running_mean is None) == (running_var is None),
-        lambda: "running_mean and running_var must be given together (both or neither)",
-    )
-    torch._check(
-        training or running_mean is not None, lambda: "running_mean and running_var must be given when training=False"
-    )
-    torch._check(eps > 0 or (eps == 0 and not training), lambda: f"eps must be positive, got {eps}")
-    torch._check(math.isfinite(momentum), lambda: f"momentum must be a finite number, got {momentum}")
-    numel = input.numel()
-    if training and numel != 0:
-        torch._check_value(
-            numel // C > 1,
-            lambda: f"Expected more than 1 value per channel when training, got input size {list(input.shape)}",
-        )
 
 
 def _fake_backward(

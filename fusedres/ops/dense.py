@@ -14,7 +14,6 @@ Statistics once per feature map: ``input_stats`` hands the op each input's batch
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -23,6 +22,7 @@ from torch import Tensor
 from fusedres import _native
 from fusedres.ops._common import (
     acc_dtype,
+    check_batch_args,
     check_channel_vector,
     check_input,
     check_same,
@@ -105,13 +105,8 @@ def _fake_forward(
     x0, C = _check_inputs(inputs)
     for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"), (running_var, "running_var")):
         check_channel_vector(t, name, x0, C, _CHANNELS)
-    torch._check(
-        (running_mean is None) == (running_var is None),
-        lambda: "running_mean and running_var must be given together (both or neither)",
-    )
-    torch._check(
-        training or running_mean is not None, lambda: "running_mean and running_var must be given when training=False"
-    )
+    size = [x0.shape[0], C, *x0.shape[2:]]
+    check_batch_args(size, sum(x.numel() for x in inputs), running_mean, running_var, training, momentum, eps)
     torch._check(
         (batch_mean is None) == (batch_var is None),
         lambda: "batch_mean and batch_var must be given together (both or neither)",
@@ -123,17 +118,6 @@ def _fake_forward(
     if batch_mean is not None and batch_var is not None:
         _check_acc_vector(batch_mean, "batch_mean", x0, C)
         _check_acc_vector(batch_var, "batch_var", x0, C)
-    torch._check(eps > 0 or (eps == 0 and not training), lambda: f"eps must be positive, got {eps}")
-    torch._check(math.isfinite(momentum), lambda: f"momentum must be a finite number, got {momentum}")
-    numel = sum(x.numel() for x in inputs)
-    if training and numel != 0:
-        torch._check_value(
-            numel // C > 1,
-            lambda: (
-                "Expected more than 1 value per channel when training, got input size "
-                f"{[x0.shape[0], C, *x0.shape[2:]]}"
-            ),
-        )
     acc = acc_dtype(x0.dtype)
     output = torch.empty(
         (x0.shape[0], C, *x0.shape[2:]), dtype=x0.dtype, device=x0.device, memory_format=memory_format(x0)

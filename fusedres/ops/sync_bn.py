@@ -32,7 +32,7 @@ from fusedres.ops._common import check_functional_args, refuse_double_backward
 from fusedres.ops._common import check_input as _check_input
 from fusedres.ops._common import memory_format as _memory_format
 from fusedres.ops.bn_act import batch_norm_act
-from fusedres.validation import MASK_ACTIVATIONS
+from fusedres.validation import MASK_ACTIVATIONS, RUNNING_PAIR, one_value_per_channel
 
 __all__ = ["distributed_world_size", "has_sync_kernels", "sync_batch_norm_act"]
 
@@ -83,8 +83,9 @@ def _merge_stats(gathered: Tensor, C: int) -> tuple[Tensor, Tensor, int]:
     total = float(count_all.sum())  # the shapes below do not depend on it: no filtering of empty ranks needed
     if total <= 1:
         raise ValueError(
-            "Expected more than 1 value per channel when training, got a global batch of "
-            f"{int(total)} value(s) per channel over {gathered.shape[0]} processes"
+            one_value_per_channel(
+                f"a global batch of {int(total)} value(s) per channel over {gathered.shape[0]} processes"
+            )
         )
     weights = count_all / total  # [W, 1]; an empty rank sends zeros and count 0, so it weighs nothing
     mean = (weights * mean_all).sum(0)
@@ -238,7 +239,7 @@ def _check_sync_args(
     for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"), (running_var, "running_var")):
         _check_channel_vector(t, name, input, C)
     if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (both or neither)")
+        raise ValueError(RUNNING_PAIR)
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
     if not math.isfinite(momentum):
