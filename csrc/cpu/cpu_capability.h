@@ -12,3 +12,21 @@ Cap capability();
 
 }  // namespace cpu
 }  // namespace fusedres
+
+// The build of kernel entry point `fn` for this machine: &AVX512::fn, &AVX2::fn or &DEFAULT::fn (each kernel
+// header is compiled once per instruction-set namespace, csrc/cpu/*_kernel_<isa>.cpp). A macro because the
+// namespace is part of the name; used inside namespace fusedres::cpu.
+#if defined(__x86_64__)
+#define FUSEDRES_PICK_ISA(fn)                                  \
+  (::fusedres::cpu::capability() == ::fusedres::cpu::Cap::kAVX512 \
+       ? &AVX512::fn                                           \
+       : ::fusedres::cpu::capability() == ::fusedres::cpu::Cap::kAVX2 ? &AVX2::fn : &DEFAULT::fn)
+#else
+#define FUSEDRES_PICK_ISA(fn) (&DEFAULT::fn)
+#endif
+
+namespace fusedres {
+namespace cpu {
+
+}  // namespace cpu
+}  // namespace fusedres

@@ -10,31 +10,9 @@
 namespace fusedres {
 namespace cpu {
 
-HighwayForwardFn highway_forward_dispatch() {
-  switch (capability()) {
-#if defined(__x86_64__)
-    case Cap::kAVX512:
-      return &AVX512::highway_forward_kernel;
-    case Cap::kAVX2:
-      return &AVX2::highway_forward_kernel;
-#endif
-    default:
-      return &DEFAULT::highway_forward_kernel;
-  }
-}
+HighwayForwardFn highway_forward_dispatch() { return FUSEDRES_PICK_ISA(highway_forward_kernel); }
 
-HighwayBackwardFn highway_backward_dispatch() {
-  switch (capability()) {
-#if defined(__x86_64__)
-    case Cap::kAVX512:
-      return &AVX512::highway_backward_kernel;
-    case Cap::kAVX2:
-      return &AVX2::highway_backward_kernel;
-#endif
-    default:
-      return &DEFAULT::highway_backward_kernel;
-  }
-}
+HighwayBackwardFn highway_backward_dispatch() { return FUSEDRES_PICK_ISA(highway_backward_kernel); }
 
 }  // namespace cpu
 

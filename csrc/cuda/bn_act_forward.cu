@@ -61,9 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cuda(
   at::Tensor workspace = at::empty({gpu::bn_act_forward_workspace_elems(L, training)}, acc_opts);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_act_forward_cuda", [&] {
-    using kscalar_t = kernel_scalar_t<scalar_t>;
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  FUSEDRES_DISPATCH_FLOATING(x.scalar_type(), "bn_act_forward_cuda", [&] {
     TORCH_INTERNAL_ASSERT(c10::CppTypeToScalarType<acc_t>::value == acc);
     const gpu::BnActForwardBuffers<kscalar_t, acc_t> buffers{
         reinterpret_cast<const kscalar_t*>(x.const_data_ptr<scalar_t>()),

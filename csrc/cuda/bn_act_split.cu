@@ -29,14 +29,6 @@ at::Tensor mask_words_of(const at::Tensor& mask, bool has_mask) {
   return words;
 }
 
-#define FUSEDRES_DISPATCH_BN_ACT(dtype, name, ...)                                                 \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, name, [&] {                     \
-    using kscalar_t = kernel_scalar_t<scalar_t>;                                                   \
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;             \
-    TORCH_INTERNAL_ASSERT(c10::CppTypeToScalarType<acc_t>::value == bn_act_acc_type(dtype));       \
-    __VA_ARGS__();                                                                                 \
-  })
-
 std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input) {
   const BnActGeom g = check_bn_stats(input);
   const c10::cuda::CUDAGuard device_guard(input.device());
@@ -52,7 +44,8 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input) {
   const gpu::BnActLaunch L = launch_config(g, false);
   at::Tensor workspace = at::empty({gpu::bn_act_forward_workspace_elems(L, true)}, acc_opts);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  FUSEDRES_DISPATCH_BN_ACT(x.scalar_type(), "bn_stats_cuda", [&] {
+  FUSEDRES_DISPATCH_FLOATING(x.scalar_type(), "bn_stats_cuda", [&] {
+    TORCH_INTERNAL_ASSERT(c10::CppTypeToScalarType<acc_t>::value == bn_act_acc_type(x.scalar_type()));
     const gpu::BnActForwardBuffers<kscalar_t, acc_t> buffers{
         reinterpret_cast<const kscalar_t*>(x.const_data_ptr<scalar_t>()),
         nullptr,
@@ -97,7 +90,8 @@ std::tuple<at::Tensor, at::Tensor> bn_act_elemt_cuda(const at::Tensor& input, co
   const gpu::BnActLaunch L = launch_config(g, has_mask);
   at::Tensor workspace = at::empty({gpu::bn_act_forward_workspace_elems(L, false)}, x.options().dtype(acc));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  FUSEDRES_DISPATCH_BN_ACT(x.scalar_type(), "bn_act_elemt_cuda", [&] {
+  FUSEDRES_DISPATCH_FLOATING(x.scalar_type(), "bn_act_elemt_cuda", [&] {
+    TORCH_INTERNAL_ASSERT(c10::CppTypeToScalarType<acc_t>::value == bn_act_acc_type(x.scalar_type()));
     const gpu::BnActForwardBuffers<kscalar_t, acc_t> buffers{
         reinterpret_cast<const kscalar_t*>(x.const_data_ptr<scalar_t>()),
         has_residual ? reinterpret_cast<const kscalar_t*>(r.const_data_ptr<scalar_t>()) : nullptr,
@@ -134,7 +128,8 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(const at::Tensor&
   const gpu::BnActLaunch L = launch_config(g, has_mask);
   at::Tensor workspace = at::empty({gpu::bn_act_backward_workspace_elems(L, true)}, acc_opts);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  FUSEDRES_DISPATCH_BN_ACT(x.scalar_type(), "bn_act_backward_reduce_cuda", [&] {
+  FUSEDRES_DISPATCH_FLOATING(x.scalar_type(), "bn_act_backward_reduce_cuda", [&] {
+    TORCH_INTERNAL_ASSERT(c10::CppTypeToScalarType<acc_t>::value == bn_act_acc_type(x.scalar_type()));
     const gpu::BnActBackwardBuffers<kscalar_t, acc_t> buffers{
         reinterpret_cast<const kscalar_t*>(dy.const_data_ptr<scalar_t>()),
         0,
@@ -180,7 +175,8 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cuda(
   const gpu::BnActLaunch L = launch_config(g, has_mask);
   at::Tensor workspace = at::empty({gpu::bn_act_backward_elemt_workspace_elems(L)}, x.options().dtype(acc));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  FUSEDRES_DISPATCH_BN_ACT(x.scalar_type(), "bn_act_backward_elemt_cuda", [&] {
+  FUSEDRES_DISPATCH_FLOATING(x.scalar_type(), "bn_act_backward_elemt_cuda", [&] {
+    TORCH_INTERNAL_ASSERT(c10::CppTypeToScalarType<acc_t>::value == bn_act_acc_type(x.scalar_type()));
     const gpu::BnActBackwardBuffers<kscalar_t, acc_t> buffers{
         reinterpret_cast<const kscalar_t*>(dy.const_data_ptr<scalar_t>()),
         0,
@@ -199,7 +195,6 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cuda(
   return {grad_input, grad_residual};
 }
 
-#undef FUSEDRES_DISPATCH_BN_ACT
 
 }  // namespace
 }  // namespace fusedres

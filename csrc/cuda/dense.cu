@@ -85,9 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_bn_act_forward_
   at::Tensor workspace = at::empty({gpu::dense_forward_workspace_elems(D, reduce_here)}, acc_opts);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x0.scalar_type(), "dense_bn_act_forward_cuda", [&] {
-    using kscalar_t = kernel_scalar_t<scalar_t>;
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  FUSEDRES_DISPATCH_FLOATING(x0.scalar_type(), "dense_bn_act_forward_cuda", [&] {
     TORCH_INTERNAL_ASSERT(c10::CppTypeToScalarType<acc_t>::value == acc);
     const std::vector<const kscalar_t*> x_ptrs = input_pointers<kscalar_t, scalar_t>(xs);
     const gpu::DenseForwardBuffers<kscalar_t, acc_t> buffers{
@@ -156,9 +154,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dense_bn_act_backwar
     at::Tensor workspace = at::empty({gpu::dense_backward_workspace_elems(D, any_sums)}, acc_opts);
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x0.scalar_type(), "dense_bn_act_backward_cuda", [&] {
-      using kscalar_t = kernel_scalar_t<scalar_t>;
-      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    FUSEDRES_DISPATCH_FLOATING(x0.scalar_type(), "dense_bn_act_backward_cuda", [&] {
       TORCH_INTERNAL_ASSERT(c10::CppTypeToScalarType<acc_t>::value == acc);
       const std::vector<const kscalar_t*> x_ptrs = input_pointers<kscalar_t, scalar_t>(xs);
       std::vector<kscalar_t*> grad_ptrs;

@@ -34,9 +34,7 @@ void run_forward(const HighwayForwardArgs& args) {
   TORCH_INTERNAL_ASSERT(args.free_carry == (args.carry_gate.data != nullptr));
   const gpu::HighwayLaunch L = launch_config(args.shape);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "highway_forward_cuda", [&] {
-    using kscalar_t = kernel_scalar_t<scalar_t>;
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  FUSEDRES_DISPATCH_FLOATING(args.dtype, "highway_forward_cuda", [&] {
     const gpu::HighwayForwardKernelArgs<kscalar_t> a{kernel_in<kscalar_t>(args.transform),
                                                      kernel_in<kscalar_t>(args.gate),
                                                      kernel_in<kscalar_t>(args.carry),
@@ -53,9 +51,7 @@ void run_backward(const HighwayBackwardArgs& args) {
   TORCH_INTERNAL_ASSERT(args.free_carry || args.grad_carry_gate.data == nullptr);
   const gpu::HighwayLaunch L = launch_config(args.shape);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "highway_backward_cuda", [&] {
-    using kscalar_t = kernel_scalar_t<scalar_t>;
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  FUSEDRES_DISPATCH_FLOATING(args.dtype, "highway_backward_cuda", [&] {
     const gpu::HighwayBackwardKernelArgs<kscalar_t> a{kernel_in<kscalar_t>(args.grad_out),
                                                       kernel_in<kscalar_t>(args.transform),
                                                       kernel_in<kscalar_t>(args.gate),

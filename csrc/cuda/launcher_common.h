@@ -19,6 +19,16 @@
 
 #define FUSEDRES_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
 
+// The one dtype dispatch of the launchers: float, double, bfloat16 and half. `body` (a lambda, called once) sees
+// scalar_t (ATen's element type), kscalar_t (the kernels' element type: CUDA's half types, kernel_scalar_t below)
+// and acc_t (the accumulation type: double for double, else float, as bn_act_acc_type).
+#define FUSEDRES_DISPATCH_FLOATING(dtype, name, ...)                                      \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, name, [&] {            \
+    using kscalar_t = ::fusedres::kernel_scalar_t<scalar_t>;                             \
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;    \
+    __VA_ARGS__();                                                                        \
+  })
+
 namespace fusedres {
 
 // The kernels are written against CUDA's own half types (the kernel headers have no c10); c10::Half and

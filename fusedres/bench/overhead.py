@@ -125,7 +125,9 @@ class _Chain:
                 return out[0], out
             if op == "dense":
                 rm_k, rv_k = dense_stats[k]
-                out = f.dense_bn_act_forward([y, others[k]], a, b, rm_k, rv_k, None, None, True, 0.1, 1e-5, "relu", 0.01)
+                out = f.dense_bn_act_forward(
+                    [y, others[k]], a, b, rm_k, rv_k, None, None, True, 0.1, 1e-5, "relu", 0.01
+                )
                 return out[0], (k, *out)
             if op == "highway":
                 return f.highway_forward(a, b, y, None, "relu"), ()

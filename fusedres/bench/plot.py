@@ -29,6 +29,8 @@ def require_matplotlib() -> Callable[[dict[str, Any], str], None]:
 
 def _op_label(section: str, row: dict[str, Any]) -> str:
     parts = [section, "x".join(map(str, row["shape"]))]
+    if row.get("op") not in (None, section):  # a section over several ops (overhead) names the row's
+        parts.insert(1, row["op"])
     if "layout" in row:
         parts.append("nhwc" if row["layout"] == "channels_last" else row["layout"])
     if "residual" in row:

@@ -1,10 +1,11 @@
 """``python -m fusedres bench``: the fused ops and models against eager PyTorch and torch.compile, time and memory.
 
 The report: machine facts (CPU/GPU, torch, threads, allocator, measured copy bandwidth, a noise check), then one
-table per op section (fusedres/bench/sections.py: bn_act, highway, dense concat; a section whose module is missing is
-reported as not available), then the model rows (fusedres/bench/models.py: training-step time of resnet20/56/50,
-densenet_bc_100 and the highway MLP, fused vs reference vs torch.compile, and the peak memory of a step measured in a
-fresh process per configuration). Each section prints how its GB/s and saved bytes are counted.
+table per op section (fusedres/bench/sections.py: bn_act, highway, dense concat, per-call overhead; a section whose
+module is missing is reported as not available), then the model rows (fusedres/bench/models.py: training-step time
+of resnet20/56/50, densenet_bc_100 and the highway MLP, fused vs reference vs torch.compile, and the peak memory of a
+step measured in a fresh process per configuration). Each section prints how its figures (GB/s, saved bytes, ...) are
+counted.
 ``--json PATH`` writes every figure with its configuration and method (a figure that could not be measured is null,
 with its reason in ``null_reasons``); ``--plot PATH`` a PNG (fusedres/bench/plot.py); ``--only ops|models`` and
 ``--models a,b`` select; progress goes to stderr (a bar on a terminal, one line per step otherwise).
