@@ -28,6 +28,20 @@ c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
+// Autograd edges exist only for the tensors a node was given: records where the optional weight and bias sit among
+// them, from edge `next` on, and bias's dtype (its gradient is returned in it).
+inline void save_param_edges(AutogradContext* ctx, int64_t next, const OptTensor& weight, const OptTensor& bias) {
+  ctx->saved_data["weight_edge"] = defined(weight) ? next++ : int64_t(-1);
+  ctx->saved_data["bias_edge"] = defined(bias) ? next++ : int64_t(-1);
+  ctx->saved_data["bias_dtype"] = defined(bias) ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
+}
+
+// Whether backward must compute the gradient of the edge recorded under `key` (-1: the tensor was not given).
+inline bool needs_edge(AutogradContext* ctx, const char* key) {
+  const int64_t e = ctx->saved_data[key].toInt();
+  return e >= 0 && ctx->needs_input_grad(static_cast<size_t>(e));
+}
+
 // Identity on gradients computed with create_graph=True, whose own backward raises `message`: differentiating
 // the gradients of a fused op again fails loudly instead of silently treating them as constants.
 class RefuseDoubleBackward : public torch::autograd::Function<RefuseDoubleBackward> {

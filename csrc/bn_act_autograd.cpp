@@ -59,11 +59,8 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["negative_slope"] = negative_slope;
     // Autograd edges exist only for the tensors that were given: their positions among the edges.
-    int64_t edge = 1;
-    ctx->saved_data["residual_edge"] = defined(residual) ? edge++ : int64_t(-1);
-    ctx->saved_data["weight_edge"] = defined(weight) ? edge++ : int64_t(-1);
-    ctx->saved_data["bias_edge"] = defined(bias) ? edge++ : int64_t(-1);
-    ctx->saved_data["bias_dtype"] = defined(bias) ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
+    ctx->saved_data["residual_edge"] = defined(residual) ? int64_t(1) : int64_t(-1);
+    save_param_edges(ctx, defined(residual) ? 2 : 1, weight, bias);
     ctx->set_materialize_grads(false);
     return output;
   }
@@ -73,12 +70,8 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
     variable_list grads(kNumArgs);
     const at::Tensor& grad_out = grad_outputs[0];
     if (!grad_out.defined()) return grads;
-    auto needs = [&](const char* key) {
-      const int64_t e = ctx->saved_data[key].toInt();
-      return e >= 0 && ctx->needs_input_grad(static_cast<size_t>(e));
-    };
-    const bool need_input = ctx->needs_input_grad(0), need_residual = needs("residual_edge"),
-               need_weight = needs("weight_edge"), need_bias = needs("bias_edge");
+    const bool need_input = ctx->needs_input_grad(0), need_residual = needs_edge(ctx, "residual_edge"),
+               need_weight = needs_edge(ctx, "weight_edge"), need_bias = needs_edge(ctx, "bias_edge");
     const std::string activation = ctx->saved_data["activation"].toStringRef();
     // For identity d(residual) is grad_out itself: no need to have the kernel copy it.
     const bool residual_from_kernel = need_residual && activation != "identity";

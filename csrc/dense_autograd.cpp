@@ -47,11 +47,7 @@ class DenseBnActFunction : public torch::autograd::Function<DenseBnActFunction> 
     ctx->saved_data["training"] = training;
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["negative_slope"] = negative_slope;
-    // Autograd edges: one per input, then weight and bias when given.
-    int64_t edge = static_cast<int64_t>(inputs.size());
-    ctx->saved_data["weight_edge"] = defined(weight) ? edge++ : int64_t(-1);
-    ctx->saved_data["bias_edge"] = defined(bias) ? edge++ : int64_t(-1);
-    ctx->saved_data["bias_dtype"] = defined(bias) ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
+    save_param_edges(ctx, static_cast<int64_t>(inputs.size()), weight, bias);  // edges: the inputs', then these
     ctx->set_materialize_grads(false);
     return output;
   }
@@ -64,11 +60,7 @@ class DenseBnActFunction : public torch::autograd::Function<DenseBnActFunction> 
     variable_list grads(n + kNumArgs);
     const at::Tensor& grad_out = grad_outputs[0];
     if (!grad_out.defined()) return grads;
-    auto needs = [&](const char* key) {
-      const int64_t e = ctx->saved_data[key].toInt();
-      return e >= 0 && ctx->needs_input_grad(static_cast<size_t>(e));
-    };
-    const std::array<bool, 2> param_mask{needs("weight_edge"), needs("bias_edge")};
+    const std::array<bool, 2> param_mask{needs_edge(ctx, "weight_edge"), needs_edge(ctx, "bias_edge")};
     c10::List<bool> input_mask;
     bool any = param_mask[0] || param_mask[1];
     for (size_t j = 0; j < n; ++j) {
