@@ -51,6 +51,9 @@ pytestmark = pytest.mark.needs_native
 # since the CPU kernels normalise as (x - centre) * scale + shift, docs/design.md section 1). Above 1e2 this suite's
 # float64 cases fail its floor: PyTorch's float64 "same-dtype" error is 0 by construction (it is the oracle), while
 # x - mean at 1e3 std carries ~1e3 ulps of float64; the floor needs to scale with the offset before raising this.
+# Checked at 1e4 (issue 17, 600 drawn examples per dtype): float32 / bfloat16 / float16 pass since the CPU NCHW
+# statistics sum x - pivot (before, float32 failed at 1e2-1e4: grad_weight 3.2e-3 vs PyTorch's 1.3e-3); float64
+# fails from 1e2 on (e.g. output 2.1e-11 > floor 4.6e-12 at 1e4), the oracle limit above.
 MAX_MEAN_OFFSET = 1e2
 
 settings.register_profile(
