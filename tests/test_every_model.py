@@ -15,8 +15,8 @@ gradient of its own dtype. What is compared:
   a BatchNorm-ReLU pre-activation within the float32 network's own forward error of 0 takes the other branch than
   in float64 and moves every upstream gradient by ~1e-3 relative (measured: resnet110's reference flips 4 such
   elements, |z| 1e-7 to 6e-6 where the layers' float32 pre-activations are up to 1e-5 off, and its gradients are
-  9.5e-3 off float64; the fused model flips 2 and is 2.6e-3 off; each is 4e-6 off the float64 step that takes its
-  branches). So each float32 step's gradients are compared with the float64 step forced onto that step's branches
+  9.5e-3 off float64; the fused model flips 1 and is 1.6e-3 off; each is 4e-6 off the float64 step that takes its
+  branches; preact_resnet56's fused step: 1 flip at z64 = 1.7e-6, 2.7e-3 off float64, 5.3e-6 on its branches). So each float32 step's gradients are compared with the float64 step forced onto that step's branches
   where they differ at a near-tie: |z64| within 2x the reference float32 step's largest pre-activation error in that
   layer (a branch either float32 network may take). A branch taken anywhere else is not forced, and the error shows.
 * autocast (bfloat16): loss, logits, running statistics and the gradient vector within 2x the reference model's
@@ -357,8 +357,9 @@ def test_training_step_float32(name: str, mode: str) -> None:
     # Judged against the reference in float64 (the project's rule): a deep net's float32 gradients at batch 2 amplify
     # rounding chaotically (fused and reference float32 differ by up to ~4% in resnet50 while both are as far from
     # float64), so a fixed fused-vs-reference tolerance would decide by luck; the gradients on each step's own
-    # near-tie ReLU branches (module doc: preact_resnet44's fused step, one flip at z64 = -1.3e-6, was 7.7e-4 off
-    # float64 and 4.4e-6 off the float64 step on its branches, the reference 4.6e-6).
+    # near-tie ReLU branches (module doc; e.g. preact_resnet44's fused step before the NCHW statistics pivot, one
+    # flip at z64 = -1.3e-6, was 7.7e-4 off float64 and 4.4e-6 off the float64 step on its branches, the reference
+    # 4.6e-6; with the pivot it flips none, 4.2e-6).
     judge = p.step(False, torch.float64)
     assert_2x_rel(forward_part(ours), forward_part(same), forward_part(judge), FLOOR32, f"{name} {mode}")
     assert_gradients_2x(p, ours, p.branches[True, torch.float32, cl, False], cl, f"{name} {mode}")
