@@ -360,8 +360,9 @@ inline typename V::value_type hsum(const V& v) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Statistics of one contiguous run, blockwise in acc_t and folded into double: sum(x) and
-// sum((x - center)^2). The second pass is the numerically stable half of two-pass variance.
+// Statistics of one contiguous run, blockwise in acc_t and folded into double: sum(x - center) and
+// sum((x - center)^2). The second pass is the numerically stable half of two-pass variance; the first is taken
+// about a pivot near the mean so that its acc_t partial sums stay of the size of the deviations.
 template <typename T, bool SQ_DEV>
 double run_reduce(const T* x, int64_t len, typename VecIO<T>::acc_t center) {
   using IO = VecIO<T>;
@@ -375,10 +376,8 @@ double run_reduce(const T* x, int64_t len, typename VecIO<T>::acc_t center) {
     const int64_t stop = std::min(len, i + kReduceBlock);
     V a0(0), a1(0);
     for (; i + 2 * W <= stop; i += 2 * W) {
-      V v0 = IO::load(x + i), v1 = IO::load(x + i + W);
+      const V v0 = IO::load(x + i) - vc, v1 = IO::load(x + i + W) - vc;
       if constexpr (SQ_DEV) {
-        v0 = v0 - vc;
-        v1 = v1 - vc;
         a0 = at::vec::fmadd(v0, v0, a0);
         a1 = at::vec::fmadd(v1, v1, a1);
       } else {
@@ -388,8 +387,8 @@ double run_reduce(const T* x, int64_t len, typename VecIO<T>::acc_t center) {
     }
     acc_t s = hsum(a0 + a1);
     for (; i < stop; ++i) {
-      const acc_t v = static_cast<acc_t>(x[i]);
-      s += SQ_DEV ? (v - center) * (v - center) : v;
+      const acc_t v = static_cast<acc_t>(x[i]) - center;
+      s += SQ_DEV ? v * v : v;
     }
     total += static_cast<double>(s);
   }
@@ -1180,9 +1179,15 @@ void forward_typed(const BnActForwardArgs& a) {
       // passes (sum, squared deviations, normalise), so DRAM sees x once.
       at::parallel_for(0, C, channel_grain(M), [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
+          // The sum is of x - pivot, pivot = the channel's first value (0 if it is not finite, so inf and NaN
+          // propagate as in a plain sum): acc_t partial sums of the values themselves lose ~|mean| / std units of
+          // rounding of the mean when the mean is large (issue 17: a mean off by 1.6 ulps at 1e3 std put 2.5x
+          // PyTorch's float32 error into grad_weight); stats_channels_last pivots the same way.
+          const acc_t first = static_cast<acc_t>(x[c * S]);
+          const acc_t pivot = std::isfinite(static_cast<double>(first)) ? first : acc_t(0);
           double sum = 0;
-          for (int64_t n = 0; n < N; ++n) sum += run_reduce<T, false>(x + (n * C + c) * S, S, acc_t(0));
-          const double mu = sum / static_cast<double>(M);
+          for (int64_t n = 0; n < N; ++n) sum += run_reduce<T, false>(x + (n * C + c) * S, S, pivot);
+          const double mu = static_cast<double>(pivot) + sum / static_cast<double>(M);
           double m2 = 0;
           for (int64_t n = 0; n < N; ++n) m2 += run_reduce<T, true>(x + (n * C + c) * S, S, static_cast<acc_t>(mu));
           const double v = m2 / static_cast<double>(M);
