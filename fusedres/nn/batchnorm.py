@@ -53,12 +53,23 @@ class _BatchNormActMixin:
         self.negative_slope = float(negative_slope)
         self.fused = bool(fused)
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        """act(batch_norm(input) + residual).
+    def forward(
+        self,
+        input: Tensor,
+        residual: Tensor | None = None,
+        scale: Tensor | None = None,
+        backward_scale: Tensor | None = None,
+    ) -> Tensor:
+        """act(scale * batch_norm(input) + residual): a residual block's end (docs/design.md section 8).
 
         Args:
             input: Tensor[N, C, *] (the parent's accepted dimensions).
-            residual: Tensor of input's shape and dtype, or None.
+            residual: Tensor of input's shape and dtype, or None. It may have fewer channels (the others are
+                zeros: PyramidNet's padded shortcut) and any strides (a subsampled view is read in place).
+            scale: None, or Tensor (N,) or (N, C) multiplying the normalised branch (stochastic depth's per-sample
+                mask, squeeze-and-excitation, a gate, Shake-Shake's alpha).
+            backward_scale: None, or Tensor of scale's shape used for the branch's gradient instead of scale
+                (Shake-Shake's beta).
 
         Returns:
             Tensor of input's shape.
@@ -78,6 +89,8 @@ class _BatchNormActMixin:
             residual=residual,
             activation=self.activation,
             negative_slope=self.negative_slope,
+            scale=scale,
+            backward_scale=backward_scale,
         )
         if count_batch:
             self.num_batches_tracked.add_(1)

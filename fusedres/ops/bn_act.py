@@ -211,6 +211,17 @@ _NATIVE_DEVICE_TYPES = frozenset(d for d in ("cpu", "cuda", "meta") if _native.h
 _warned_devices: set[str] = set()
 
 
+def _narrower(residual: object, input: object) -> bool:
+    """Whether residual is a tensor with fewer channels than input (a block end's padded shortcut)."""
+    return (
+        isinstance(residual, Tensor)
+        and isinstance(input, Tensor)
+        and residual.dim() >= 2
+        and input.dim() >= 2
+        and residual.shape[1] < input.shape[1]
+    )
+
+
 def batch_norm_act(
     input: Tensor,
     running_mean: Tensor | None,
@@ -224,8 +235,10 @@ def batch_norm_act(
     residual: Tensor | None = None,
     activation: str = "relu",
     negative_slope: float = 0.01,
+    scale: Tensor | None = None,
+    backward_scale: Tensor | None = None,
 ) -> Tensor:
-    """Fused ``act(batch_norm(input) + residual)``; arguments in the order of ``F.batch_norm``.
+    """Fused ``act(scale * batch_norm(input) + residual)``; arguments in the order of ``F.batch_norm``.
 
     Training mode normalises with the batch statistics and, when ``running_mean`` / ``running_var`` are given,
     updates them in place (``running = (1 - momentum) * running + momentum * batch``, unbiased variance), only
@@ -242,13 +255,40 @@ def batch_norm_act(
         training: use and update batch statistics (True) or use the running statistics (False).
         momentum: running-statistics update factor (a float; the modules handle ``momentum=None``).
         eps: added to the variance.
-        residual: Tensor[N, C, *] (input's shape and dtype) added before the activation, or None.
-        activation: "relu" (default), "identity", "leaky_relu", "relu6" or "silu".
+        residual: Tensor[N, C, *] (input's shape and dtype) added before the activation, or None. With ``scale``
+            or fewer channels than input it is a block end (docs/design.md section 8): Tensor[N, Cr, *], Cr <= C
+            (channels Cr.. get no residual: PyramidNet's zero-padded shortcut), any strides (a subsampled view is
+            read in place, not copied).
+        activation: "relu" (default), "identity", "leaky_relu", "relu6" or "silu" ("silu" not with ``scale`` or
+            a narrower residual).
         negative_slope: slope of "leaky_relu" below zero.
+        scale: None, or Tensor (N,) or (N, C) (float32 or input's dtype) multiplying the normalised input before
+            the residual is added: stochastic depth's per-sample mask / keep probability, squeeze-and-excitation,
+            a gate, Shake-Shake's alpha. Differentiable. A zero scale drops the branch: its values are not read.
+        backward_scale: None, or Tensor of scale's shape used in place of ``scale`` for the gradients of input,
+            weight and bias (Shake-Shake's beta); scale's own gradient stays sum(grad * batch_norm(input)).
 
     Returns:
         Tensor[N, C, *]: input's dtype, dense in the input's suggested memory format.
     """
+    if scale is not None or backward_scale is not None or _narrower(residual, input):
+        from fusedres.ops.block_end import block_end
+
+        return block_end(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            residual=residual,
+            activation=activation,
+            negative_slope=negative_slope,
+            scale=scale,
+            backward_scale=backward_scale,
+        )
     check_functional_args(input, residual, activation, momentum, "the BatchNormAct modules handle momentum=None")
     if input.device.type not in _NATIVE_DEVICE_TYPES:
         warn_fallback("fusedres.batch_norm_act", input.device.type, _warned_devices)
