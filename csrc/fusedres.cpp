@@ -70,6 +70,12 @@ TORCH_LIBRARY(fusedres, m) {
       "block_end_forward(Tensor input, Tensor? residual, Tensor? scale, Tensor? weight, Tensor? bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, float eps, str activation, "
       "float negative_slope) -> (Tensor, Tensor, Tensor, Tensor)");
+  // block_end_forward's output as one differentiable op (C++ autograd node: csrc/block_end_autograd.cpp);
+  // backward_scale (scale's shape, or None) replaces scale in the gradients of input, weight and bias.
+  m.def(
+      "block_end(Tensor input, Tensor? residual, Tensor? scale, Tensor? backward_scale, Tensor? weight, "
+      "Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, float eps, "
+      "str activation, float negative_slope) -> Tensor");
   // Gradients (input, residual, scale, weight, bias) of block_end_forward per output_mask (others: empty [0]).
   // scale: the one the branch's gradient uses (the forward's, or Shake-Shake's backward scale beta); the scale's
   // own gradient is sum(dz * batch_norm(input)) in the accumulation dtype with scale's shape (it reads bias).

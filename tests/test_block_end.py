@@ -326,6 +326,36 @@ def test_opcheck_backward(activation, output_mask, layout, scale_kind):
 
 
 @native
+@pytest.mark.parametrize(("layout", "scale_kind", "backward_scale"), [("contiguous", "channel", False),
+                                                                      ("channels_last", "sample", True)])
+def test_opcheck_differentiable_op(layout, scale_kind, backward_scale):
+    """fusedres::block_end (the eager path: a C++ autograd node) with inputs that require grad, so opcheck also
+    checks its autograd registration against the fake kernel."""
+    c = make_case((3, 4, 3, 2), torch.float32, layout, scale_kind, "narrow", backward_scale, seed=12)
+    x, r, s, w, b = (t.detach().clone().requires_grad_() for t in (c["x"], c["r"], c["s"], c["w"], c["b"]))
+    args = (x, r, s, c["bs"], w, b, c["rm"], c["rv"], True, 0.1, EPS, "relu", 0.0)
+    torch.library.opcheck(torch.ops.fusedres.block_end.default, args)
+
+
+@native
+def test_eager_node_matches_python_function():
+    """The C++ node (eager) and the Python Function (traced by torch.compile) call the same ops: equal results."""
+    from fusedres.ops.block_end import _BlockEndFunction
+
+    c = make_case((4, 6, 3, 3), torch.float32, "channels_last", "channel", "narrow_strided", True, seed=13)
+    results = []
+    for use_node in (True, False):
+        x, s, w, b = (t.detach().clone().requires_grad_() for t in (c["x"], c["s"], c["w"], c["b"]))
+        r = c["r"].detach()
+        args = (x, r, s, c["bs"], w, b, None, None, True, 0.1, EPS, "relu", 0.0)
+        out = torch.ops.fusedres.block_end(*args) if use_node else _BlockEndFunction.apply(*args)[0]
+        out.backward(c["dy"])
+        results.append((out, x.grad, s.grad, w.grad, b.grad))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+@native
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_compile_fullgraph(layout):
     torch._dynamo.reset()

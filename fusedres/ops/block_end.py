@@ -2,7 +2,9 @@
 :func:`fusedres.batch_norm_act`'s ``scale`` / ``backward_scale`` / narrower ``residual`` (docs/design.md section 10).
 
 The kernels are ``torch.ops.fusedres.block_end_forward`` / ``block_end_backward`` (schemas in csrc/fusedres.cpp).
-Autograd saves ``input``, ``weight``, ``bias`` (the scale's gradient reads it), the scale the backward uses, the
+In eager mode the functional calls ``torch.ops.fusedres.block_end``, whose autograd node is C++
+(csrc/block_end_autograd.cpp); under torch.compile the Python Function below, which Dynamo traces. Both save
+``input``, ``weight``, ``bias`` (the scale's gradient reads it), the scale the backward uses, the
 per-channel statistics and the 1-bit mask; never the pre-activation, the output or the residual.
 """
 
@@ -219,9 +221,15 @@ class _BlockEndFunction(torch.autograd.Function):
         return (gi, gr, gs, None, gw, gb) + nones
 
 
+def _fake_block_end(input, residual, scale, backward_scale, weight, bias, *rest) -> Tensor:
+    """fusedres::block_end: block_end_forward's output (backward_scale only matters to backward)."""
+    return _fake_forward(input, residual, scale, weight, bias, *rest)[0]
+
+
 if _native.native_loaded:
     torch.library.register_fake(_FORWARD)(_fake_forward)
     torch.library.register_fake(_BACKWARD)(_fake_backward)
+    torch.library.register_fake("fusedres::block_end")(_fake_block_end)
 
 
 def block_end(
@@ -302,7 +310,11 @@ def block_end(
     if torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, residual, scale, weight, bias)
     ):
-        return _BlockEndFunction.apply(*args)[0]
+        if torch.compiler.is_compiling():
+            # Traced: the Python Function, whose forward and backward ops Dynamo / AOTAutograd see and compile.
+            return _BlockEndFunction.apply(*args)[0]
+        # Eager: the same two ops under a C++ autograd node (csrc/block_end_autograd.cpp), no Python per call.
+        return torch.ops.fusedres.block_end(*args)
     return torch.ops.fusedres.block_end_forward(
         input, residual, scale, weight, bias, running_mean, running_var, *args[8:]
     )[0]
