@@ -26,16 +26,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(
   at::Tensor y = at::empty_like(x, g.format);
   at::Tensor mask = cpu::mask_for(g, act, input.options());
   auto [w, b] = bn_act_params(weight, bias, g.C, acc, input.device());
-  at::Tensor mean, invstd, var;
-  if (training) {
-    // Written whole by the kernel; zeros only when it does not run (no values).
-    auto alloc = [&] { return g.numel() > 0 ? at::empty({g.C}, acc_opts) : at::zeros({g.C}, acc_opts); };
-    mean = alloc();
-    invstd = alloc();
-    var = alloc();
-  } else {
-    std::tie(mean, invstd) = bn_act_eval_stats(*running_mean, *running_var, eps, acc);
-  }
+  auto [mean, invstd, var] = cpu::stat_outputs(g, training, running_mean, running_var, eps, acc_opts);
   if (g.numel() == 0) return {y, mean, invstd, mask};
 
   cpu::BnActForwardArgs args = cpu::forward_args(g, input.scalar_type(), training, act, negative_slope, eps);

@@ -31,6 +31,7 @@ from fusedres.ops._common import (
 )
 from fusedres.ops._common import check_input as _check_input
 from fusedres.ops._common import memory_format as _memory_format
+from fusedres.ops.block_end import block_end
 from fusedres.reference import bn_act as _reference
 from fusedres.validation import check_activation
 
@@ -252,8 +253,6 @@ def batch_norm_act(
         Tensor[N, C, *]: input's dtype, dense in the input's suggested memory format.
     """
     if scale is not None or backward_scale is not None or _narrower(residual, input):
-        from fusedres.ops.block_end import block_end
-
         return block_end(
             input,
             running_mean,
