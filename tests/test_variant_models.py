@@ -37,8 +37,8 @@ PARAMS = {
     "wide_resnet28_10": 36_479_194,
     "gated_resnet20": 286_186,
 }
-# The papers' figures, in millions, given to 0.1M (Huang et al. Table 1 via He et al.; Han et al. Table 4;
-# Gastaldi Table 1; Zagoruyko & Komodakis Table 4).
+# The papers' figures, in millions, given to 0.1M (ResNet-110: He et al. 2016; PyramidNet: Han et al. 2017;
+# Shake-Shake: Gastaldi 2017; WRN-28-10: Zagoruyko & Komodakis 2016; the figures quoted in issue 14).
 PAPER_MILLIONS = {
     "resnet110_sd": 1.7,
     "pyramidnet110_a48": 1.7,
