@@ -2,11 +2,22 @@
 // (bn_act and its building blocks in cpu/bn_act.cpp, the dense op in cpu/dense.cpp); pointers are the caller's.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include "bn_act.h"
 #include "cpu/bn_act_kernel.h"
 
 namespace fusedres {
 namespace cpu {
+
+// The activation mask a forward returns: the kernels write every byte of it (csrc/cpu/bn_act_kernel_impl.h,
+// prepare_mask), so it is allocated uninitialised; zeros when the kernel does not run (no values).
+inline at::Tensor mask_for(const BnActGeom& g, int act, const at::TensorOptions& opts) {
+  const auto bytes = opts.dtype(at::kByte);
+  if (!math::act_has_mask(act)) return at::empty({0}, bytes);
+  const int64_t n = math::mask_bytes(g.numel());
+  return g.numel() > 0 ? at::empty({n}, bytes) : at::zeros({n}, bytes);
+}
 
 inline BnActForwardArgs forward_args(const BnActGeom& g, c10::ScalarType dtype, bool training, int act,
                                      double negative_slope, double eps) {
