@@ -119,7 +119,7 @@ def _builder(alpha: int, params: str) -> Any:
         return PyramidNet(110, alpha, num_classes, fused=fused, **kwargs)
 
     build.__name__ = build.__qualname__ = f"pyramidnet110_a{alpha}"
-    build.__doc__ = f"""Additive PyramidNet-110 with alpha = {alpha} (Han et al. 2017): {params} parameters for 10 classes.
+    build.__doc__ = f"""Additive PyramidNet-110, alpha = {alpha} (Han et al. 2017): {params} parameters for 10 classes.
 
     Args:
         num_classes: output logits (10 for CIFAR-10).
