@@ -11,6 +11,11 @@ ones are zeros. The last BN and the addition are one fused op: ``self.bn3(out, s
 ``activation="identity"`` and the narrower shortcut read as is (no zero-padded copy). Stem: conv3x3 16 -> BN (no
 ReLU); head: BN -> ReLU -> global average pool -> fc.
 
+A property of this design: the residual stream reaches the loss only through training-mode BatchNorms (each block's
+bn1, bn_final) and the shortcuts carry a per-channel constant through unchanged, so in training the biases of the
+stem's BN and of every block's bn3 get exactly zero gradient (they matter at eval, through the running statistics;
+weight decay alone moves them).
+
 Widths: the official code (jhkim89/PyramidNet addpyramidnet.lua, dyhan0920/PyramidNet-PyTorch) rounds
 16 + alpha * k / N to the nearest integer where the paper floors it; for alpha = 270 (alpha / N = 5) the two agree,
 for alpha = 48 rounding gives 1,772,706 parameters where flooring gives 1,739,730 (the paper: "1.7M"). Module and
