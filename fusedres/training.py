@@ -141,43 +141,49 @@ def _train_epoch(runner: _Runner, data: ImageDataset, epoch: int, epochs: int, e
     correct = torch.zeros((), dtype=torch.int64, device=env.device)
     env.synchronize()
     start = time.perf_counter()
-    try:
-        for step, (images, labels) in enumerate(
-            batches(
-                data,
-                "train",
-                env.local_batch,
-                epoch=epoch,
-                seed=env.seed,
-                rank=env.rank,
-                world_size=env.world_size,
-                max_batches=env.max_batches,
-            )
-        ):
-            images, labels = env.to_input(images), labels.to(env.device, non_blocking=True)
-            with env.autocast():
-                logits = runner.model(images)
-                loss = runner.loss_fn(logits, labels)
-            runner.optimizer.zero_grad(set_to_none=True)
-            if runner.scaler is not None:
-                runner.scaler.scale(loss).backward()
-                runner.scaler.step(runner.optimizer)
-                runner.scaler.update()
-            else:
-                loss.backward()
-                runner.optimizer.step()
-            loss = loss.detach().float()
-            losses.append(torch.stack([loss * labels.numel(), torch.tensor(labels.numel(), device=env.device)]))
-            correct += (logits.detach().argmax(1) == labels).sum()
+    # Every model's epoch starts from the same random state (restored afterwards), so the random draws made in
+    # forward (dropout, stochastic depth masks, Shake-Shake's alpha / beta) are the same for the fused and the
+    # reference model of --compare, step by step.
+    cuda_devices = [env.device.index or 0] if env.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(env.seed * 1_000_003 + epoch + 1)
+        try:
+            for step, (images, labels) in enumerate(
+                batches(
+                    data,
+                    "train",
+                    env.local_batch,
+                    epoch=epoch,
+                    seed=env.seed,
+                    rank=env.rank,
+                    world_size=env.world_size,
+                    max_batches=env.max_batches,
+                )
+            ):
+                images, labels = env.to_input(images), labels.to(env.device, non_blocking=True)
+                with env.autocast():
+                    logits = runner.model(images)
+                    loss = runner.loss_fn(logits, labels)
+                runner.optimizer.zero_grad(set_to_none=True)
+                if runner.scaler is not None:
+                    runner.scaler.scale(loss).backward()
+                    runner.scaler.step(runner.optimizer)
+                    runner.scaler.update()
+                else:
+                    loss.backward()
+                    runner.optimizer.step()
+                loss = loss.detach().float()
+                losses.append(torch.stack([loss * labels.numel(), torch.tensor(labels.numel(), device=env.device)]))
+                correct += (logits.detach().argmax(1) == labels).sum()
+                if bar is not None:
+                    bar.update(1)
+                    if step % 10 == 0 or step + 1 == n_batches:
+                        bar.set_postfix(loss=f"{loss.item():.4f}")
+            env.synchronize()
+            seconds = time.perf_counter() - start
+        finally:
             if bar is not None:
-                bar.update(1)
-                if step % 10 == 0 or step + 1 == n_batches:
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-        env.synchronize()
-        seconds = time.perf_counter() - start
-    finally:
-        if bar is not None:
-            bar.close()
+                bar.close()
     runner.scheduler.step()
     per_batch = torch.stack(losses).double() if losses else torch.zeros(0, 2, dtype=torch.float64, device=env.device)
     per_batch = env.all_reduce_sum(per_batch)

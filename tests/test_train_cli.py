@@ -81,6 +81,17 @@ def test_compare_curves_agree(capsys, tmp_path):
     assert ckpt["fused"] is True and len(ckpt["history"][0]["batch_losses"]) == 2
 
 
+@pytest.mark.parametrize("model", ["resnet110_sd", "shake_shake_26_2x32d"])
+def test_compare_gives_both_models_the_same_random_draws(capsys, model):
+    """Stochastic depth masks and Shake-Shake's alpha / beta are drawn in forward: each model's epoch starts from the
+    same random state, so the fused and the reference model see the same draws (same loss on the first batch)."""
+    argv = ["--model", model, "--epochs", "1", "--max-batches", "1", "--batch-size", "8", "--quiet", "--threads", "2"]
+    out = _run([*argv, "--memory-format", "contiguous", "--compare"], capsys)
+    diff = re.search(rf"loss \|fused - reference\|: first batch {NUM}", out)
+    assert diff, out
+    assert float(diff.group(1)) < 1e-5
+
+
 def test_save_loads_strictly_into_reference(capsys, tmp_path):
     path = tmp_path / "ckpt.pt"
     out = _run([*TINY, "--save", str(path), "--channels-last"], capsys)

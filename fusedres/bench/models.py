@@ -85,6 +85,10 @@ MODELS: dict[str, ModelSpec] = {
     _TV_MOBILENET: ModelSpec(_TV_MOBILENET, {}, 16, (3, 224, 224), False, _TOO_LONG),
     "densenet_bc_100": ModelSpec("densenet_bc_100", {"num_classes": 10}, 64, _CIFAR, False, _TOO_LONG),
     "highway_mlp": ModelSpec("highway_mlp", _MLP, _highway.MLP_STEP["batch"], (_MLP["in_features"],), True),
+    # The skip-connection variants on the block-end op (docs/design.md section 10).
+    "resnet110_sd": ModelSpec("resnet110_sd", {"num_classes": 10}, 64, _CIFAR, False, _TOO_LONG),
+    "pyramidnet110_a48": ModelSpec("pyramidnet110_a48", {"num_classes": 10}, 64, _CIFAR, False, _TOO_LONG),
+    "shake_shake_26_2x32d": ModelSpec("shake_shake_26_2x32d", {"num_classes": 10}, 64, _CIFAR, False, _TOO_LONG),
 }
 _NO_ENTRY = "not measured (skipped: a model with no entry in fusedres.bench.models.MODELS is not compiled)"
 CL = "@channels_last"  # a model name with this suffix: its row runs models and input in channels_last
@@ -100,6 +104,9 @@ DEFAULT_MODELS = (
     TORCHVISION_PREFIX + "mobilenet_v2" + CL,
     "densenet_bc_100",
     "highway_mlp",
+    "resnet110_sd" + CL,
+    "pyramidnet110_a48" + CL,
+    "shake_shake_26_2x32d" + CL,
 )
 QUICK_MODELS = ("resnet20", "resnet20" + CL, "highway_mlp")
 # The implementations of a model row: torch.compile of the reference and of the fused model (the fused ops are
@@ -119,6 +126,9 @@ _QUICK_BATCH = {
     TORCHVISION_PREFIX + "mobilenet_v2": 4,
     "densenet_bc_100": 16,
     "highway_mlp": 64,
+    "resnet110_sd": 16,
+    "pyramidnet110_a48": 16,
+    "shake_shake_26_2x32d": 16,
 }
 # FUSEDRES_BENCH_TINY=1 (the CLI's own test): tiny batches and images.
 _TINY = {
