@@ -175,7 +175,8 @@ def _end_problem(
         return r
     if (r := block_end_problem(bn_name, between)) is not None:
         return r
-    if isinstance(bn, nn.SyncBatchNorm) and any(getattr(branch_op(m), "kind", None) == "per_sample" for _, m in between):
+    scaling = any(getattr(branch_op(m), "kind", None) == "per_sample" for _, m in between)
+    if isinstance(bn, nn.SyncBatchNorm) and scaling:
         return f"a per-sample scaling op between {bn_name} and the residual add: SyncBatchNormAct2d takes no scale yet"
     spec = activation_spec(act)
     if isinstance(spec, ActivationSpec) and (r := fused_activation_problem(bn, spec)) is not None:
