@@ -14,7 +14,8 @@
   add (no ``se``; ``drop_path`` is fine) the block becomes :class:`BasicBlock` / :class:`Bottleneck` (subclasses
   changing only ``forward``) whose last BatchNorm computes ``act(scale * bn(x) + shortcut)``, scale = ``drop_path``'s
   per-sample factors in training (the block-end op, docs/design.md section 10). An SE module there leaves that
-  BatchNorm to PyTorch: SE reads the BatchNorm's output (see :func:`fusedres.convert._core.block_end_problem`). The stem's ``bn1`` -> ``act1`` is fused (``ResNet``), and the
+  BatchNorm to PyTorch: SE reads the BatchNorm's output (see :func:`fusedres.convert._core.block_end_problem`).
+  The stem's ``bn1`` -> ``act1`` is fused (``ResNet``), and the
   deep / tiered stems are Sequentials (:mod:`fusedres.convert.sequential`).
 * ``timm.models.regnet.Bottleneck`` (RegNetX/Y/V/Z with post-activation blocks): ``conv3.bn`` takes the shortcut and
   ``act3`` (:class:`RegNetBottleneck`), the shortcut projection's BatchNorm becomes an identity one. RegNetY's SE

@@ -155,8 +155,10 @@ def _fake_backward(
         shape = (input.shape[0], residual_channels, *input.shape[2:])
         grad_residual = input.new_empty(shape).contiguous(memory_format=fmt)
     grad_scale = input.new_empty(tuple(scale.shape), dtype=acc) if output_mask[2] and scale is not None else empty()
-    grad_weight = input.new_empty((C,), dtype=weight.dtype if weight is not None else acc) if output_mask[3] else empty()
-    grad_bias = input.new_empty((C,), dtype=bias.dtype if bias is not None else acc) if output_mask[4] else empty()
+    weight_dtype = weight.dtype if weight is not None else acc
+    bias_dtype = bias.dtype if bias is not None else acc
+    grad_weight = input.new_empty((C,), dtype=weight_dtype) if output_mask[3] else empty()
+    grad_bias = input.new_empty((C,), dtype=bias_dtype) if output_mask[4] else empty()
     return grad_input, grad_residual, grad_scale, grad_weight, grad_bias
 
 

@@ -105,7 +105,9 @@ def batch_norm_act(
     s = _per_sample(scale, "scale", input) if scale is not None else None
     bs = _per_sample(backward_scale, "backward_scale", input) if backward_scale is not None else None
     if bs is not None and bs.shape != s.shape:
-        raise ValueError(f"backward_scale must have scale's shape {tuple(scale.shape)}, got {tuple(backward_scale.shape)}")
+        raise ValueError(
+            f"backward_scale must have scale's shape {tuple(scale.shape)}, got {tuple(backward_scale.shape)}"
+        )
     if residual is not None:
         residual = _pad_channels(residual, input)
     z = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
