@@ -381,3 +381,38 @@ def test_cuda_says_not_implemented():
     x = torch.randn(2, 4, 3, 3, device="cuda")
     with pytest.raises(NotImplementedError, match="CPU kernels only"):
         batch_norm_act(x, None, None, None, None, True, scale=torch.ones(2, device="cuda"))
+
+
+@native
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_drop_path_module(layout):
+    """DropPathBatchNormAct2d: eval = BatchNormAct2d; training = timm's drop_path of the BN output + residual, then
+    the activation, with the same draws as torch's bernoulli from the same seed; fused and reference agree."""
+    from fusedres.nn import DropPathBatchNormAct2d
+
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(8, 6, 4, 4, dtype=torch.float64).contiguous(memory_format=fmt)
+    r = torch.randn(8, 6, 4, 4, dtype=torch.float64).contiguous(memory_format=fmt)
+    fused = DropPathBatchNormAct2d(6, 0.4).double()
+    ref = DropPathBatchNormAct2d(6, 0.4, fused=False).double()
+    plain = BatchNormAct2d(6, fused=False).double()
+    assert "drop_prob=0.4" in repr(fused)
+    torch.manual_seed(0)
+    keep = torch.empty(8).bernoulli_(0.6).double() / 0.6
+    want = torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True) * keep.view(8, 1, 1, 1) + r)
+    outs = []
+    for m in (fused, ref):
+        torch.manual_seed(0)
+        xi = x.clone().requires_grad_()
+        out = m(xi, r)
+        out.sum().backward()
+        outs.append((out, xi.grad))
+    torch.testing.assert_close(outs[0][0], want)
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])
+    plain.load_state_dict(fused.state_dict())  # the running statistics of the training call above
+    for m in (fused, plain):
+        m.eval()
+    torch.testing.assert_close(fused(x, r), plain(x, r))
+    with pytest.raises(ValueError, match="drop_prob must be in"):
+        DropPathBatchNormAct2d(6, 1.0)
