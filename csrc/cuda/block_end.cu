@@ -182,7 +182,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_end
   at::Tensor ds = bn_act_empty_like_none(w);
   if (need_ds) {
     // d out / d scale_nc = sum_s dz * batch_norm(x) = w * invstd * sum dz (x - mean) + b * sum dz (as the CPU op).
-    const at::Tensor per_nc = nc_sums[1] * (w * save_invstd.to(acc)).unsqueeze(0) + nc_sums[0] * b.unsqueeze(0);
+    // (Tensor methods: the arithmetic operators need ATen/ATen.h, which the launchers do not include.)
+    const at::Tensor per_nc =
+        nc_sums[1].mul(w.mul(save_invstd.to(acc)).unsqueeze(0)).add(nc_sums[0].mul(b.unsqueeze(0)));
     ds = (s.defined() && s.dim() == 1) ? per_nc.sum(1) : per_nc;
   }
   return {dx, dr, ds, dw, db};
