@@ -389,7 +389,7 @@ OUTPUT_MASKS = [
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("output_mask", OUTPUT_MASKS, ids=lambda m: "".join(c for c, on in zip("xrswb", m) if on) or "0")
+@pytest.mark.parametrize("output_mask", OUTPUT_MASKS, ids=lambda m: "".join(c for c, o in zip("xrswb", m) if o) or "0")
 @pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[3]], ids=[SHAPE_IDS[2], SHAPE_IDS[3]])
 def test_output_masks(emu, shape, output_mask, training):
     """Only the requested gradients are computed, each as with all of them (dropped samples skip their sums)."""
