@@ -58,6 +58,33 @@ TORCH_LIBRARY(fusedres, m) {
       "Tensor mask, Tensor sum_dz, Tensor sum_dz_xhat, int count, str activation, float negative_slope, "
       "bool[2] output_mask) -> (Tensor, Tensor)");
 
+  // The block end of a residual network's variants (docs/design.md section 10):
+  //   act(scale * batch_norm(input) + residual)
+  // scale: (N,) per sample or (N, C) (stochastic depth, squeeze-and-excitation, gates, Shake-Shake's alpha), any
+  // floating dtype; a per-sample 0 drops the sample's branch (its input values are not read). residual: input's
+  // shape but Cr <= C channels (channels Cr.. get none: PyramidNet's zero-padded shortcut), any strides (a
+  // subsampled view is read in place). Returns (output, save_mean, save_invstd, mask) exactly as bn_act_forward
+  // does; activation: "relu", "identity", "leaky_relu" or "relu6". Updates the running statistics like
+  // bn_act_forward.
+  m.def(
+      "block_end_forward(Tensor input, Tensor? residual, Tensor? scale, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, float eps, str activation, "
+      "float negative_slope) -> (Tensor, Tensor, Tensor, Tensor)");
+  // block_end_forward's output as one differentiable op (C++ autograd node: csrc/block_end_autograd.cpp);
+  // backward_scale (scale's shape, or None) replaces scale in the gradients of input, weight and bias.
+  m.def(
+      "block_end(Tensor input, Tensor? residual, Tensor? scale, Tensor? backward_scale, Tensor? weight, "
+      "Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, float eps, "
+      "str activation, float negative_slope) -> Tensor");
+  // Gradients (input, residual, scale, weight, bias) of block_end_forward per output_mask (others: empty [0]).
+  // scale: the one the branch's gradient uses (the forward's, or Shake-Shake's backward scale beta); the scale's
+  // own gradient is sum(dz * batch_norm(input)) in the accumulation dtype with scale's shape (it reads bias).
+  // grad_residual: (N, residual_channels, *) dense in input's memory format.
+  m.def(
+      "block_end_backward(Tensor grad_out, Tensor input, Tensor? scale, Tensor? weight, Tensor? bias, "
+      "Tensor save_mean, Tensor save_invstd, Tensor mask, int residual_channels, bool training, str activation, "
+      "float negative_slope, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
   // act(batch_norm(cat(inputs, 1))) without building the concatenation (docs/design.md section 3). The inputs agree
   // in N, spatial size, dtype and device and may differ in channels; C = sum of their channels. Returns
   // (output [N, C, *] dense in inputs[0]'s suggested memory format, save_mean [C], save_invstd [C], mask):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from fusedres.bench import block_end as bench_block_end
 from fusedres.bench import bn_act, harness
 from fusedres.bench import highway as bench_highway
 from fusedres.bench import models as bench_models
@@ -183,6 +184,27 @@ def test_bench_quick_json_overhead(quick_report) -> None:
         assert row["overhead_us_per_layer"] == pytest.approx(per_layer["fused"] - per_layer["ops"]), op
     assert not problems, "\n".join(problems)
     assert "per-call overhead" in stdout and "overhead us/layer" in stdout
+
+
+@pytest.mark.slow
+def test_bench_quick_json_block_end(quick_report) -> None:
+    """--quick: every variant in channels_last, both directions, all three implementations measured."""
+    report, stdout = quick_report
+    rows = report["block_end"]
+    configs = {(r["variant"], r["layout"], r["direction"]) for r in rows}
+    assert configs == {(v, "channels_last", d) for v in bench_block_end.VARIANTS for d in bench_block_end.DIRECTIONS}
+    problems: list[str] = []
+    for row in rows:
+        where = f"{row['variant']} {row['direction']}"
+        assert all(row["times_ms"][impl] is not None for impl in harness.IMPLS), where
+        for key in ("times_ms", "ratios", "gbps"):
+            sub: list[str] = []
+            _check_figures(row[key], key, row["null_reasons"], sub, nonneg=key in COUNTS)
+            problems += [f"{where}: {p}" for p in sub]
+        if row["variant"] == "pyramidnet":
+            assert row["residual_channels"] < row["shape"][1], where
+    assert not problems, "\n".join(problems)
+    assert "block ends of the skip-connection variants" in stdout
 
 
 @pytest.mark.slow

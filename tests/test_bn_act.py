@@ -1096,8 +1096,9 @@ def test_error_channel_count_mismatch(arg, device):
 
 @native
 def test_error_residual_shape_mismatch(device):
-    bad = torch.randn(3, 2, 2, 2, device=device)
-    match = r"residual must have the same shape as input, got \[3, 2, 2, 2\] and \[3, 4, 2, 2\]"
+    # (A residual with fewer channels is a block end's padded shortcut: tests/test_block_end.py.)
+    bad = torch.randn(3, 4, 2, 3, device=device)
+    match = r"residual must have the same shape as input, got \[3, 4, 2, 3\] and \[3, 4, 2, 2\]"
     expect_error(device, RuntimeError, match, residual=bad)
     expect_module_error(BatchNormAct2d(4).to(device), RuntimeError, match, torch.randn(3, 4, 2, 2, device=device), bad)
 

@@ -28,7 +28,7 @@ from timm.models import resnet as timm_resnet
 
 import fusedres
 from fusedres.convert.lone import VIA as LONE_VIA
-from fusedres.convert import ConvertContext, ConvertReport, block_end_problem, branch_op
+from fusedres.convert import ConvertContext, ConvertReport, block_end_problem, branch_op, branch_scale
 from fusedres.convert import timm as timm_convert
 from fusedres.nn import BatchNormAct2d, DenseLayer, DenseNormAct2d, DenseTransition, SyncBatchNormAct2d
 
@@ -86,13 +86,11 @@ def test_full_resnet50_structure() -> None:
     [
         ("seresnet50", {}, "SEModule, a channel attention"),
         ("ecaresnet26t", {}, "EcaModule, a channel attention"),
-        ("resnet50", {"drop_path_rate": 0.1}, "DropPath with drop_prob > 0"),
-        ("regnety_008", {"drop_path_rate": 0.1}, "DropPath with drop_prob > 0"),
     ],
 )
-def test_se_and_drop_path_boundary_is_all_that_is_left(name: str, kwargs: dict, boundary: str) -> None:
-    """Everything outside the SE / drop_path boundary is fused; the BatchNorm before it runs fused alone (identity)
-    and the report says why its add and activation are not."""
+def test_se_boundary_is_all_that_is_left(name: str, kwargs: dict, boundary: str) -> None:
+    """Everything outside the SE boundary is fused; the BatchNorm before it runs fused alone (identity) and the
+    report says why its add and activation are not (SE reads that BatchNorm's output)."""
     model = _meta(name, **kwargs)
     ends = {
         n: m
@@ -105,9 +103,19 @@ def test_se_and_drop_path_boundary_is_all_that_is_left(name: str, kwargs: dict, 
     left = report.alone
     want = {f"{n}.bn3" if hasattr(m, "bn3") else f"{n}.conv3.bn" for n, m in ends.items()}
     assert set(left) == want and report.untouched == []
-    assert all(boundary in r and "needs a block-end op the kernels do not have yet" in r for r in left.values())
+    assert all(boundary in r and "cannot have before it runs" in r for r in left.values())
     assert {c.activation for c in report.converted if c.name in want} == {"identity"}
     assert report.num_batchnorms == len(report.converted)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "regnety_008"])
+def test_active_drop_path_fuses_into_the_block_end(name: str) -> None:
+    """An active DropPath (stochastic depth) becomes the block-end op's per-sample scale: every block end fuses."""
+    model = _meta(name, drop_path_rate=0.1)
+    _, report = fusedres.convert(model, inplace=True, report=True)
+    assert report.alone == {} and report.untouched == []
+    ends = [m for m in model.modules() if isinstance(getattr(m, "drop_path", None), DropPath) and m.drop_path.drop_prob]
+    assert ends and all(type(m).__module__ == "fusedres.convert.timm" for m in ends)
 
 
 def test_regnety_se_sits_before_conv3_so_the_block_end_fuses() -> None:
@@ -139,9 +147,10 @@ ONE_BLOCK = {"layers": (1, 1, 1, 1)}
         ("densenet121", {"block_config": (2, 2, 2, 2)}, 1.0, 0),
         ("resnet10t", {}, 1.0, 0),  # tiered deep stem, avg-pool downsample
         ("resnetaa34d", ONE_BLOCK, 1.0, 0),  # anti-aliasing (avg pool) after act1
-        # Every BatchNorm fused; those before an SE / active DropPath / DropBlock2d alone (identity): 4, 3, 2
+        # Every BatchNorm fused; those before an SE / DropBlock2d alone (identity): 4, 2. An active DropPath is the
+        # block end's per-sample scale (same random draws as timm's drop_path).
         ("seresnet50", ONE_BLOCK, 1.0, 4),
-        ("resnet18", {**ONE_BLOCK, "drop_path_rate": 0.1}, 1.0, 3),  # blocks 2-4 have an active DropPath
+        ("resnet18", {**ONE_BLOCK, "drop_path_rate": 0.1}, 1.0, 0),  # blocks 2-4 have an active DropPath
         ("resnet18", {**ONE_BLOCK, "drop_block_rate": 0.2}, 1.0, 2),  # bn1 -> DropBlock2d -> act1 in layers 3-4
     ],
     ids=lambda v: v if isinstance(v, str) else None,
@@ -326,7 +335,16 @@ def test_block_end_ops_registry() -> None:
     assert branch_op(nn.Conv2d(2, 2, 1)) is None
     assert block_end_problem("bn3", [("se", None), ("drop_path", DropPath(0.0))]) is None
     assert "not a known branch op" in block_end_problem("bn3", [("x", nn.Conv2d(2, 2, 1))])
-    assert "per sample in training" in block_end_problem("bn3", [("drop_path", DropPath(0.2))])
+    assert block_end_problem("bn3", [("drop_path", DropPath(0.2))]) is None
+    assert "more than one" in block_end_problem("bn3", [("a", DropPath(0.2)), ("b", DropPath(0.1))])
+    assert "cannot have before it runs" in block_end_problem("bn3", [("se", timm.layers.SEModule(8))])
+    x = torch.zeros(6, 2, 1, 1)
+    assert branch_scale([DropPath(0.2).eval()], x) is None and branch_scale([None, nn.Identity()], x) is None
+    torch.manual_seed(3)
+    factors = branch_scale([DropPath(0.5)], x)
+    torch.manual_seed(3)
+    want = timm.layers.drop_path(torch.ones(6, 1, 1, 1), 0.5, True).flatten()
+    assert torch.equal(factors, want)
 
 
 def test_densenet_layers_and_transitions_become_fused_units() -> None:

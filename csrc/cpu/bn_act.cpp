@@ -10,15 +10,6 @@
 namespace fusedres {
 namespace {
 
-// The activation mask a forward returns: the kernels write every byte of it (csrc/cpu/bn_act_kernel_impl.h,
-// prepare_mask), so it is allocated uninitialised; zeros when the kernel does not run (no values).
-at::Tensor mask_for(const BnActGeom& g, int act, const at::TensorOptions& opts) {
-  const auto bytes = opts.dtype(at::kByte);
-  if (!math::act_has_mask(act)) return at::empty({0}, bytes);
-  const int64_t n = math::mask_bytes(g.numel());
-  return g.numel() > 0 ? at::empty({n}, bytes) : at::zeros({n}, bytes);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
@@ -33,18 +24,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(
   const bool has_res = residual.has_value() && residual->defined();
   const at::Tensor r = has_res ? bn_act_dense(*residual, g) : at::Tensor();
   at::Tensor y = at::empty_like(x, g.format);
-  at::Tensor mask = mask_for(g, act, input.options());
+  at::Tensor mask = cpu::mask_for(g, act, input.options());
   auto [w, b] = bn_act_params(weight, bias, g.C, acc, input.device());
-  at::Tensor mean, invstd, var;
-  if (training) {
-    // Written whole by the kernel; zeros only when it does not run (no values).
-    auto alloc = [&] { return g.numel() > 0 ? at::empty({g.C}, acc_opts) : at::zeros({g.C}, acc_opts); };
-    mean = alloc();
-    invstd = alloc();
-    var = alloc();
-  } else {
-    std::tie(mean, invstd) = bn_act_eval_stats(*running_mean, *running_var, eps, acc);
-  }
+  auto [mean, invstd, var] = cpu::stat_outputs(g, training, running_mean, running_var, eps, acc_opts);
   if (g.numel() == 0) return {y, mean, invstd, mask};
 
   cpu::BnActForwardArgs args = cpu::forward_args(g, input.scalar_type(), training, act, negative_slope, eps);
@@ -155,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_elemt_cpu(const at::Tensor& input, con
   const bool has_res = residual.has_value() && residual->defined();
   const at::Tensor r = has_res ? bn_act_dense(*residual, g) : at::Tensor();
   at::Tensor y = at::empty_like(x, g.format);
-  at::Tensor mask = mask_for(g, act, input.options());
+  at::Tensor mask = cpu::mask_for(g, act, input.options());
   if (g.numel() == 0) return {y, mask};
   const auto [w, b] = bn_act_params(weight, bias, g.C, bn_act_acc_type(input.scalar_type()), input.device());
   const at::Tensor m = mean.contiguous(), is = invstd.contiguous();

@@ -7,4 +7,5 @@
 #define CPU_CAPABILITY_AVX512
 #include "cpu/bn_act_kernel_impl.h"
 #include "cpu/dense_kernel_impl.h"
+#include "cpu/block_end_kernel_impl.h"
 #endif

@@ -3,3 +3,4 @@
 #define CPU_CAPABILITY_DEFAULT
 #include "cpu/bn_act_kernel_impl.h"
 #include "cpu/dense_kernel_impl.h"
+#include "cpu/block_end_kernel_impl.h"

@@ -1112,6 +1112,26 @@ void stats_channels_last(const T* x, int64_t rows, int64_t C, double* mean_out, 
   }
 }
 
+// Batch mean and biased variance of channel c of an NCHW tensor (N planes of S values), in double. The sum is of
+// x - pivot, pivot = the channel's first value (0 if it is not finite, so inf and NaN propagate as in a plain sum):
+// acc_t partial sums of the values themselves lose ~|mean| / std units of rounding of the mean when the mean is
+// large (issue 17: a mean off by 1.6 ulps at 1e3 std put 2.5x PyTorch's float32 error into grad_weight);
+// stats_channels_last pivots the same way. The second pass sums squared deviations from that mean.
+template <typename T>
+void stats_nchw_channel(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, double& mean_out, double& var_out) {
+  using acc_t = acc_type_t<T>;
+  const acc_t first = static_cast<acc_t>(x[c * S]);
+  const acc_t pivot = std::isfinite(static_cast<double>(first)) ? first : acc_t(0);
+  const double M = static_cast<double>(N * S);
+  double sum = 0;
+  for (int64_t n = 0; n < N; ++n) sum += run_reduce<T, false>(x + (n * C + c) * S, S, pivot);
+  const double mu = static_cast<double>(pivot) + sum / M;
+  double m2 = 0;
+  for (int64_t n = 0; n < N; ++n) m2 += run_reduce<T, true>(x + (n * C + c) * S, S, static_cast<acc_t>(mu));
+  mean_out = mu;
+  var_out = m2 / M;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Per-channel normalise coefficients (see forward_run): z = (x - center) * scale + shift, from the statistics
 // in double (training) or the given acc_t ones (eval, building blocks: center = mean exactly).
@@ -1179,18 +1199,8 @@ void forward_typed(const BnActForwardArgs& a) {
       // passes (sum, squared deviations, normalise), so DRAM sees x once.
       at::parallel_for(0, C, channel_grain(M), [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
-          // The sum is of x - pivot, pivot = the channel's first value (0 if it is not finite, so inf and NaN
-          // propagate as in a plain sum): acc_t partial sums of the values themselves lose ~|mean| / std units of
-          // rounding of the mean when the mean is large (issue 17: a mean off by 1.6 ulps at 1e3 std put 2.5x
-          // PyTorch's float32 error into grad_weight); stats_channels_last pivots the same way.
-          const acc_t first = static_cast<acc_t>(x[c * S]);
-          const acc_t pivot = std::isfinite(static_cast<double>(first)) ? first : acc_t(0);
-          double sum = 0;
-          for (int64_t n = 0; n < N; ++n) sum += run_reduce<T, false>(x + (n * C + c) * S, S, pivot);
-          const double mu = static_cast<double>(pivot) + sum / static_cast<double>(M);
-          double m2 = 0;
-          for (int64_t n = 0; n < N; ++n) m2 += run_reduce<T, true>(x + (n * C + c) * S, S, static_cast<acc_t>(mu));
-          const double v = m2 / static_cast<double>(M);
+          double mu, v;
+          stats_nchw_channel(x, N, C, S, c, mu, v);
           const double is = 1.0 / std::sqrt(v + a.eps);
           mean[c] = static_cast<acc_t>(mu);
           var[c] = static_cast<acc_t>(v);

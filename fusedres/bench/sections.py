@@ -32,5 +32,6 @@ OP_SECTIONS: tuple[OpSection, ...] = (
     OpSection("bn_act", "fusedres.bench.bn_act"),
     OpSection("highway", "fusedres.bench.highway"),
     OpSection("dense", "fusedres.bench.dense"),
+    OpSection("block_end", "fusedres.bench.block_end"),
     OpSection("overhead", "fusedres.bench.overhead"),
 )

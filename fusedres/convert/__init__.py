@@ -45,6 +45,7 @@ from fusedres.convert._core import (
     activation_spec,
     block_end_problem,
     branch_op,
+    branch_scale,
     register_branch_op,
     register_converter,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "activation_spec",
     "block_end_problem",
     "branch_op",
+    "branch_scale",
     "convert",
     "load_library_converters",
     "register_branch_op",

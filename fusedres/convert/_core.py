@@ -8,11 +8,11 @@ converters for their library's module types, :mod:`fusedres.convert.sequential` 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fusedres.nn.batchnorm import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, _BatchNormActMixin
@@ -30,6 +30,7 @@ __all__ = [
     "fused_activation_problem",
     "block_end_problem",
     "branch_op",
+    "branch_scale",
     "register_branch_op",
     "register_converter",
 ]
@@ -216,10 +217,14 @@ class BranchOp(NamedTuple):
     ``kind`` is "identity" (nothing, e.g. ``DropPath(0.0)``), "per_sample" (one factor per sample: stochastic
     depth in training), "per_sample_channel" (one factor per sample and channel: squeeze-excitation) or
     "whole_branch" (one factor for the batch); ``description`` names the module for the report.
+    ``scale(module, x)``, for "per_sample" ops: the factors, Tensor (N,), for a branch whose BatchNorm input is x
+    (drawn as the module would draw them), or None when the module leaves the branch unchanged (eval mode). A
+    "per_sample" op with a ``scale`` fuses into the block end (the op's ``scale`` argument).
     """
 
     kind: str
     description: str
+    scale: Callable[[nn.Module, Tensor], Tensor | None] | None = None
 
 
 BranchClassifier = Callable[[nn.Module], BranchOp]
@@ -251,10 +256,10 @@ def block_end_problem(norm_name: str, between: list[tuple[str, nn.Module | None]
     """None when the modules ``between`` (name, module) a block's last BatchNorm ``norm_name`` and its residual add
     leave the branch unchanged, so ``act(bn(x) + shortcut)`` can run as one fused op; else the reason it cannot.
 
-    This is the one place that decides which block ends fuse: today only identity ops pass. A block-end op that
-    scales the branch (``act(bn(x) * s + shortcut)`` with s per sample or per sample and channel) plugs in here by
-    accepting those kinds, and in the fused block's forward by passing the scale.
+    This is the one place that decides which block ends fuse: identity ops, and one per-sample scaling op (stochastic
+    depth), whose factors the fused block's forward passes to the block-end op (:func:`branch_scale`).
     """
+    scaling = 0
     for name, module in between:
         if module is not None and has_hooks(module):
             return f"{name} ({type(module).__name__}) between {norm_name} and the residual add has hooks"
@@ -265,18 +270,37 @@ def block_end_problem(norm_name: str, between: list[tuple[str, nn.Module | None]
                 "branch op (register_branch_op)"
             )
         if op.kind == "per_sample":
-            return (
-                f"{name} ({op.description}) between {norm_name} and the residual add scales the branch per sample "
-                "in training: fusing it needs a block-end op the kernels do not have yet"
-            )
+            if op.scale is None:
+                return (
+                    f"{name} ({op.description}) between {norm_name} and the residual add scales the branch per "
+                    "sample in training but its BranchOp gives no scale function"
+                )
+            scaling += 1
+            continue
         if op.kind == "per_sample_channel":
             return (
                 f"{name} ({op.description}) between {norm_name} and the residual add scales the branch per sample "
-                "and channel: fusing it needs a block-end op the kernels do not have yet"
+                f"and channel from {norm_name}'s own output, which the fused block end cannot have before it runs "
+                "(docs/design.md section 10)"
             )
         if op.kind != "identity":
             return f"{name} ({op.description}) between {norm_name} and the residual add changes the branch"
+    if scaling > 1:
+        return f"more than one per-sample scaling op between {norm_name} and the residual add"
     return None
+
+
+def branch_scale(modules: Sequence[nn.Module | None], x: Tensor) -> Tensor | None:
+    """The per-sample factors the ``modules`` between a fused block end's BatchNorm (input ``x``) and its residual
+    add apply now (None: they leave the branch unchanged); :func:`block_end_problem` accepted them."""
+    scale = None
+    for module in modules:
+        op = branch_op(module)
+        if op is not None and op.kind == "per_sample" and op.scale is not None:
+            s = op.scale(module, x)
+            if s is not None:
+                scale = s if scale is None else scale * s
+    return scale
 
 
 # --------------------------------------------------------------------------------------------------------------

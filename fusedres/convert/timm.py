@@ -11,14 +11,14 @@
   ResNet-RS, ...): each BN -> act pair (``bn1`` -> ``drop_block`` -> ``act1`` etc., when ``drop_block`` does nothing)
   becomes one fused BatchNorm; the projection BatchNorm of ``downsample`` (``Sequential(conv, bn)`` or the "d" variant's
   ``Sequential(pool, conv, bn)``) an identity one; and when nothing sits between the last BatchNorm and the shortcut
-  add (no ``se``, ``drop_path`` absent or with probability 0) the block becomes :class:`BasicBlock` /
-  :class:`Bottleneck` (subclasses changing only ``forward``) whose last BatchNorm computes ``act(bn(x) + shortcut)``.
-  An SE module or an active ``drop_path`` there leaves that BatchNorm to PyTorch (see
-  :func:`fusedres.convert._core.block_end_problem`). The stem's ``bn1`` -> ``act1`` is fused (``ResNet``), and the
+  add (no ``se``; ``drop_path`` is fine) the block becomes :class:`BasicBlock` / :class:`Bottleneck` (subclasses
+  changing only ``forward``) whose last BatchNorm computes ``act(scale * bn(x) + shortcut)``, scale = ``drop_path``'s
+  per-sample factors in training (the block-end op, docs/design.md section 10). An SE module there leaves that
+  BatchNorm to PyTorch: SE reads the BatchNorm's output (see :func:`fusedres.convert._core.block_end_problem`). The stem's ``bn1`` -> ``act1`` is fused (``ResNet``), and the
   deep / tiered stems are Sequentials (:mod:`fusedres.convert.sequential`).
 * ``timm.models.regnet.Bottleneck`` (RegNetX/Y/V/Z with post-activation blocks): ``conv3.bn`` takes the shortcut and
   ``act3`` (:class:`RegNetBottleneck`), the shortcut projection's BatchNorm becomes an identity one. RegNetY's SE
-  sits before ``conv3``, so it does not stand in the way; an active ``drop_path`` does.
+  sits before ``conv3``, so it does not stand in the way; an active ``drop_path`` fuses as a per-sample scale.
 * ``timm.models.densenet.DenseLayer`` becomes :class:`fusedres.nn.DenseLayer` (dense BN+act+conv units: the
   concatenation is never built; timm's ``grad_checkpointing`` becomes fusedres' recompute-in-backward) and
   ``DenseTransition`` :class:`fusedres.nn.DenseTransition`. timm's ``DenseBlock`` stays (it returns the
@@ -46,6 +46,8 @@ from fusedres.convert._core import (
     activation_spec,
     bare,
     block_end_problem,
+    branch_op,
+    branch_scale,
     dense_unit_conv_problem,
     fused_activation_problem,
     has_hooks,
@@ -173,6 +175,8 @@ def _end_problem(
         return r
     if (r := block_end_problem(bn_name, between)) is not None:
         return r
+    if isinstance(bn, nn.SyncBatchNorm) and any(getattr(branch_op(m), "kind", None) == "per_sample" for _, m in between):
+        return f"a per-sample scaling op between {bn_name} and the residual add: SyncBatchNormAct2d takes no scale yet"
     spec = activation_spec(act)
     if isinstance(spec, ActivationSpec) and (r := fused_activation_problem(bn, spec)) is not None:
         return r
@@ -209,10 +213,11 @@ def _fuse_timm_projection(downsample: nn.Module | None, name: str, ctx: ConvertC
 
 
 class BasicBlock(timm_resnet.BasicBlock):
-    """timm's ResNet ``BasicBlock`` whose block end ``act2(bn2(x) + shortcut)`` is one fused op (``bn2``).
+    """timm's ResNet ``BasicBlock`` whose block end ``act2(drop_path(bn2(x)) + shortcut)`` is one fused op (``bn2``).
 
-    Built by :func:`convert_resnet_block` from a timm block without ``se`` and with no active ``drop_path`` (same
-    children, attributes and state; ``act2`` is then an ``nn.Identity``). The rest is timm's forward, in its order.
+    Built by :func:`convert_resnet_block` from a timm block without ``se`` (same children, attributes and state;
+    ``act2`` is then an ``nn.Identity``). An active ``drop_path`` becomes the op's per-sample scale (the same random
+    draws as timm's). The rest is timm's forward, in its order.
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -226,11 +231,12 @@ class BasicBlock(timm_resnet.BasicBlock):
         x = self.conv2(x)
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        return self.bn2(x, shortcut)
+        scale = branch_scale([self.drop_path], x)
+        return self.bn2(x, shortcut) if scale is None else self.bn2(x, shortcut, scale)
 
 
 class Bottleneck(timm_resnet.Bottleneck):
-    """timm's ResNet ``Bottleneck`` whose block end ``act3(bn3(x) + shortcut)`` is one fused op (``bn3``).
+    """timm's ResNet ``Bottleneck`` whose block end ``act3(drop_path(bn3(x)) + shortcut)`` is one fused op (``bn3``).
 
     Built by :func:`convert_resnet_block` like :class:`BasicBlock`.
     """
@@ -249,7 +255,8 @@ class Bottleneck(timm_resnet.Bottleneck):
         x = self.conv3(x)
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        return self.bn3(x, shortcut)
+        scale = branch_scale([self.drop_path], x)
+        return self.bn3(x, shortcut) if scale is None else self.bn3(x, shortcut, scale)
 
 
 def convert_resnet_block(block: nn.Module, name: str, ctx: ConvertContext) -> nn.Module:
@@ -289,7 +296,7 @@ def convert_resnet_stem(model: nn.Module, name: str, ctx: ConvertContext) -> nn.
 
 
 class RegNetBottleneck(timm_regnet.Bottleneck):
-    """timm's RegNet ``Bottleneck`` whose block end ``act3(conv3.bn(x) + shortcut)`` is one fused op.
+    """timm's RegNet ``Bottleneck`` whose block end ``act3(drop_path(conv3.bn(x)) + shortcut)`` is one fused op.
 
     Built by :func:`convert_regnet_block` (same children, attributes and state; ``act3`` is then an
     ``nn.Identity``). ``conv3`` is a ``ConvNormAct`` without anti-aliasing: its conv and bn are called directly.
@@ -302,7 +309,9 @@ class RegNetBottleneck(timm_regnet.Bottleneck):
         x = self.conv2(x)
         x = self.se(x)
         x = self.conv3.conv(x)
-        return self.conv3.bn(x, self.downsample(shortcut))
+        shortcut = self.downsample(shortcut)
+        scale = branch_scale([self.drop_path], x)
+        return self.conv3.bn(x, shortcut) if scale is None else self.conv3.bn(x, shortcut, scale)
 
 
 def convert_regnet_block(block: nn.Module, name: str, ctx: ConvertContext) -> nn.Module:
@@ -430,11 +439,23 @@ for _act, _act_name in (
     register_pending_activation(_act, _act_name)
 
 
+def _drop_path_scale(module: nn.Module, x: Tensor) -> Tensor | None:
+    """timm's ``drop_path`` factors for a batch of x, drawn as it draws them (one Bernoulli per sample from the
+    same generator, in the same order, divided by the keep probability when ``scale_by_keep``): None in eval."""
+    if not module.training or not module.drop_prob:
+        return None
+    keep = 1.0 - module.drop_prob
+    factors = x.new_empty((x.shape[0],)).bernoulli_(keep)
+    if keep > 0.0 and module.scale_by_keep:
+        factors.div_(keep)
+    return factors
+
+
 @register_branch_op(timm_layers.DropPath)
 def _drop_path(module: nn.Module) -> BranchOp:
     if not module.drop_prob:
         return BranchOp("identity", "DropPath(drop_prob=0)")
-    return BranchOp("per_sample", "DropPath with drop_prob > 0, stochastic depth")
+    return BranchOp("per_sample", "DropPath with drop_prob > 0, stochastic depth", _drop_path_scale)
 
 
 for _se in (timm_layers.SEModule, timm_layers.EffectiveSEModule, timm_layers.EcaModule, timm_layers.CecaModule):

@@ -60,7 +60,7 @@ class _BatchNormActMixin:
         scale: Tensor | None = None,
         backward_scale: Tensor | None = None,
     ) -> Tensor:
-        """act(scale * batch_norm(input) + residual): a residual block's end (docs/design.md section 8).
+        """act(scale * batch_norm(input) + residual): a residual block's end (docs/design.md section 10).
 
         Args:
             input: Tensor[N, C, *] (the parent's accepted dimensions).

@@ -16,8 +16,10 @@ from fusedres.validation import ACTIVATIONS, MASK_ACTIVATIONS, RUNNING_PAIR, che
 __all__ = [
     "FLOAT_DTYPES",
     "acc_dtype",
+    "check_acc_vector",
     "check_channel_vector",
     "check_input",
+    "check_mask",
     "has_mask",
     "mask_bytes",
     "memory_format",
@@ -66,6 +68,32 @@ def check_channel_vector(
     torch._check(
         t.device == input.device,
         lambda: f"{name} must be on the same device as input ({input.device}), got {t.device}",
+    )
+
+
+def check_acc_vector(t: Tensor, name: str, input: Tensor, C, channels: str | None = None) -> None:
+    """A per-channel vector of the accumulation dtype on input's device (statistics, sums); ``channels`` says
+    what C counts when that is not obvious."""
+    acc = acc_dtype(input.dtype)
+    what = f" ({channels})" if channels else ""
+    torch._check(
+        t.dim() == 1 and t.numel() == C and t.dtype == acc and t.device == input.device,
+        lambda: (
+            f"{name} must be a 1-D {acc} tensor with {C} elements{what} on {input.device}, got {t.dtype} of shape "
+            f"{list(t.shape)} on {t.device}"
+        ),
+    )
+
+
+def check_mask(mask: Tensor, input: Tensor, activation: str, op: str = "bn_act_forward") -> None:
+    """The 1-bit activation mask ``op`` returned for ``input`` (no bytes for activations without one)."""
+    want = mask_bytes(input.numel()) if has_mask(activation) else 0
+    torch._check(
+        mask.dtype == torch.uint8 and mask.dim() == 1 and mask.numel() == want and mask.device == input.device,
+        lambda: (
+            f"mask must be the uint8 tensor of {want} bytes returned by {op}, got {mask.dtype} of "
+            f"shape {list(mask.shape)}"
+        ),
     )
 
 

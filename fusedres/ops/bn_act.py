@@ -19,8 +19,10 @@ from fusedres import _native
 from fusedres.ops._common import acc_dtype as _acc_dtype
 from fusedres.ops._common import check_channel_vector as _check_channel_vector
 from fusedres.ops._common import (
+    check_acc_vector,
     check_batch_args,
     check_functional_args,
+    check_mask,
     check_same,
     has_mask,
     mask_bytes,
@@ -29,6 +31,7 @@ from fusedres.ops._common import (
 )
 from fusedres.ops._common import check_input as _check_input
 from fusedres.ops._common import memory_format as _memory_format
+from fusedres.ops.block_end import block_end
 from fusedres.reference import bn_act as _reference
 from fusedres.validation import check_activation
 
@@ -37,28 +40,6 @@ __all__ = ["batch_norm_act", "mask_bytes"]
 _FORWARD = "fusedres::bn_act_forward"
 _BACKWARD = "fusedres::bn_act_backward"
 DOUBLE_BACKWARD_ERROR = "fusedres.batch_norm_act does not support double backward"
-
-
-def _check_acc_vector(t: Tensor, name: str, input: Tensor, C: int) -> None:
-    acc = _acc_dtype(input.dtype)
-    torch._check(
-        t.dim() == 1 and t.numel() == C and t.dtype == acc and t.device == input.device,
-        lambda: (
-            f"{name} must be a 1-D {acc} tensor with {C} elements on {input.device}, got {t.dtype} of shape "
-            f"{list(t.shape)} on {t.device}"
-        ),
-    )
-
-
-def _check_mask(mask: Tensor, input: Tensor, activation: str) -> None:
-    want = mask_bytes(input.numel()) if has_mask(activation) else 0
-    torch._check(
-        mask.dtype == torch.uint8 and mask.dim() == 1 and mask.numel() == want and mask.device == input.device,
-        lambda: (
-            f"mask must be the uint8 tensor of {want} bytes returned by bn_act_forward, got {mask.dtype} of "
-            f"shape {list(mask.shape)}"
-        ),
-    )
 
 
 def _check_grad_out(grad_out: Tensor, input: Tensor) -> None:
@@ -121,9 +102,9 @@ def _fake_backward(
     if residual is not None:
         check_same(residual, "residual", input.shape, input, "input")
     acc = _acc_dtype(input.dtype)
-    _check_acc_vector(save_mean, "save_mean", input, C)
-    _check_acc_vector(save_invstd, "save_invstd", input, C)
-    _check_mask(mask, input, activation)
+    check_acc_vector(save_mean, "save_mean", input, C)
+    check_acc_vector(save_invstd, "save_invstd", input, C)
+    check_mask(mask, input, activation)
     fmt = _memory_format(input)
     param_dtype = weight.dtype if weight is not None else acc
 
@@ -256,7 +237,7 @@ def batch_norm_act(
         momentum: running-statistics update factor (a float; the modules handle ``momentum=None``).
         eps: added to the variance.
         residual: Tensor[N, C, *] (input's shape and dtype) added before the activation, or None. With ``scale``
-            or fewer channels than input it is a block end (docs/design.md section 8): Tensor[N, Cr, *], Cr <= C
+            or fewer channels than input it is a block end (docs/design.md section 10): Tensor[N, Cr, *], Cr <= C
             (channels Cr.. get no residual: PyramidNet's zero-padded shortcut), any strides (a subsampled view is
             read in place, not copied).
         activation: "relu" (default), "identity", "leaky_relu", "relu6" or "silu" ("silu" not with ``scale`` or
@@ -272,8 +253,6 @@ def batch_norm_act(
         Tensor[N, C, *]: input's dtype, dense in the input's suggested memory format.
     """
     if scale is not None or backward_scale is not None or _narrower(residual, input):
-        from fusedres.ops.block_end import block_end
-
         return block_end(
             input,
             running_mean,

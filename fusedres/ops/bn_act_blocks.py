@@ -15,13 +15,12 @@ import torch
 from torch import Tensor
 
 from fusedres import _native
+from fusedres.ops._common import check_acc_vector, check_mask
 from fusedres.ops.bn_act import (
     _acc_dtype,
-    _check_acc_vector,
     _check_channel_vector,
     _check_grad_out,
     _check_input,
-    _check_mask,
     _fake_forward,
     _memory_format,
 )
@@ -52,8 +51,8 @@ def _fake_elemt(
         input, residual, weight, bias, None, None, True, 0.0, 1.0, activation, negative_slope, check_batch=False
     )
     C = input.shape[1]
-    _check_acc_vector(mean, "mean", input, C)
-    _check_acc_vector(invstd, "invstd", input, C)
+    check_acc_vector(mean, "mean", input, C)
+    check_acc_vector(invstd, "invstd", input, C)
     return output, mask
 
 
@@ -72,9 +71,9 @@ def _fake_backward_reduce(
     _check_input(input)
     _check_grad_out(grad_out, input)
     C = input.shape[1]
-    _check_acc_vector(save_mean, "save_mean", input, C)
-    _check_acc_vector(save_invstd, "save_invstd", input, C)
-    _check_mask(mask, input, activation)
+    check_acc_vector(save_mean, "save_mean", input, C)
+    check_acc_vector(save_invstd, "save_invstd", input, C)
+    check_mask(mask, input, activation)
     acc = _acc_dtype(input.dtype)
     return input.new_empty((C,), dtype=acc), input.new_empty((C,), dtype=acc)
 
@@ -98,8 +97,8 @@ def _fake_backward_elemt(
     )
     C = input.shape[1]
     _check_channel_vector(weight, "weight", input, C)
-    _check_acc_vector(sum_dz, "sum_dz", input, C)
-    _check_acc_vector(sum_dz_xhat, "sum_dz_xhat", input, C)
+    check_acc_vector(sum_dz, "sum_dz", input, C)
+    check_acc_vector(sum_dz_xhat, "sum_dz_xhat", input, C)
     torch._check(
         count >= 1, lambda: f"count must be at least 1 (values per channel the sums were taken over), got {count}"
     )

@@ -22,6 +22,7 @@ from torch import Tensor
 from fusedres import _native
 from fusedres.ops._common import (
     acc_dtype,
+    check_acc_vector,
     check_batch_args,
     check_channel_vector,
     check_input,
@@ -72,17 +73,6 @@ def _check_inputs(inputs: Sequence[Tensor]) -> tuple[Tensor, int]:
     return x0, sum(x.shape[1] for x in inputs)
 
 
-def _check_acc_vector(t: Tensor, name: str, x0: Tensor, C) -> None:
-    acc = acc_dtype(x0.dtype)
-    torch._check(
-        t.dim() == 1 and t.numel() == C and t.dtype == acc and t.device == x0.device,
-        lambda: (
-            f"{name} must be a 1-D {acc} tensor with {C} elements ({_CHANNELS}) on {x0.device}, got {t.dtype} of "
-            f"shape {list(t.shape)} on {t.device}"
-        ),
-    )
-
-
 def _mask_numel(inputs: Sequence[Tensor], activation: str) -> int:
     return sum(dense_mask_bytes(inputs)) if activation != "identity" else 0
 
@@ -116,8 +106,8 @@ def _fake_forward(
         lambda: "batch_mean and batch_var (precomputed batch statistics) are only used when training=True",
     )
     if batch_mean is not None and batch_var is not None:
-        _check_acc_vector(batch_mean, "batch_mean", x0, C)
-        _check_acc_vector(batch_var, "batch_var", x0, C)
+        check_acc_vector(batch_mean, "batch_mean", x0, C, _CHANNELS)
+        check_acc_vector(batch_var, "batch_var", x0, C, _CHANNELS)
     acc = acc_dtype(x0.dtype)
     output = torch.empty(
         (x0.shape[0], C, *x0.shape[2:]), dtype=x0.dtype, device=x0.device, memory_format=memory_format(x0)
@@ -146,8 +136,8 @@ def _fake_backward(
     shape = [x0.shape[0], C, *x0.shape[2:]]
     check_same(grad_out, "grad_out", shape, x0, "the output")
     check_channel_vector(weight, "weight", x0, C, _CHANNELS)
-    _check_acc_vector(save_mean, "save_mean", x0, C)
-    _check_acc_vector(save_invstd, "save_invstd", x0, C)
+    check_acc_vector(save_mean, "save_mean", x0, C, _CHANNELS)
+    check_acc_vector(save_invstd, "save_invstd", x0, C, _CHANNELS)
     want = _mask_numel(inputs, activation)
     torch._check(
         mask.dtype == torch.uint8 and mask.dim() == 1 and mask.numel() == want and mask.device == x0.device,

@@ -1,0 +1,49 @@
+// Host-side pieces of the block end act(scale * batch_norm(input) + residual) (docs/design.md section 10): the
+// argument checks and the residual's layout, shared by every backend. The per-channel parameters, statistics and
+// running-statistics update are bn_act's (csrc/bn_act.h).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <vector>
+
+#include "bn_act.h"
+
+namespace fusedres {
+
+// "identity" | "relu" | "leaky_relu" | "relu6" -> math::ActKind; "silu" and anything else are errors naming the
+// argument.
+int parse_block_end_activation(c10::string_view activation);
+
+// Checks every argument of block_end_forward (errors name the argument and the expectation) and returns the
+// geometry of input. Nothing is modified. residual: input's shape except for at most as many channels, any strides;
+// scale: (N,) or (N, C), floating, on input's device.
+BnActGeom check_block_end_forward(const at::Tensor& input, const std::optional<at::Tensor>& residual,
+                                  const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& weight,
+                                  const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& running_mean,
+                                  const std::optional<at::Tensor>& running_var, bool training, double momentum,
+                                  double eps);
+
+// Checks the arguments of block_end_backward and returns the geometry.
+BnActGeom check_block_end_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                                   const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& weight,
+                                   const std::optional<at::Tensor>& bias, const at::Tensor& save_mean,
+                                   const at::Tensor& save_invstd, const at::Tensor& mask, int64_t residual_channels,
+                                   int act);
+
+// Where the residual's values lie, in elements: (n, c, s) at data + n * stride_n + c * stride_c + spatial_offset[s]
+// (s the flat spatial index of input's shape). planes_dense: spatial_offset[s] == s.
+struct BlockEndResidualLayout {
+  int64_t channels = 0, stride_n = 0, stride_c = 0;
+  std::vector<int64_t> spatial_offset;
+  bool planes_dense = false;
+};
+BlockEndResidualLayout block_end_residual_layout(const at::Tensor& residual);
+
+// The scale as a contiguous accumulation-dtype tensor of its shape ((N,) or (N, C)); undefined when absent.
+at::Tensor block_end_scale(const std::optional<at::Tensor>& scale, at::ScalarType acc);
+
+}  // namespace fusedres
