@@ -540,6 +540,7 @@ EMULATED_HEADERS = {
     # The coverage test of bn_act runs test_cuda_emulated.py's forward / backward and the split file's sequences.
     "bn_act_kernels.cuh": ("bn_act_launch.cuh", "test_cuda_emulated_split.py"),
     "highway_kernels.cuh": ("highway_launch.cuh", "test_cuda_emulated_highway.py"),
+    "block_end_kernels.cuh": ("block_end_launch.cuh", "test_cuda_emulated_block_end.py"),
 }
 
 

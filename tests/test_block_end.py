@@ -13,7 +13,6 @@ import itertools
 import pytest
 import torch
 
-import fusedres
 from fusedres import batch_norm_act
 from fusedres.nn import BatchNormAct2d
 from fusedres.ops.block_end import DOUBLE_BACKWARD_ERROR
@@ -376,11 +375,37 @@ def test_compile_fullgraph(layout):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not fusedres.info()["cuda_compiled"], reason="needs a GPU")
-def test_cuda_says_not_implemented():
-    x = torch.randn(2, 4, 3, 3, device="cuda")
-    with pytest.raises(NotImplementedError, match="CPU kernels only"):
-        batch_norm_act(x, None, None, None, None, True, scale=torch.ones(2, device="cuda"))
+def _to_cuda(c):
+    """Case c on the GPU; a strided residual stays the same view of its base (read in place there too)."""
+    out = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
+    if c["r"] is not None and c["r"]._base is not None:
+        out["r"] = _subsample(c["r"]._base.cuda())
+        assert out["r"].stride() == c["r"].stride()
+    return out
+
+
+@native
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize(
+    ("scale_kind", "residual_kind"),
+    [("channel", "narrow_strided"), ("dropped", "narrow"), ("sample", "strided"), ("none", "narrow")],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_cuda_parity(layout, scale_kind, residual_kind, dtype, training):
+    """The CUDA kernels (csrc/cuda/block_end*) against the reference on the GPU, as the CPU kernels above."""
+    c = make_case((8, 20, 6, 5), dtype, layout, scale_kind, residual_kind, backward_scale=False, seed=12)
+    got, _ = check_against_reference(_to_cuda(c), dtype, training, "relu")
+    assert got["out"].device.type == "cuda"
+
+
+@native
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 9), (2, 3, 3, 4, 2)])
+def test_cuda_parity_other_ranks_and_shake_shake(shape):
+    c = make_case(shape, torch.float64, "contiguous", "sample", "strided", backward_scale=True, seed=13)
+    check_against_reference(_to_cuda(c), torch.float64, True, "leaky_relu")
 
 
 @native

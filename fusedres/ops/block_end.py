@@ -289,10 +289,12 @@ def block_end(
             scale=scale,
             backward_scale=backward_scale,
         )
-    if input.device.type not in ("cpu", "meta"):
+    device = input.device.type
+    if device not in ("cpu", "meta") and not (device == "cuda" and _native.has_kernel("cuda", _FORWARD)):
         raise NotImplementedError(
-            f"{_OP} has CPU kernels only so far (issue 14), got a {input.device.type} input; "
-            "use fused=False modules or fusedres.reference.batch_norm_act on this device"
+            f"{_OP} has CPU kernels and CUDA kernels (the latter in a build with FUSEDRES_CUDA=1), none for this "
+            f"{device} input in this build; use fused=False modules or fusedres.reference.batch_norm_act on this "
+            "device"
         )
     args = (
         input,
