@@ -1,7 +1,8 @@
 """``python -m fusedres bench``: the fused ops and models against eager PyTorch and torch.compile, time and memory.
 
 The report: machine facts (CPU/GPU, torch, threads, allocator, measured copy bandwidth, a noise check), then one
-table per op section (fusedres/bench/sections.py: bn_act, highway, dense concat, per-call overhead; a section whose
+table per op section (fusedres/bench/sections.py: bn_act, highway, dense concat, block ends of
+the skip-connection variants, per-call overhead; a section whose
 module is missing is reported as not available), then the model rows (fusedres/bench/models.py: training-step time
 of resnet20/56/50, densenet_bc_100 and the highway MLP, fused vs reference vs torch.compile, and the peak memory of a
 step measured in a fresh process per configuration). Each section prints how its figures (GB/s, saved bytes, ...) are
