@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusedres.models._registry import register_model
-from fusedres.models.resnet import _cifar_blocks, _init_weights, conv3x3
+from fusedres.models.resnet import cifar_blocks, init_weights, conv3x3
 from fusedres.nn.batchnorm import BatchNormAct2d
 
 __all__ = ["GatedBasicBlock", "GatedResNet", "gated_resnet20"]
@@ -77,7 +77,7 @@ class GatedResNet(nn.Module):
 
     def __init__(self, depth: int, num_classes: int = 10, *, fused: bool = True, in_channels: int = 3) -> None:
         super().__init__()
-        n = _cifar_blocks(depth)
+        n = cifar_blocks(depth)
         self.fused = bool(fused)
         self.conv1 = conv3x3(in_channels, 16)
         self.bn1 = BatchNormAct2d(16, activation="relu", fused=fused)
@@ -91,7 +91,7 @@ class GatedResNet(nn.Module):
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(64, num_classes)
-        _init_weights(self, zero_init_residual=False)
+        init_weights(self, zero_init_residual=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: Tensor[N, in_channels, H, W] (32x32 for CIFAR) -> logits Tensor[N, num_classes]."""

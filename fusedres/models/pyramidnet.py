@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from fusedres.models._registry import register_model
-from fusedres.models.resnet import _cifar_blocks, _init_weights, conv3x3
+from fusedres.models.resnet import cifar_blocks, init_weights, conv3x3
 from fusedres.nn.batchnorm import BatchNormAct2d
 
 __all__ = ["PyramidBasicBlock", "PyramidNet", "pyramidnet110_a48", "pyramidnet110_a270", "pyramid_widths"]
@@ -93,7 +93,7 @@ class PyramidNet(nn.Module):
         self, depth: int, alpha: float, num_classes: int = 10, *, fused: bool = True, in_channels: int = 3
     ) -> None:
         super().__init__()
-        n = _cifar_blocks(depth)
+        n = cifar_blocks(depth)
         widths = pyramid_widths(3 * n, alpha)
         self.fused = bool(fused)
         self.alpha = alpha
@@ -111,7 +111,7 @@ class PyramidNet(nn.Module):
         self.bn_final = BatchNormAct2d(inplanes, activation="relu", fused=fused)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(inplanes, num_classes)
-        _init_weights(self, zero_init_residual=False)
+        init_weights(self, zero_init_residual=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: Tensor[N, in_channels, H, W] (32x32 for CIFAR) -> logits Tensor[N, num_classes]."""

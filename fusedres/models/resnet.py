@@ -240,7 +240,7 @@ class Bottleneck(nn.Module):
         return self.bn3(self.conv3(out), identity)
 
 
-def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:
+def init_weights(model: nn.Module, zero_init_residual: bool) -> None:
     """torchvision's initialisation: kaiming_normal (fan_out) convs, BN weight 1 and bias 0, default Linear."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -308,7 +308,7 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=replace_stride_with_dilation[2])
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
-        _init_weights(self, zero_init_residual)
+        init_weights(self, zero_init_residual)
 
     def _make_layer(
         self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int = 1, dilate: bool = False
@@ -376,7 +376,8 @@ class ShortcutA(nn.Module):
         return f"{self.in_planes}, {self.out_planes}, stride={self.stride}"
 
 
-def _cifar_blocks(depth: int) -> int:
+def cifar_blocks(depth: int) -> int:
+    """Blocks per stage of a CIFAR ResNet of `depth` layers (He et al.: 6n + 2)."""
     if depth < 8 or (depth - 2) % 6 != 0:
         raise ValueError(f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth}")
     return (depth - 2) // 6
@@ -409,7 +410,7 @@ class CifarResNet(nn.Module):
         shortcut: bool = True,
     ) -> None:
         super().__init__()
-        n = _cifar_blocks(depth)
+        n = cifar_blocks(depth)
         if zero_init_residual and not shortcut:
             raise ValueError("zero_init_residual=True needs shortcut=True (a plain net has no residual branch)")
         self.fused = bool(fused)
@@ -429,7 +430,7 @@ class CifarResNet(nn.Module):
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(64, num_classes)
-        _init_weights(self, zero_init_residual)
+        init_weights(self, zero_init_residual)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: Tensor[N, in_channels, H, W] (32x32 for CIFAR) -> logits Tensor[N, num_classes]."""
@@ -497,7 +498,7 @@ class PreActResNet(nn.Module):
         in_channels: int = 3,
     ) -> None:
         super().__init__()
-        n = _cifar_blocks(depth)
+        n = cifar_blocks(depth)
         self.fused = bool(fused)
         self.conv1 = conv3x3(in_channels, 16)
         inplanes = 16
@@ -523,7 +524,7 @@ class PreActResNet(nn.Module):
         self.bn_final = make_norm(norm_layer, 64, "relu", self.fused)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(64, num_classes)
-        _init_weights(self, zero_init_residual)
+        init_weights(self, zero_init_residual)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: Tensor[N, in_channels, H, W] -> logits Tensor[N, num_classes]."""

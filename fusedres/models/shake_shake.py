@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusedres.models._registry import register_model
-from fusedres.models.resnet import _cifar_blocks, _init_weights, conv1x1, conv3x3
+from fusedres.models.resnet import cifar_blocks, init_weights, conv1x1, conv3x3
 from fusedres.nn.batchnorm import BatchNormAct2d
 
 __all__ = ["ShakeBranch", "ShakeShakeBlock", "ShakeShakeResNet", "ShakeShortcut", "shake_shake_26_2x32d",
@@ -153,7 +153,7 @@ class ShakeShakeResNet(nn.Module):
         self, depth: int, width: int, num_classes: int = 10, *, fused: bool = True, in_channels: int = 3
     ) -> None:
         super().__init__()
-        n = _cifar_blocks(depth)
+        n = cifar_blocks(depth)
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}")
         self.fused = bool(fused)
@@ -171,7 +171,7 @@ class ShakeShakeResNet(nn.Module):
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(inplanes, num_classes)
-        _init_weights(self, zero_init_residual=False)
+        init_weights(self, zero_init_residual=False)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from fusedres.models._registry import register_model
-from fusedres.models.resnet import _cifar_blocks, _init_weights, conv3x3
+from fusedres.models.resnet import cifar_blocks, init_weights, conv3x3
 from fusedres.nn.batchnorm import BatchNormAct2d
 
 __all__ = ["StochasticDepthBasicBlock", "StochasticDepthResNet", "linear_decay_survival", "resnet110_sd"]
@@ -114,7 +114,7 @@ class StochasticDepthResNet(nn.Module):
         self, depth: int, num_classes: int = 10, *, p_last: float = 0.5, fused: bool = True, in_channels: int = 3
     ) -> None:
         super().__init__()
-        n = _cifar_blocks(depth)
+        n = cifar_blocks(depth)
         survival = iter(linear_decay_survival(3 * n, p_last))
         self.fused = bool(fused)
         self.p_last = float(p_last)
@@ -130,7 +130,7 @@ class StochasticDepthResNet(nn.Module):
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(64, num_classes)
-        _init_weights(self, zero_init_residual=False)
+        init_weights(self, zero_init_residual=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: Tensor[N, in_channels, H, W] (32x32 for CIFAR) -> logits Tensor[N, num_classes]."""

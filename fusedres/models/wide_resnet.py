@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusedres.models._registry import register_model
-from fusedres.models.resnet import _init_weights, conv1x1, conv3x3
+from fusedres.models.resnet import init_weights, conv1x1, conv3x3
 from fusedres.nn.batchnorm import BatchNormAct2d
 
 __all__ = ["WideBasicBlock", "WideResNet", "wide_resnet28_10"]
@@ -106,7 +106,7 @@ class WideResNet(nn.Module):
         self.bn_final = BatchNormAct2d(inplanes, activation="relu", fused=fused)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(inplanes, num_classes)
-        _init_weights(self, zero_init_residual=False)
+        init_weights(self, zero_init_residual=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: Tensor[N, in_channels, H, W] (32x32 for CIFAR) -> logits Tensor[N, num_classes]."""

@@ -15,15 +15,12 @@ import torch
 from torch import Tensor
 
 from fusedres import _native
+from fusedres.ops._common import acc_dtype as _acc_dtype
 from fusedres.ops._common import check_acc_vector, check_mask
-from fusedres.ops.bn_act import (
-    _acc_dtype,
-    _check_channel_vector,
-    _check_grad_out,
-    _check_input,
-    _fake_forward,
-    _memory_format,
-)
+from fusedres.ops._common import check_channel_vector as _check_channel_vector
+from fusedres.ops._common import check_input as _check_input
+from fusedres.ops._common import memory_format as _memory_format
+from fusedres.ops.bn_act import _check_grad_out, _fake_forward
 from fusedres.validation import MASK_ACTIVATIONS, check_activation
 
 __all__ = ["bn_stats"]
