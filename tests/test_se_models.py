@@ -25,7 +25,9 @@ pytestmark = pytest.mark.needs_native
 # C * rd + rd + rd * C + C for the SE module (rd = 1, 2, 4 in the three CIFAR stages: 49, 162, 580 per block).
 PARAMS = {"se_resnet20": 272_095, "se_resnet56": 860_137, "se_resnet110": 1_742_200, "se_resnet50": 28_088_024}
 CIFAR_BASE = {"se_resnet20": ("resnet20", 3), "se_resnet56": ("resnet56", 9), "se_resnet110": ("resnet110", 18)}
-# float64, relative to each tensor's largest magnitude: 1e-16 rounding through up to 50 layers (measured ~1e-13).
+# float64, relative to each tensor's largest magnitude: 1e-16 rounding through up to 50 layers. Measured: fused
+# se_resnet50 vs timm 4.4e-13 (layer4.2.bn2.weight.grad), reference vs timm 0 (the same PyTorch ops), SE-ResNet-14
+# fused vs reference 9e-15.
 TOL64 = 1e-10
 
 

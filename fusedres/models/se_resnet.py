@@ -36,7 +36,7 @@ be one op; not done, see design.md section 10.)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -274,7 +274,7 @@ def se_resnet50(
 _SE_CIFAR_PARAMS = {20: "272,095", 56: "860,137", 110: "1,742,200"}
 
 
-def _se_cifar_builder(depth: int) -> Any:
+def _se_cifar_builder(depth: int) -> Callable[..., SECifarResNet]:
     def build(*, num_classes: int = 10, fused: bool = True, **kwargs: Any) -> SECifarResNet:
         return SECifarResNet(depth, num_classes, fused=fused, **kwargs)
 
