@@ -305,3 +305,16 @@ def test_cifar_channels_last_matches_reference() -> None:
     fused = fused.to(memory_format=torch.channels_last)
     x = _x(4, 16)
     _assert_same(_step(fused, x.to(memory_format=torch.channels_last)), _step(ref, x), TOL64, "channels_last")
+
+
+def test_zero_init_residual_zeroes_the_bn_before_se() -> None:
+    """Each block then starts as relu(shortcut): y = 0, so y * s adds nothing whatever s (Goyal et al. 2017)."""
+    torch.manual_seed(0)
+    cifar = models.se_resnet20(zero_init_residual=True).double()
+    imagenet = models.ResNet(SEBottleneck, [1, 1, 1, 1], num_classes=10, zero_init_residual=True)
+    lasts = [b.bn2 for b in cifar.modules() if isinstance(b, SEBasicBlock)]
+    lasts += [b.bn3 for b in imagenet.modules() if isinstance(b, SEBottleneck)]
+    assert len(lasts) == 13 and all(torch.all(bn.weight == 0) for bn in lasts)
+    block = cifar.layer2[0].train()
+    x = torch.randn(2, 16, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(block(x), torch.relu(block.downsample(x)), rtol=0, atol=0)
