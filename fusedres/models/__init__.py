@@ -34,6 +34,16 @@ from fusedres.models.resnet import (  # every builder registers itself on import
     resnext50_32x4d,
     wide_resnet50_2,
 )
+from fusedres.models.se_resnet import (
+    SEBasicBlock,
+    SEBottleneck,
+    SECifarResNet,
+    SEModule,
+    se_resnet20,
+    se_resnet50,
+    se_resnet56,
+    se_resnet110,
+)
 from fusedres.models.shake_shake import ShakeShakeBlock, ShakeShakeResNet, shake_shake_26_2x32d, shake_shake_26_2x96d
 from fusedres.models.stochastic_depth import StochasticDepthBasicBlock, StochasticDepthResNet, resnet110_sd
 from fusedres.models.wide_resnet import WideBasicBlock, WideResNet, wide_resnet28_10
@@ -55,6 +65,10 @@ __all__ = [
     "PyramidBasicBlock",
     "PyramidNet",
     "ResNet",
+    "SEBasicBlock",
+    "SEBottleneck",
+    "SECifarResNet",
+    "SEModule",
     "ShakeShakeBlock",
     "ShakeShakeResNet",
     "ShortcutA",
@@ -93,6 +107,10 @@ __all__ = [
     "resnet50",
     "resnet56",
     "resnext50_32x4d",
+    "se_resnet110",
+    "se_resnet20",
+    "se_resnet50",
+    "se_resnet56",
     "shake_shake_26_2x32d",
     "shake_shake_26_2x96d",
     "wide_resnet28_10",
