@@ -49,8 +49,8 @@ from fusedres.models.resnet import (
     NormLayer,
     ResNet,
     ShortcutA,
-    _cifar_blocks,
-    _init_weights,
+    cifar_blocks,
+    init_weights,
     conv3x3,
     make_norm,
 )
@@ -213,7 +213,7 @@ class SECifarResNet(nn.Module):
         in_channels: int = 3,
     ) -> None:
         super().__init__()
-        n = _cifar_blocks(depth)
+        n = cifar_blocks(depth)
         self.fused = bool(fused)
         self.conv1 = conv3x3(in_channels, 16)
         self.bn1 = make_norm(norm_layer, 16, "relu", self.fused)
@@ -232,7 +232,7 @@ class SECifarResNet(nn.Module):
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(64, num_classes)
-        _init_weights(self, zero_init_residual)
+        init_weights(self, zero_init_residual)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: Tensor[N, in_channels, H, W] (32x32 for CIFAR) -> logits Tensor[N, num_classes]."""
