@@ -7,6 +7,7 @@
 #include <c10/util/string_view.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "bn_act.h"
@@ -42,6 +43,18 @@ struct BlockEndResidualLayout {
   bool planes_dense = false;
 };
 BlockEndResidualLayout block_end_residual_layout(const at::Tensor& residual);
+
+// The scale / weight / bias gradients of block_end_backward from the kernels' sums (every backend):
+//   nc_sums [2, N, C] (per (n, c) sum dz, sum dz (x - mean); read when need_scale), c_sums [2, C] (grad_bias,
+//   grad_weight in the accumulation dtype; read when need_weight or need_bias); w, b, invstd: acc [C]; s: the
+//   backward's scale as block_end_scale returned it (its shape decides the scale gradient's).
+// grad_scale = w * invstd * sum dz (x - mean) + b * sum dz (summed over C for a per-sample scale), acc dtype;
+// grad_weight / grad_bias in weight's / bias's dtype (acc when absent). Each a fresh tensor (an op's outputs must
+// not alias one another), or an empty [0] one when not wanted.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_end_param_grads(
+    const at::Tensor& nc_sums, const at::Tensor& c_sums, const at::Tensor& w, const at::Tensor& b,
+    const at::Tensor& invstd, const at::Tensor& s, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, bool need_scale, bool need_weight, bool need_bias);
 
 // The scale as a contiguous accumulation-dtype tensor of its shape ((N,) or (N, C)); undefined when absent.
 at::Tensor block_end_scale(const std::optional<at::Tensor>& scale, at::ScalarType acc);

@@ -89,6 +89,26 @@ BlockEndResidualLayout block_end_residual_layout(const at::Tensor& residual) {
   return l;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_end_param_grads(
+    const at::Tensor& nc_sums, const at::Tensor& c_sums, const at::Tensor& w, const at::Tensor& b,
+    const at::Tensor& invstd, const at::Tensor& s, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, bool need_scale, bool need_weight, bool need_bias) {
+  const auto acc = w.scalar_type();
+  auto dtype_of = [&](const std::optional<at::Tensor>& t) {
+    return t.has_value() && t->defined() ? t->scalar_type() : acc;
+  };
+  // Copies (copy=true): the rows of one c_sums buffer would alias each other.
+  at::Tensor dw = need_weight ? c_sums[1].to(dtype_of(weight), false, true) : bn_act_empty_like_none(w);
+  at::Tensor db = need_bias ? c_sums[0].to(dtype_of(bias), false, true) : bn_act_empty_like_none(w);
+  at::Tensor ds = bn_act_empty_like_none(w);
+  if (need_scale) {
+    // d out / d scale_nc = sum_s dz * batch_norm(x) = w * invstd * sum dz (x - mean) + b * sum dz.
+    const at::Tensor per_nc = nc_sums[1] * (w * invstd.to(acc)).unsqueeze(0) + nc_sums[0] * b.unsqueeze(0);
+    ds = (s.defined() && s.dim() == 1) ? per_nc.sum(1) : per_nc;
+  }
+  return {ds, dw, db};
+}
+
 at::Tensor block_end_scale(const std::optional<at::Tensor>& scale, at::ScalarType acc) {
   if (!scale.has_value() || !scale->defined()) return at::Tensor();
   return scale->to(acc).contiguous();

@@ -119,17 +119,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_end
     args.c_sums = c_sums.defined() ? c_sums.mutable_data_ptr() : nullptr;
     cpu::block_end_backward_dispatch()(args);
   }
-  const auto param_dtype = (weight.has_value() && weight->defined()) ? weight->scalar_type() : acc;
-  // Copies: rows of one c_sums buffer would alias each other (outputs of an op must not).
-  at::Tensor dw = need_dw ? c_sums[1].to(param_dtype, false, true) : bn_act_empty_like_none(w);
-  const auto bias_dtype = (bias.has_value() && bias->defined()) ? bias->scalar_type() : acc;
-  at::Tensor db = need_db ? c_sums[0].to(bias_dtype, false, true) : bn_act_empty_like_none(w);
-  at::Tensor ds = bn_act_empty_like_none(w);
-  if (need_ds) {
-    // d out / d scale_nc = sum_s dz * batch_norm(x) = w * invstd * sum dz (x - mean) + b * sum dz.
-    at::Tensor per_nc = nc_sums[1] * (w * invstd).unsqueeze(0) + nc_sums[0] * b.unsqueeze(0);
-    ds = (s.defined() && s.dim() == 1) ? per_nc.sum(1) : per_nc;
-  }
+  auto [ds, dw, db] =
+      block_end_param_grads(nc_sums, c_sums, w, b, invstd, s, weight, bias, need_ds, need_dw, need_db);
   return {dx, dr, ds, dw, db};
 }
 

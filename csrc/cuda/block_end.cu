@@ -175,18 +175,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_end
       gpu::block_end_backward_launch(L, buffers, training, act, static_cast<acc_t>(negative_slope), stream);
     });
   }
-  const auto param_dtype = (weight.has_value() && weight->defined()) ? weight->scalar_type() : acc;
-  at::Tensor dw = need_dw ? c_sums[1].to(param_dtype) : bn_act_empty_like_none(w);
-  const auto bias_dtype = (bias.has_value() && bias->defined()) ? bias->scalar_type() : acc;
-  at::Tensor db = need_db ? c_sums[0].to(bias_dtype) : bn_act_empty_like_none(w);
-  at::Tensor ds = bn_act_empty_like_none(w);
-  if (need_ds) {
-    // d out / d scale_nc = sum_s dz * batch_norm(x) = w * invstd * sum dz (x - mean) + b * sum dz (as the CPU op).
-    // (Tensor methods: the arithmetic operators need ATen/ATen.h, which the launchers do not include.)
-    const at::Tensor per_nc =
-        nc_sums[1].mul(w.mul(save_invstd.to(acc)).unsqueeze(0)).add(nc_sums[0].mul(b.unsqueeze(0)));
-    ds = (s.defined() && s.dim() == 1) ? per_nc.sum(1) : per_nc;
-  }
+  // After the kernels (ATen ops on the same stream); the formulas and the copies are the CPU op's.
+  auto [ds, dw, db] = block_end_param_grads(nc_sums, c_sums, w, b, save_invstd, s, weight, bias, need_ds, need_dw,
+                                            need_db);
   return {dx, dr, ds, dw, db};
 }
 
