@@ -8,6 +8,8 @@ Knobs (environment variables):
   FUSEDRES_SANITIZE=1      AddressSanitizer + UndefinedBehaviorSanitizer build of the C++ (host) code, -O1 -g; load
                            it with the runtimes preloaded (tools/sanitize.sh builds it into build/sanitize and runs
                            the tests: `make sanitize`).
+  FUSEDRES_NO_AVX512=1     leave out the AVX-512 build of the CPU kernels (the AVX2 one runs on AVX-512 CPUs); the
+                           sanitizer run uses it on CPUs without AVX-512, where that build could not run anyway.
 """
 
 from __future__ import annotations
@@ -87,13 +89,19 @@ def get_extensions():
     sources = ["csrc/fusedres.cpp"] + sorted(set(glob.glob("csrc/*.cpp")) - {"csrc/fusedres.cpp"})
     # Baseline translation units first: for inline functions that several TUs emit, the linker keeps the
     # first copy, so the ISA-specific kernel TUs (listed last) never provide code the baseline path runs.
-    sources += sorted(glob.glob("csrc/cpu/*.cpp"), key=lambda s: ("_avx" in s, s))
+    cpu_sources = glob.glob("csrc/cpu/*.cpp")
+    if os.environ.get("FUSEDRES_NO_AVX512", "0") == "1":
+        cpu_sources = [s for s in cpu_sources if not s.endswith("_avx512.cpp")]
+        define_macros_isa = [("FUSEDRES_NO_AVX512", "1")]
+    else:
+        define_macros_isa = []
+    sources += sorted(cpu_sources, key=lambda s: ("_avx" in s, s))
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -O1 keeps a sanitized build fast enough to run the tests and its stacks readable.
     sanitizer = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1"] if sanitize else []
     cxx_flags = opt + ["-std=c++20", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-fopenmp"]
     cxx_flags += sanitizer
-    define_macros = [("TORCH_EXTENSION_NAME", "_C")]
+    define_macros = [("TORCH_EXTENSION_NAME", "_C")] + define_macros_isa
     extra_link = ["-fopenmp"] + (["-fsanitize=address,undefined"] if sanitize else [])
     include_dirs = [os.path.join(ROOT, "csrc")]
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
