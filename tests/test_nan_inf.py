@@ -16,9 +16,6 @@ Deliberate differences (also in the README's Reliability section), asserted as s
   Inf - Inf in a different order from PyTorch's; either way the channel's gradient carries no information.
 * Highway, an infinite upstream gradient: the gate gradient is ``dy * (H - x) * T * (1 - T)`` (docs/design.md section 2),
   +-Inf where PyTorch's autograd of ``H * T + x * (1 - T)`` forms ``Inf * H - Inf * x`` = NaN (same elements).
-
-Differences that are defects of today's kernels (the lead's, csrc/cpu) are marked ``xfail(strict=True)`` with the
-reason, so that a fixed kernel turns them into failures that ask for the mark to be removed.
 """
 
 from __future__ import annotations
@@ -101,14 +98,11 @@ def bn_step(fn, position: str, value: float, training: bool, activation: str, la
 
 
 BN_POSITIONS = ["input", "residual", "weight", "bias", "running_mean", "running_var", "grad"]
-CL_INF_STATS = "kernel (csrc/cpu, channels_last statistics): an infinite input makes running_mean NaN, PyTorch +-Inf"
 
 
 def _bn_expectation(position: str, value: str, training: bool, layout: str) -> str:
     if position == "weight" and value != "nan":
         return "weight-inf"
-    if position == "input" and value != "nan" and training and layout == "channels_last":
-        return "xfail"
     return "same"
 
 
@@ -140,10 +134,8 @@ def _check_bn_like(ours: dict, theirs: dict, expectation: str, dtype) -> None:
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("value", list(VALUES))
 @pytest.mark.parametrize("position", BN_POSITIONS)
-def test_batch_norm_act(position: str, value: str, training: bool, activation: str, layout: str, request) -> None:
+def test_batch_norm_act(position: str, value: str, training: bool, activation: str, layout: str) -> None:
     expectation = _bn_expectation(position, value, training, layout)
-    if expectation == "xfail":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=CL_INF_STATS))
     args = (position, VALUES[value], training, activation, layout, torch.float32)
     _check_bn_like(bn_step(fusedres.batch_norm_act, *args), bn_step(reference.batch_norm_act, *args), expectation,
                    torch.float32)  # fmt: skip
@@ -152,7 +144,7 @@ def test_batch_norm_act(position: str, value: str, training: bool, activation: s
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("value", list(VALUES))
 @pytest.mark.parametrize("position", BN_POSITIONS)
-def test_batch_norm_act_dtypes(position: str, value: str, dtype, request) -> None:
+def test_batch_norm_act_dtypes(position: str, value: str, dtype) -> None:
     expectation = _bn_expectation(position, value, True, "contiguous")
     args = (position, VALUES[value], True, "relu", "contiguous", dtype)
     _check_bn_like(bn_step(fusedres.batch_norm_act, *args), bn_step(reference.batch_norm_act, *args), expectation,
@@ -213,10 +205,8 @@ def dense_step(fn, position: str, value: float, training: bool, activation: str,
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("value", list(VALUES))
 @pytest.mark.parametrize("position", ["inputs[0]", "inputs[1]", "weight", "bias", "running_mean", "running_var", "grad"])
-def test_dense_batch_norm_act(position: str, value: str, training: bool, layout: str, request) -> None:
+def test_dense_batch_norm_act(position: str, value: str, training: bool, layout: str) -> None:
     expectation = _bn_expectation("input" if position.startswith("inputs") else position, value, training, layout)
-    if expectation == "xfail":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=CL_INF_STATS))
     args = (position, VALUES[value], training, "relu", layout)
     ours, theirs = dense_step(fusedres.dense_batch_norm_act, *args), dense_step(_dense_reference, *args)
     for name in ours:
@@ -229,12 +219,6 @@ def test_dense_batch_norm_act(position: str, value: str, training: bool, layout:
 
 
 # ------------------------------------------------------------------------------------------ highway, highway_packed
-
-HIGHWAY_RELU_SELECT = (
-    "kernel (csrc/common/highway_math.h): relu' is applied as a product, so a NaN/Inf upstream gradient or gate "
-    "gives a NaN transform gradient where the transform is <= 0; PyTorch's relu backward selects 0"
-)
-
 
 def highway_step(fn, position: str, value: float, activation: str, free: bool, layout: str, dtype) -> dict:
     g = torch.Generator().manual_seed(0)
@@ -262,8 +246,6 @@ def _stop_at_nan_transform(grad: torch.Tensor, transform: torch.Tensor, activati
 
 
 def _highway_expectation(position: str, value: str, activation: str) -> str:
-    if activation == "relu" and (position == "grad" or (position == "gate" and value == "nan")):
-        return "xfail"
     if position == "grad" and value != "nan" and activation in ("relu", "sigmoid", "tanh", "identity"):
         return "gate-inf"
     return "same"
@@ -282,12 +264,10 @@ def _check_highway(ours: dict, theirs: dict, expectation: str, dtype) -> None:
 @pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "identity"])
 @pytest.mark.parametrize("value", list(VALUES))
 @pytest.mark.parametrize("position", ["transform", "gate", "carry", "carry_gate", "grad"])
-def test_highway(position: str, value: str, activation: str, free: bool, layout: str, request) -> None:
+def test_highway(position: str, value: str, activation: str, free: bool, layout: str) -> None:
     if position == "carry_gate" and not free:
         pytest.skip("the coupled form has no carry_gate")
     expectation = _highway_expectation(position, value, activation)
-    if expectation == "xfail":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=HIGHWAY_RELU_SELECT))
     args = (position, VALUES[value], activation, free, layout, torch.float32)
     _check_highway(highway_step(fusedres.highway, *args), highway_step(reference.highway, *args), expectation,
                    torch.float32)  # fmt: skip
@@ -296,7 +276,7 @@ def test_highway(position: str, value: str, activation: str, free: bool, layout:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("value", list(VALUES))
 @pytest.mark.parametrize("position", ["transform", "gate", "carry", "carry_gate", "grad"])
-def test_highway_dtypes(position: str, value: str, dtype, request) -> None:
+def test_highway_dtypes(position: str, value: str, dtype) -> None:
     expectation = _highway_expectation(position, value, "tanh")
     args = (position, VALUES[value], "tanh", True, "contiguous", dtype)
     _check_highway(highway_step(fusedres.highway, *args), highway_step(reference.highway, *args), expectation, dtype)
@@ -325,12 +305,10 @@ def packed_step(fn, position: str, value: float, activation: str, free: bool) ->
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 @pytest.mark.parametrize("value", list(VALUES))
 @pytest.mark.parametrize("position", ["transform", "gate", "carry", "carry_gate", "grad"])
-def test_highway_packed(position: str, value: str, activation: str, free: bool, request) -> None:
+def test_highway_packed(position: str, value: str, activation: str, free: bool) -> None:
     if position == "carry_gate" and not free:
         pytest.skip("the coupled form has no carry_gate")
     expectation = _highway_expectation(position, value, activation)
-    if expectation == "xfail":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=HIGHWAY_RELU_SELECT))
     ours = packed_step(fusedres.highway_packed, position, VALUES[value], activation, free)
     theirs = packed_step(reference.highway_packed, position, VALUES[value], activation, free)
     for name in ours:

@@ -34,13 +34,15 @@ FUSEDRES_HD acc_t highway_act(acc_t h, int act) {
   return h;
 }
 
-// act'(h) given H = act(h) (relu: h > 0, as PyTorch's threshold_backward).
+// up * act'(h) given H = act(h), up the gradient arriving at H. relu selects (up where h > 0, else 0) rather than
+// multiplying by 0 / 1, as PyTorch's threshold_backward does: a NaN or infinite up (or h = NaN) gives 0 where the
+// branch is off, not NaN.
 template <typename acc_t>
-FUSEDRES_HD acc_t highway_act_grad(acc_t h, acc_t H, int act) {
-  if (act == kHwReLU) return h > acc_t(0) ? acc_t(1) : acc_t(0);
-  if (act == kHwTanh) return acc_t(1) - H * H;
-  if (act == kHwSigmoid) return H * (acc_t(1) - H);
-  return acc_t(1);
+FUSEDRES_HD acc_t highway_act_backward(acc_t up, acc_t h, acc_t H, int act) {
+  if (act == kHwReLU) return h > acc_t(0) ? up : acc_t(0);
+  if (act == kHwTanh) return up * (acc_t(1) - H * H);
+  if (act == kHwSigmoid) return up * (H * (acc_t(1) - H));
+  return up;
 }
 
 // Forward of one element. free_carry: c is the carry-gate logit; otherwise c is ignored.
@@ -60,7 +62,7 @@ FUSEDRES_HD void highway_backward(acc_t dy, acc_t h, acc_t g, acc_t x, acc_t c, 
                                   acc_t* dg, acc_t* dx, acc_t* dc) {
   const acc_t H = highway_act(h, act);
   const acc_t T = stable_sigmoid(g);
-  *dh = dy * T * highway_act_grad(h, H, act);
+  *dh = highway_act_backward(dy * T, h, H, act);
   if (free_carry) {
     const acc_t S = stable_sigmoid(c);
     *dg = dy * H * T * (acc_t(1) - T);

@@ -1110,6 +1110,23 @@ void stats_channels_last(const T* x, int64_t rows, int64_t C, double* mean_out, 
     mean_out[j] = m;
     var_out[j] = n > 0 ? m2 / static_cast<double>(n) : 0.0;
   }
+  // A channel with an infinite or NaN value: the centred sums and the merges above form inf - inf (a centre or a
+  // chunk mean at +-Inf) and give NaN where PyTorch's plain sum gives +-Inf. Such a channel is summed again the plain
+  // way (mean = sum / n, then the squared deviations from it), so non-finite values propagate as in PyTorch; finite
+  // channels never take this path.
+  for (int64_t j = 0; j < C; ++j) {
+    if (std::isfinite(mean_out[j]) && std::isfinite(var_out[j])) continue;
+    double sum = 0;
+    for (int64_t r = 0; r < rows; ++r) sum += static_cast<double>(x[r * C + j]);
+    const double mu = sum / static_cast<double>(rows);
+    double m2 = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const double d = static_cast<double>(x[r * C + j]) - mu;
+      m2 += d * d;
+    }
+    mean_out[j] = mu;
+    var_out[j] = m2 / static_cast<double>(rows);
+  }
 }
 
 // Batch mean and biased variance of channel c of an NCHW tensor (N planes of S values), in double. The sum is of

@@ -100,13 +100,14 @@ inline V act_vec(const V& h) {
   else return h;
 }
 
-// act'(h) given H = act(h) (relu: h > 0).
+// up * act'(h) given H = act(h) (math::highway_act_backward: relu selects, so a non-finite up stays out of the
+// off branch).
 template <int ACT, typename V>
-inline V act_grad_vec(const V& h, const V& H) {
-  if constexpr (ACT == kHwReLU) return V::blendv(V(0), V(1), h > V(0));
-  else if constexpr (ACT == kHwTanh) return V(1) - H * H;
-  else if constexpr (ACT == kHwSigmoid) return H * (V(1) - H);
-  else return V(1);
+inline V act_backward_vec(const V& up, const V& h, const V& H) {
+  if constexpr (ACT == kHwReLU) return V::blendv(V(0), up, h > V(0));
+  else if constexpr (ACT == kHwTanh) return up * (V(1) - H * H);
+  else if constexpr (ACT == kHwSigmoid) return up * (H * (V(1) - H));
+  else return up;
 }
 
 // Calls f(row, begin, end) for every chunk of the rows view, in parallel when the call is large enough.
@@ -219,7 +220,7 @@ void backward_typed(const HighwayBackwardArgs& a) {
         if (dh != nullptr || dg != nullptr) {
           const V hv = IO::load(h + j);
           const V H = act_vec<ACT>(hv);
-          if (dh != nullptr) store_out<S>(dh + j, DY * Tg * act_grad_vec<ACT>(hv, H));
+          if (dh != nullptr) store_out<S>(dh + j, act_backward_vec<ACT>(DY * Tg, hv, H));
           if (dg != nullptr) {
             const V dT = Tg * (one - Tg);
             if constexpr (FREE) {
