@@ -8,7 +8,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: install build test bench bench-onednn bench-pytest gpu-check fuzz sanitize test-models clean
+.PHONY: install build test bench bench-onednn bench-pytest gpu-check fuzz sanitize hooks test-models clean
 
 $(VENV)/.stamp-deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ fuzz: install
 # untouched) and the CPU and CUDA-emulator tests against it; see tools/sanitize.sh. SANITIZE_QUICK=1: the CI subset.
 sanitize: $(VENV)/.stamp-deps
 	PY=$(PY) nice -n 19 tools/sanitize.sh
+
+# The repository's git hooks (.githooks/pre-push: the quick sanitizer run before a push that changes csrc/).
+hooks:
+	git config core.hooksPath .githooks
 
 # Every model under autocast and torch.compile, and the deep ImageNet models (tests marked exhaustive: too slow for
 # `make test` on 2 CPU cores).
