@@ -103,8 +103,8 @@ def bn_act_kernels(op: str, shape, cl: bool, T: str, s: int, sms: int, emu) -> l
 def highway_kernels(op: str, shape, T: str, s: int) -> list[Kernel]:
     numel = math.prod(shape)
     if op == "highway_forward":  # coupled form: reads h, g, x; writes y
-        return [Kernel(f"highway_forward_kernel<{T}, float>", 4 * numel * s, numel)]
-    return [Kernel(f"highway_backward_kernel<{T}, float>", 7 * numel * s, numel)]  # dy, h, g, x -> dh, dg, dx
+        return [Kernel(f"highway_forward_kernel<{T}, float, 1, false>", 4 * numel * s, numel)]  # ReLU (1), coupled
+    return [Kernel(f"highway_backward_kernel<{T}, float, 1, false>", 7 * numel * s, numel)]  # dy, h, g, x -> dh, dg, dx
 
 
 # Launch counts as read from the sequences (used when the emulator library cannot be built): bn_act forward in

@@ -222,7 +222,10 @@ def full_tile_path(loop: Loop) -> Path | None:
 # Read off the kernel source; an entry that no longer matches the code shows as a non-integer '~' count.
 KERNEL_OPERANDS: list[tuple[str, str, str]] = [
     # pattern, operands, what they are
+    # highway: the coupled form (carry-form template argument false) reads no carry gate
+    (r"highway_forward_kernel<.*, false>", "sss", "transform, gate, carry"),
     (r"highway_forward_kernel", "ssss", "transform, gate, carry, carry_gate"),
+    (r"highway_backward_kernel<.*, false>", "ssss", "grad_out, transform, gate, carry"),
     (r"highway_backward_kernel", "sssss", "grad_out, transform, gate, carry, carry_gate"),
     (r"bn_act_forward_elementwise_kernel", "ssaaa", "x, residual, mean, scale, bias"),
     (r"block_end_forward_elementwise_kernel", "ssaaaaaaq",
@@ -487,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.path.exists(args.baseline):
             with open(args.baseline) as fh:
                 base = json.load(fh)["kernels"]
+        # A kernel family re-measured here replaces all of its old entries (instantiations may have been renamed).
+        families = {k.name.split("<")[0] for k in kernels}
+        base = {n: v for n, v in base.items() if n.split("<")[0] not in families}
         base.update({k.name: k.row() for k in kernels})
         with open(args.baseline, "w") as fh:
             json.dump({"arch": args.arch, "margin": args.margin, "kernels": base}, fh, indent=1, sort_keys=True)
