@@ -19,8 +19,8 @@ little. Bytes are the kernels' own traffic: what each reads and writes once (des
 Launches per op call come from running the op's launch sequence (csrc/cuda/*_launch.cuh) under the CUDA emulator
 (tests/cuda_emu, a tiny problem of the same layout and options: the sequence does not depend on the sizes here)
 and reading its launch log; without a C++ compiler they are taken from the sequences as read (printed as
-"derived"). The highway op is elementwise with one launch per direction (highway_launch.cuh: derived) and
-layout-independent, so it is listed once per shape (its tensors of the shape's numel).
+"derived"). The highway op is elementwise (one launch per direction) and layout-independent, so it is listed
+once per shape (its tensors of the shape's numel).
 
     python tools/gpu_model.py                     # both GPUs, every shape, layout, dtype
     python tools/gpu_model.py --gpu h100 --op bn_act_forward --dtype fp16
@@ -113,17 +113,36 @@ def highway_kernels(op: str, shape, T: str, s: int) -> list[Kernel]:
 DERIVED_LAUNCHES = {"bn_act_forward": 3, "bn_act_backward": 3, "highway_forward": 1, "highway_backward": 1}
 
 
-def emulator():
-    """The bn_act emulator library (tests/_cuda_emu.py builds it with g++, cached), or None."""
+class Emulators:
+    """The emulator libraries of tests/cuda_emu (built with g++ by tests/_cuda_emu.py, cached in build/emu_cache):
+    bn_act (EmuLib) and highway (raw ctypes: its front end lives in a test module)."""
+
+    def __init__(self, bn_act, highway) -> None:
+        self.bn_act, self.highway = bn_act, highway
+
+    def launch_config(self, N: int, C: int, S: int, cl: bool, sms: int) -> dict[str, int]:
+        return self.bn_act.launch_config(N, C, S, cl, sms)
+
+
+def emulator(cache_dir: str | None = None) -> Emulators | None:
+    """Both libraries, built in cache_dir (default build/emu_cache; the tests pass pytest's cache), or None."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     try:
-        import _cuda_emu
-
-        cache = os.path.join(ROOT, "build", "emu_cache")
-        os.makedirs(cache, exist_ok=True)
+        import ctypes
         from pathlib import Path
 
-        return _cuda_emu.EmuLib(_cuda_emu.build_library(Path(cache)))
+        import _cuda_emu
+
+        cache = Path(cache_dir) if cache_dir else Path(ROOT) / "build" / "emu_cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        bn = _cuda_emu.EmuLib(_cuda_emu.build_library(cache))
+        hw = ctypes.CDLL(str(_cuda_emu.build_library(cache, _cuda_emu.EMU_DIR / "emu_highway.cpp")))
+        p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        hw.emu_launch_log.argtypes = [ctypes.c_char_p, i64]
+        hw.emu_launch_log.restype = i64
+        hw.emu_highway_forward.argtypes = [i, i64, i64, i, i] + [p, i64] * 5
+        hw.emu_highway_backward.argtypes = [i, i64, i64, i, i] + [p, i64] * 9
+        return Emulators(bn, hw)
     except BaseException as e:  # pytest.skip / fail raise BaseException subclasses outside a test
         print(f"gpu_model: no emulator ({type(e).__name__}: {e}); launch counts derived from the sequences",
               file=sys.stderr)
@@ -132,20 +151,47 @@ def emulator():
         sys.path.pop(0)
 
 
-def emulated_launches(emu, op: str, cl: bool) -> int:
-    """Launches of one bn_act op call, run under the emulator on a tiny problem (N=2, C=3, 5 values per plane)."""
+def _launch_total(lib) -> int:
+    n = lib.emu_launch_log(None, 0)
+    import ctypes
+
+    buf = ctypes.create_string_buffer(n + 1)
+    lib.emu_launch_log(buf, n + 1)
+    return sum(int(line.split("\t", 1)[0]) for line in buf.value.decode().splitlines())
+
+
+def emulated_launches(emus: Emulators, op: str, cl: bool) -> int:
+    """Launches of one op call run under the emulator on a tiny problem: bn_act (N=2, C=3, 5 values per plane,
+    training, ReLU, residual; backward with every gradient), highway (2 x 5 rows, coupled, ReLU, every gradient)."""
     import torch
 
-    N, C, S, sms = 2, 3, 5, 2
-    before = sum(emu.launch_log().values())
-    numel = N * C * S
     f32 = torch.float32
+    if op.startswith("highway"):
+        rows, cols = 2, 5
+        h, g, x, dy = (torch.randn(rows, cols, dtype=f32) for _ in range(4))
+        outs = [torch.empty(rows, cols, dtype=f32) for _ in range(3)]
+        lib = emus.highway
+        before = _launch_total(lib)
+        if op == "highway_forward":
+            rc = lib.emu_highway_forward(0, rows, cols, 2, 1, *[v for t in (h, g, x) for v in (t.data_ptr(), cols)],
+                                         None, 0, outs[0].data_ptr(), cols)
+        else:
+            ins = [v for t in (dy, h, g, x) for v in (t.data_ptr(), cols)]
+            grads = [v for t in outs for v in (t.data_ptr(), cols)]
+            rc = lib.emu_highway_backward(0, rows, cols, 2, 1, *ins, None, 0, *grads, None, 0)
+        if rc != 0:
+            raise RuntimeError(f"emulated {op} failed")
+        return _launch_total(lib) - before
+    emu = emus.bn_act
+    N, C, S, sms = 2, 3, 5, 2
+    numel = N * C * S
     x, r, dy = (torch.randn(numel, dtype=f32) for _ in range(3))
     w, b = torch.ones(C, dtype=f32), torch.zeros(C, dtype=f32)
     mean, invstd, var = (torch.zeros(C, dtype=f32) for _ in range(3))
     mask = torch.zeros(emu.launch_config(N, C, S, cl, sms)["mask_words"] * 4, dtype=torch.uint8)
     y = torch.empty(numel, dtype=f32)
     emu.configure("asc")
+    before = sum(emu.launch_log().values())
     emu.forward(f32, N, C, S, cl, sms, True, "relu", x, r, w, b, mean, invstd, y, mask, var)
     if op == "bn_act_backward":
         before = sum(emu.launch_log().values())
@@ -195,7 +241,7 @@ def model(args, baseline: dict, emu) -> dict[str, list[Row]]:
                         else:
                             ks = highway_kernels(op, shape, T, s)
                         if (op, cl) not in launch_cache:
-                            if emu is not None and op.startswith("bn_act"):
+                            if emu is not None:
                                 launch_cache[(op, cl)] = (emulated_launches(emu, op, cl), "emulator")
                             else:
                                 launch_cache[(op, cl)] = (DERIVED_LAUNCHES[op], "derived")
