@@ -8,7 +8,8 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: install build test bench bench-onednn bench-pytest gpu-check fuzz sanitize hooks test-models clean
+.PHONY: install build test bench bench-onednn bench-pytest gpu-check gpu-model sass-report sass-check fuzz sanitize \
+	hooks test-models clean
 
 $(VENV)/.stamp-deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +69,20 @@ test-models: install
 # On a machine with an NVIDIA GPU and nvcc: build for that GPU, run the needs_cuda tests and the CUDA benchmarks.
 gpu-check:
 	PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) tools/gpu_check.sh
+
+# Hot-loop instructions per element and load widths of every CUDA kernel from its sm_90 SASS (no GPU needed: nvcc
+# -cubin per .cu, cached in build/sass_cache; a minute or two the first time); sass-check fails when a kernel's
+# instructions per element grew more than 10 % over tools/sass_baseline.json (tools/sass_report.py).
+sass-report: $(VENV)/.stamp-deps
+	nice -n 19 $(PY) tools/sass_report.py
+
+sass-check: $(VENV)/.stamp-deps
+	nice -n 19 $(PY) tools/sass_report.py --check
+
+# Modelled A100 / H100 time and bandwidth share of the CUDA ops per shape, layout and dtype (tools/gpu_model.py;
+# launch counts from the emulator, instructions per element from tools/sass_baseline.json).
+gpu-model: $(VENV)/.stamp-deps
+	$(PY) tools/gpu_model.py $(GPU_MODEL_ARGS)
 
 clean:
 	rm -rf build *.egg-info fusedres/*.so $(VENV)/.stamp-build

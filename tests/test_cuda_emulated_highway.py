@@ -424,3 +424,53 @@ def test_every_highway_kernel_is_emulated(emu):
         for free_carry in (False, True):
             _run(emu, SHAPES[2], "packed", free_carry, "relu", dtype, "asc")
     assert_all_launched(emu.launch_log(), "highway_kernels.cuh", min_kernels=2, min_sites=2)
+
+
+def _ulp(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One unit in the last place of dtype at each value of ref (float64), the smallest subnormal step at 0."""
+    mant, tiny = {torch.float16: (10, 2.0**-24), torch.bfloat16: (7, 2.0**-133)}[dtype]
+    mag = ref.abs().clamp_min(tiny)
+    return torch.maximum(torch.exp2(torch.floor(torch.log2(mag)) - mant), torch.full_like(mag, tiny))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fast_math_16bit_within_one_ulp(emu, dtype):
+    """The 16-bit kernels' fast tanh and sigmoid (__expf, __fdividef; highway_kernels.cuh) give the correctly
+    rounded value or its neighbour over [-12, 12], the polynomial / exp switch at |h| = 1/8 and tiny arguments
+    included: y = tanh(h) with T = sigmoid(30) = 1 and x = 0; y = sigmoid(g) with identity(h = 1) and x = 0."""
+    if not emu.has_half:
+        pytest.skip("the emulator library was built without the CUDA toolkit's cuda_fp16.h / cuda_bf16.h")
+    grid = torch.linspace(-12, 12, 4801, dtype=torch.float64)
+    special = torch.tensor([1e-6, 1e-4, 1e-3, 0.01, 0.124, 0.125, 0.126, 0.5, 8.9, 9.0, 9.1], dtype=torch.float64)
+    v = torch.cat([grid, special, -special]).to(dtype)  # exactly representable inputs
+    n = v.numel()
+    zeros = torch.zeros(1, n, dtype=dtype)
+    cases = {
+        "tanh": (v.view(1, n), torch.full((1, n), 30.0, dtype=dtype), torch.tanh(v.double())),
+        "sigmoid": (torch.ones(1, n, dtype=dtype), v.view(1, n), torch.sigmoid(v.double())),
+    }
+    for act, (h, g, ref) in cases.items():
+        y = torch.empty(1, n, dtype=dtype)
+        emu.forward(dtype, 1, n, 1, act if act == "tanh" else "identity", h, g, zeros, None, y)
+        err = (y.view(-1).double() - ref.to(dtype).double()).abs()
+        ulp = _ulp(ref, dtype)
+        worst = int(torch.argmax(err / ulp))
+        assert bool((err <= ulp).all()), (
+            f"{act}: {float(err[worst] / ulp[worst]):.2f} ulp at {float(v[worst])}: got {float(y.view(-1)[worst])}, "
+            f"float64 {float(ref[worst])}"
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_device_math_special_values(emu, dtype):
+    """The branch-free sigmoid and the tanh of the kernels at +-inf and NaN: tanh(+-inf) = +-1, sigmoid(+inf) = 1,
+    sigmoid(-inf) = 0 exactly, NaN propagates (torch.tanh / torch.sigmoid do the same)."""
+    if dtype in (torch.float16, torch.bfloat16) and not emu.has_half:
+        pytest.skip("the emulator library was built without the CUDA toolkit's cuda_fp16.h / cuda_bf16.h")
+    v = torch.tensor([[math.inf, -math.inf, math.nan, 0.0, -0.0]], dtype=dtype)
+    zeros, ones = torch.zeros_like(v), torch.ones_like(v)
+    y = torch.empty_like(v)
+    emu.forward(dtype, 1, v.numel(), 1, "tanh", v, torch.full_like(v, 1000.0), zeros, None, y)  # T = 1 exactly
+    torch.testing.assert_close(y, torch.tanh(v), rtol=0, atol=0, equal_nan=True)
+    emu.forward(dtype, 1, v.numel(), 1, "identity", ones, v, zeros, None, y)
+    torch.testing.assert_close(y, torch.sigmoid(v), rtol=0, atol=0, equal_nan=True)

@@ -4,7 +4,11 @@
 #   2. checks the ptxas figures of that build (tools/ptxas_report.py: no spills, no local memory);
 #   3. runs the needs_cuda tests (CUDA vs CPU parity);
 #   4. runs the CUDA benchmarks (python -m fusedres bench --device cuda: one table, achieved GB/s against the
-#      device's measured copy bandwidth).
+#      device's measured copy bandwidth);
+#   5. prints the model of tools/gpu_model.py (`make gpu-model`) with the measured time of the same op calls beside
+#      it (A100, H100 or H200 by the device name; another GPU is skipped). The measurement is kept simple: median
+#      wall time of the functional call between two synchronisations (backward: forward + backward minus forward),
+#      so it includes the Python and autograd overhead the model does not count. Not run yet: no GPU so far.
 # Nothing is downloaded: pip runs with --no-index --no-build-isolation --no-deps.
 #
 # Knobs: PYTHON (default .venv/bin/python, else python3), TORCH_CUDA_ARCH_LIST (default: this GPU's capability),
@@ -72,5 +76,14 @@ step "needs_cuda tests"
 step "CUDA benchmarks ($PY -m fusedres bench --device cuda $BENCH_ARGS)"
 # shellcheck disable=SC2086
 "$PY" -m fusedres bench --device cuda $BENCH_ARGS
+
+step "model vs measured (tools/gpu_model.py --measure)"
+GPU_KEY=$("$PY" -c 'import torch; n = torch.cuda.get_device_name().upper()
+print(next((k for k in ("A100", "H100", "H200") if k in n), "").lower())')
+if [[ -n "$GPU_KEY" ]]; then
+  "$PY" tools/gpu_model.py --gpu "$GPU_KEY" --measure --kernels
+else
+  echo "gpu-check: no model for $("$PY" -c 'import torch; print(torch.cuda.get_device_name())') (A100, H100, H200 only)"
+fi
 
 step "all passed"

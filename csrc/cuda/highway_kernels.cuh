@@ -5,9 +5,10 @@
 // Every operand is `rows` rows of `cols` contiguous elements with its own row stride (in elements), the view
 // csrc/highway.h describes: an unpacked op is one row of numel elements; the parts of a packed projection are
 // read in place with row stride parts * cols. Purely elementwise (no reductions, no shared memory, no
-// collectives); the per-element math is csrc/common/highway_math.h, the same functions the CPU kernels use.
+// collectives); the per-element math is that of csrc/common/highway_math.h (the CPU kernels' functions), written
+// here without branches and with the activation as a template parameter (see "Device math" below).
 //
-// Kernels, launched with the shape of highway_launch_config():
+// Kernels, launched with the shape of highway_launch_config(), one instantiation per activation and carry form:
 //   highway_forward_kernel   y = act(h) * sigmoid(g) + x * (1 - sigmoid(g))   (free carry: + x * sigmoid(c))
 //   highway_backward_kernel  dh, dg, dx (and dc), each optional, in one pass over dy, h, g, x (and c)
 // Both use the same 2-D walk: threadIdx.x / blockIdx.x along a row's columns (kHighwayUnroll elements per thread,
@@ -89,7 +90,7 @@ template <typename scalar_t>
 struct HighwayForwardKernelArgs {
   HighwayIn<scalar_t> transform, gate, carry, carry_gate;  // carry_gate.data != nullptr: free carry form
   HighwayOut<scalar_t> out;
-  int act;  // math::HighwayAct
+  int act;  // math::HighwayAct: selects the kernel instantiation (highway_launch.cuh)
 };
 
 template <typename scalar_t>
@@ -113,19 +114,91 @@ FUSEDRES_DEVICE_INLINE void highway_for_each_tile(const HighwayShape sh, F&& f) 
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Kernels
+// Device math: the formulas of csrc/common/highway_math.h without branches, the activation and carry form as
+// template parameters. The CPU kernels keep highway_math.h's functions (their results do not change); these differ
+// from them by rounding only (exact libm exp / tanh in float and double), or, for 16-bit storage, by the error of
+// the fast intrinsics, far below the 11 (half) or 8 (bfloat16) significant bits the result is stored with.
 // ---------------------------------------------------------------------------------------------------------
 
+// Fast intrinsics where the result is stored in 16 bits and computed in float: __expf (ex2.approx, relative
+// error 2 + 1.2 |x| ulp of float, so < 1e-5 relative over the |x| <= 18 used below) and __fdividef.
 template <typename scalar_t, typename acc_t>
+constexpr bool kHighwayFastMath = sizeof(scalar_t) == 2 && sizeof(acc_t) == 4;
+
+template <bool kFast, typename acc_t>
+FUSEDRES_DEVICE_INLINE acc_t hw_exp(acc_t x) {
+  if constexpr (kFast) {
+    return __expf(x);
+  } else {
+    using std::exp;
+    return exp(x);
+  }
+}
+
+// 1 / d for d in [1, 2] (the sigmoid's 1 + exp(-|g|)) or d in [1, e^18 + 1] (the tanh below): __fdividef is exact
+// enough there and needs no special-case path (IEEE division calls a slow-path subroutine for edge operands).
+template <bool kFast, typename acc_t>
+FUSEDRES_DEVICE_INLINE acc_t hw_recip(acc_t d) {
+  if constexpr (kFast) {
+    return __fdividef(1.0f, d);
+  } else {
+    return acc_t(1) / d;
+  }
+}
+
+// Stable logistic function without a branch: e = exp(-|g|) in (0, 1] never overflows; 1 / (1 + e) for g >= 0 and
+// e / (1 + e) otherwise, chosen by a select. Exactly 1 at +inf and 0 at -inf; NaN propagates.
+template <bool kFast, typename acc_t>
+FUSEDRES_DEVICE_INLINE acc_t hw_sigmoid(acc_t g) {
+  using std::fabs;
+  const acc_t e = hw_exp<kFast>(-fabs(g));
+  const acc_t s = hw_recip<kFast>(acc_t(1) + e);
+  return g >= acc_t(0) ? s : e * s;
+}
+
+// tanh: the accurate library function, or for 16-bit storage sign(h) * (1 - 2 / (exp(2|h|) + 1)), whose
+// cancellation near 0 is avoided by the odd Taylor polynomial below |h| = 1/8 (relative error < 3e-7 there);
+// |h| is clamped at 9 (tanh(9) rounds to 1 in float) so that exp stays finite. A NaN passes the compares as NaN.
+template <bool kFast, typename acc_t>
+FUSEDRES_DEVICE_INLINE acc_t hw_tanh(acc_t h) {
+  if constexpr (kFast) {
+    const float m = fabsf(h);
+    const float a = m > 9.0f ? 9.0f : m;
+    const float big = 1.0f - 2.0f * hw_recip<true>(__expf(2.0f * a) + 1.0f);
+    const float a2 = a * a;
+    const float small = a * (1.0f + a2 * (-1.0f / 3.0f + a2 * (2.0f / 15.0f)));
+    return copysignf(a < 0.125f ? small : big, h);
+  } else {
+    using std::tanh;
+    return tanh(h);
+  }
+}
+
+// H = act(h), math::highway_act with the activation fixed at compile time.
+template <int kAct, bool kFast, typename acc_t>
+FUSEDRES_DEVICE_INLINE acc_t hw_act(acc_t h) {
+  if constexpr (kAct == math::kHwReLU) return h < acc_t(0) ? acc_t(0) : h;  // NaN propagates like torch.relu
+  if constexpr (kAct == math::kHwTanh) return hw_tanh<kFast>(h);
+  if constexpr (kAct == math::kHwSigmoid) return hw_sigmoid<kFast>(h);
+  return h;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Kernels: one instantiation per storage type, activation (math::HighwayAct) and carry form, chosen by the
+// launcher (highway_launch.cuh), so the loop holds one activation's code and loads only the operands its form
+// reads.
+// ---------------------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t, int kAct, bool kFreeCarry>
 __global__ void __launch_bounds__(kHighwayThreads, kHighwayMinBlocksPerSm)
     highway_forward_kernel(const HighwayForwardKernelArgs<scalar_t> a, const HighwayShape sh) {
-  const bool free_carry = a.carry_gate.data != nullptr;
+  constexpr bool kFast = kHighwayFastMath<scalar_t, acc_t>;
   const int64_t lane_step = blockDim.x;
   highway_for_each_tile(sh, [&](int64_t row, int64_t col0) {
     const scalar_t* h = a.transform.data + row * a.transform.row_stride;
     const scalar_t* g = a.gate.data + row * a.gate.row_stride;
     const scalar_t* x = a.carry.data + row * a.carry.row_stride;
-    const scalar_t* c = free_carry ? a.carry_gate.data + row * a.carry_gate.row_stride : nullptr;
+    const scalar_t* c = kFreeCarry ? a.carry_gate.data + row * a.carry_gate.row_stride : nullptr;
     scalar_t* y = a.out.data + row * a.out.row_stride;
     acc_t hv[kHighwayUnroll], gv[kHighwayUnroll], xv[kHighwayUnroll], cv[kHighwayUnroll];
 #pragma unroll
@@ -136,33 +209,44 @@ __global__ void __launch_bounds__(kHighwayThreads, kHighwayMinBlocksPerSm)
         hv[j] = to_acc(h[col]);
         gv[j] = to_acc(g[col]);
         xv[j] = to_acc(x[col]);
-        if (free_carry) cv[j] = to_acc(c[col]);
+        if constexpr (kFreeCarry) cv[j] = to_acc(c[col]);
       }
     }
 #pragma unroll
     for (int j = 0; j < kHighwayUnroll; ++j) {
       const int64_t col = col0 + j * lane_step;
       if (col < sh.cols) {
-        y[col] = from_acc<scalar_t>(math::highway_forward(hv[j], gv[j], xv[j], cv[j], a.act, free_carry));
+        const acc_t H = hw_act<kAct, kFast>(hv[j]);
+        const acc_t T = hw_sigmoid<kFast>(gv[j]);
+        acc_t out;
+        if constexpr (kFreeCarry) {
+          out = H * T + xv[j] * hw_sigmoid<kFast>(cv[j]);
+        } else {
+          out = H * T + xv[j] * (acc_t(1) - T);
+        }
+        y[col] = from_acc<scalar_t>(out);
       }
     }
   });
 }
 
 // One pass: reads dy, h, g (always), x (when a gradient that needs it is requested: grad_gate of the coupled form,
-// grad_carry_gate of the free form) and c (free form); writes the requested gradients.
-template <typename scalar_t, typename acc_t>
+// grad_carry_gate of the free form) and c (free form); writes the requested gradients. The formulas of
+// math::highway_backward (dh = act_backward(dy*T) below):
+//   coupled:    dh = dy*T*act'(h); dg = dy*(H - x)*T*(1 - T); dx = dy*(1 - T)
+//   free carry: dh = dy*T*act'(h); dg = dy*H*T*(1 - T); dx = dy*S; dc = dy*x*S*(1 - S), S = sigmoid(c)
+template <typename scalar_t, typename acc_t, int kAct, bool kFreeCarry>
 __global__ void __launch_bounds__(kHighwayThreads, kHighwayMinBlocksPerSm)
     highway_backward_kernel(const HighwayBackwardKernelArgs<scalar_t> a, const HighwayShape sh) {
-  const bool free_carry = a.carry_gate.data != nullptr;
-  const bool need_x = free_carry ? a.grad_carry_gate.data != nullptr : a.grad_gate.data != nullptr;
+  constexpr bool kFast = kHighwayFastMath<scalar_t, acc_t>;
+  const bool need_x = kFreeCarry ? a.grad_carry_gate.data != nullptr : a.grad_gate.data != nullptr;
   const int64_t lane_step = blockDim.x;
   highway_for_each_tile(sh, [&](int64_t row, int64_t col0) {
     const scalar_t* dy = a.grad_out.data + row * a.grad_out.row_stride;
     const scalar_t* h = a.transform.data + row * a.transform.row_stride;
     const scalar_t* g = a.gate.data + row * a.gate.row_stride;
     const scalar_t* x = a.carry.data + row * a.carry.row_stride;
-    const scalar_t* c = free_carry ? a.carry_gate.data + row * a.carry_gate.row_stride : nullptr;
+    const scalar_t* c = kFreeCarry ? a.carry_gate.data + row * a.carry_gate.row_stride : nullptr;
     acc_t dyv[kHighwayUnroll], hv[kHighwayUnroll], gv[kHighwayUnroll], xv[kHighwayUnroll], cv[kHighwayUnroll];
 #pragma unroll
     for (int j = 0; j < kHighwayUnroll; ++j) {
@@ -173,15 +257,27 @@ __global__ void __launch_bounds__(kHighwayThreads, kHighwayMinBlocksPerSm)
         hv[j] = to_acc(h[col]);
         gv[j] = to_acc(g[col]);
         if (need_x) xv[j] = to_acc(x[col]);
-        if (free_carry) cv[j] = to_acc(c[col]);
+        if constexpr (kFreeCarry) cv[j] = to_acc(c[col]);
       }
     }
 #pragma unroll
     for (int j = 0; j < kHighwayUnroll; ++j) {
       const int64_t col = col0 + j * lane_step;
       if (col >= sh.cols) continue;
-      acc_t dh, dg, dx, dc;
-      math::highway_backward(dyv[j], hv[j], gv[j], xv[j], cv[j], a.act, free_carry, &dh, &dg, &dx, &dc);
+      const acc_t d = dyv[j];
+      const acc_t H = hw_act<kAct, kFast>(hv[j]);
+      const acc_t T = hw_sigmoid<kFast>(gv[j]);
+      const acc_t dh = math::highway_act_backward(d * T, hv[j], H, kAct);  // kAct constant: folded
+      acc_t dg, dx, dc = acc_t(0);
+      if constexpr (kFreeCarry) {
+        const acc_t S = hw_sigmoid<kFast>(cv[j]);
+        dg = d * H * T * (acc_t(1) - T);
+        dx = d * S;
+        dc = d * xv[j] * S * (acc_t(1) - S);
+      } else {
+        dg = d * (H - xv[j]) * T * (acc_t(1) - T);
+        dx = d * (acc_t(1) - T);
+      }
       if (a.grad_transform.data != nullptr) {
         a.grad_transform.data[row * a.grad_transform.row_stride + col] = from_acc<scalar_t>(dh);
       }
@@ -189,7 +285,7 @@ __global__ void __launch_bounds__(kHighwayThreads, kHighwayMinBlocksPerSm)
       if (a.grad_carry.data != nullptr) {
         a.grad_carry.data[row * a.grad_carry.row_stride + col] = from_acc<scalar_t>(dx);
       }
-      if (a.grad_carry_gate.data != nullptr) {
+      if (kFreeCarry && a.grad_carry_gate.data != nullptr) {
         a.grad_carry_gate.data[row * a.grad_carry_gate.row_stride + col] = from_acc<scalar_t>(dc);
       }
     }

@@ -7,6 +7,8 @@
 // the emulator build gets a no-op from cuda_compat.cuh (emu::launch throws on a bad launch).
 #pragma once
 
+#include <type_traits>
+
 #include "cuda_compat.cuh"
 #include "highway_kernels.cuh"
 
@@ -17,12 +19,41 @@
 namespace fusedres {
 namespace gpu {
 
+// Calls f(integral_constant<int, act>, bool_constant<free_carry>) for the runtime activation and carry form: the
+// kernels are instantiated per activation (no switch in their loops) and per form (the coupled form loads no carry
+// gate). C++17 (the emulator tests' g++ build): generic lambdas, no template lambdas.
+template <typename F>
+void highway_dispatch(int act, bool free_carry, F&& f) {
+  auto with_form = [&](auto act_c) {
+    if (free_carry) {
+      f(act_c, std::true_type{});
+    } else {
+      f(act_c, std::false_type{});
+    }
+  };
+  switch (act) {
+    case math::kHwReLU:
+      return with_form(std::integral_constant<int, math::kHwReLU>{});
+    case math::kHwTanh:
+      return with_form(std::integral_constant<int, math::kHwTanh>{});
+    case math::kHwSigmoid:
+      return with_form(std::integral_constant<int, math::kHwSigmoid>{});
+    default:
+      return with_form(std::integral_constant<int, math::kHwIdentity>{});
+  }
+}
+
 // y for every element. Requires rows * cols > 0.
 template <typename scalar_t, typename acc_t>
 void highway_forward_launch(const HighwayLaunch& L, const HighwayForwardKernelArgs<scalar_t>& a,
                             cudaStream_t stream) {
-  KERNEL_LAUNCH((highway_forward_kernel<scalar_t, acc_t>), L.grid, L.block, 0, stream, a, L.shape);
-  FUSEDRES_LAUNCH_CHECK();
+  highway_dispatch(a.act, a.carry_gate.data != nullptr, [&](auto act_c, auto free_c) {
+    constexpr int kAct = decltype(act_c)::value;
+    constexpr bool kFreeCarry = decltype(free_c)::value;
+    KERNEL_LAUNCH((highway_forward_kernel<scalar_t, acc_t, kAct, kFreeCarry>), L.grid, L.block, 0, stream, a,
+                  L.shape);
+    FUSEDRES_LAUNCH_CHECK();
+  });
 }
 
 // The requested gradients for every element, in one pass. Requires rows * cols > 0; launches nothing when no
@@ -34,8 +65,13 @@ void highway_backward_launch(const HighwayLaunch& L, const HighwayBackwardKernel
       a.grad_carry_gate.data == nullptr) {
     return;
   }
-  KERNEL_LAUNCH((highway_backward_kernel<scalar_t, acc_t>), L.grid, L.block, 0, stream, a, L.shape);
-  FUSEDRES_LAUNCH_CHECK();
+  highway_dispatch(a.act, a.carry_gate.data != nullptr, [&](auto act_c, auto free_c) {
+    constexpr int kAct = decltype(act_c)::value;
+    constexpr bool kFreeCarry = decltype(free_c)::value;
+    KERNEL_LAUNCH((highway_backward_kernel<scalar_t, acc_t, kAct, kFreeCarry>), L.grid, L.block, 0, stream, a,
+                  L.shape);
+    FUSEDRES_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace gpu

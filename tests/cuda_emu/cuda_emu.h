@@ -101,8 +101,11 @@ constexpr int warpSize = 32;
 
 // ------------------------------------------------------------------ math / bit intrinsics
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
-inline float __fdividef(float a, float b) { return a / b; }
-inline float __expf(float x) { return std::exp(x); }
+// The fast intrinsics as the hardware evaluates them, so that their error shows in the tests: __fdividef is
+// a * rcp(b) (two roundings), __expf is ex2(x * log2(e)) with the product rounded to float first (the error that
+// grows with |x|; MUFU.EX2's own ~2 ulp are not modelled).
+inline float __fdividef(float a, float b) { return a * (1.0f / b); }
+inline float __expf(float x) { return std::exp2(x * 1.44269504f); }
 inline float __logf(float x) { return std::log(x); }
 inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
