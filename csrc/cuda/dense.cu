@@ -54,7 +54,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_bn_act_forward_
   at::Tensor y = at::empty(wide_sizes(x0, g.C), x0.options().memory_format(g.format));
   TORCH_INTERNAL_ASSERT(y.is_contiguous(g.format));
 
-  // The same statistics as the CPU backend returns.
+  // The same statistics as the CPU backend returns. Contiguous running statistics are updated (training) or read
+  // (eval: save_mean / save_invstd written from them) by the kernels; with precomputed batch statistics the update
+  // stays with the host helper (no kernel reduces there).
+  const bool device_running = !given && running_stats_on_device(running_mean, running_var);
   at::Tensor mean, invstd, var;
   if (training && given) {
     // Precomputed statistics (a copy: outputs never alias inputs); invstd computed in double as the CPU does.
@@ -65,6 +68,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_bn_act_forward_
     mean = y.numel() == 0 ? at::zeros({g.C}, acc_opts) : at::empty({g.C}, acc_opts);
     invstd = y.numel() == 0 ? at::zeros({g.C}, acc_opts) : at::empty({g.C}, acc_opts);
     var = y.numel() == 0 ? at::zeros({g.C}, acc_opts) : at::empty({g.C}, acc_opts);
+  } else if (device_running && y.numel() > 0) {
+    mean = at::empty({g.C}, acc_opts);
+    invstd = at::empty({g.C}, acc_opts);
   } else {
     std::tie(mean, invstd) = bn_act_eval_stats(*running_mean, *running_var, eps, acc);
   }
@@ -98,13 +104,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_bn_act_forward_
         reduce_here ? var.mutable_data_ptr<acc_t>() : nullptr,
         reinterpret_cast<kscalar_t*>(y.mutable_data_ptr<scalar_t>()),
         has_mask ? reinterpret_cast<uint32_t*>(mask.mutable_data_ptr<uint8_t>()) : nullptr,
-        workspace.mutable_data_ptr<acc_t>()};
+        workspace.mutable_data_ptr<acc_t>(),
+        stat_vector(running_mean, device_running),
+        stat_vector(running_var, device_running),
+        momentum};
     gpu::dense_forward_launch(D, buffers, reduce_here, static_cast<acc_t>(eps), act,
                               static_cast<acc_t>(negative_slope), stream);
   });
 
-  // After the kernels were launched without error; ATen ops on the same stream, so ordered after them.
-  if (training) bn_act_update_running_stats(running_mean, running_var, mean, var, g.M(), momentum);
+  // Precomputed batch statistics or non-contiguous running statistics only: ATen ops on the same stream, so
+  // ordered after the kernels.
+  if (training && !device_running) bn_act_update_running_stats(running_mean, running_var, mean, var, g.M(), momentum);
   return {y, mean, invstd, mask};
 }
 

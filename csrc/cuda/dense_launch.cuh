@@ -8,8 +8,10 @@
 //
 // Launches per call, k inputs (each input is launched separately; a single launch over a pointer + channel-offset
 // table would be the better GPU shape):
-//   forward, training (batch statistics reduced here): 3 per input (reduce, stats finalize, elementwise)
-//   forward, eval or precomputed batch statistics:     2 per input (scale/shift, elementwise)
+//   forward, training (batch statistics reduced here): 3 per input (reduce, stats finalize with input j's channels
+//                                                      of the running statistics updated, elementwise)
+//   forward, eval or precomputed batch statistics:     1 per input (elementwise; in eval from the running statistics,
+//                                                      writing input j's channels of save_mean / save_invstd)
 //   backward: per input with something to compute: [reduce,] [finalize,] [elementwise], at most 3
 #pragma once
 
@@ -78,12 +80,18 @@ struct DenseForwardBuffers {
   const scalar_t* const* x;  // x[j]: input j, dense (N, C_j, S) in D's layout
   const acc_t* weight;       // [C]
   const acc_t* bias;         // [C]
-  acc_t* save_mean;          // [C]: written when reducing; else the statistics to use (read)
+  acc_t* save_mean;          // [C]: written when reducing or normalising with the running statistics (eval); else
+                             // the statistics to use (read)
   acc_t* save_invstd;        // [C]: as save_mean
   acc_t* var;                // [C] biased batch variance, written when reducing (may be nullptr otherwise)
   scalar_t* y;               // the output, dense (N, C, S) in D's layout
   uint32_t* mask;            // D.mask_words words (all segments written), or nullptr without a mask
   acc_t* workspace;          // dense_forward_workspace_elems(D, reduce), uninitialised
+  // Running statistics [C] (both or neither): updated when reducing, normalised with in eval (reduce false and
+  // running statistics given); absent with precomputed batch statistics, whose running update stays with the caller.
+  StatVector running_mean = {nullptr, kStatFloat};
+  StatVector running_var = {nullptr, kStatFloat};
+  double momentum = 0;
 };
 
 // reduce: batch statistics of every input (training without precomputed statistics); otherwise the given
@@ -106,7 +114,10 @@ void dense_forward_launch(const DenseLaunch& D, const DenseForwardBuffers<scalar
                                                   b.y + D.output_offset[j],
                                                   D.output_ld,
                                                   b.mask != nullptr ? b.mask + D.mask_word_offset[j] : nullptr,
-                                                  b.workspace};
+                                                  b.workspace,
+                                                  b.running_mean.offset(c0),
+                                                  b.running_var.offset(c0),
+                                                  b.momentum};
     bn_act_forward_launch(L, in, reduce, eps, act, negative_slope, stream);
   }
 }

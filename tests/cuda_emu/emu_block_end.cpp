@@ -104,7 +104,8 @@ int emu_block_end_forward(int dtype, int64_t N, int64_t C, int64_t S, int channe
                           int64_t residual_channels, int64_t stride_n, int64_t stride_c,
                           const int64_t* spatial_offset, const void* scale, int scale_per_channel,
                           const void* weight, const void* bias, void* save_mean, void* save_invstd, void* var,
-                          void* y, void* mask) {
+                          void* y, void* mask, void* running_mean, void* running_var, int rs_dtype,
+                          double momentum) {
   const gpu::BlockEndLaunch L =
       gpu::block_end_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
   return dispatch(dtype, [&](auto s, auto a) {
@@ -123,7 +124,10 @@ int emu_block_end_forward(int dtype, int64_t N, int64_t C, int64_t S, int channe
         static_cast<A*>(var),
         static_cast<T*>(y),
         static_cast<uint32_t*>(mask),
-        ws.data()};
+        ws.data(),
+        gpu::StatVector{running_mean, rs_dtype},
+        gpu::StatVector{running_var, rs_dtype},
+        momentum};
     gpu::block_end_forward_launch(L, b, training != 0, static_cast<A>(eps), act, static_cast<A>(negative_slope),
                                   nullptr);
   });

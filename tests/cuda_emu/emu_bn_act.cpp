@@ -32,7 +32,8 @@ std::vector<acc_t> poisoned(int64_t n) {  // unwritten workspace reads show up a
 template <typename scalar_t, typename acc_t>
 void forward(const gpu::BnActLaunch& L, int training, int act, double eps, double slope, const void* x,
              const void* residual, const void* weight, const void* bias, void* save_mean, void* save_invstd, void* y,
-             void* mask, void* batch_var) {
+             void* mask, void* batch_var, const gpu::StatVector& running_mean, const gpu::StatVector& running_var,
+             double momentum) {
   std::vector<acc_t> ws = poisoned<acc_t>(gpu::bn_act_forward_workspace_elems(L, training != 0));
   const gpu::BnActForwardBuffers<scalar_t, acc_t> b{static_cast<const scalar_t*>(x),
                                                     static_cast<const scalar_t*>(residual),
@@ -44,7 +45,10 @@ void forward(const gpu::BnActLaunch& L, int training, int act, double eps, doubl
                                                     static_cast<scalar_t*>(y),
                                                     0,
                                                     static_cast<uint32_t*>(mask),
-                                                    ws.data()};
+                                                    ws.data(),
+                                                    running_mean,
+                                                    running_var,
+                                                    momentum};
   gpu::bn_act_forward_launch(L, b, training != 0, static_cast<acc_t>(eps), act, static_cast<acc_t>(slope), nullptr);
   if (training && batch_var != nullptr) {
     std::memcpy(batch_var, ws.data() + gpu::bn_act_forward_var_offset(L), sizeof(acc_t) * L.shape.C);
@@ -144,7 +148,8 @@ void backward_split(const gpu::BnActLaunch& L, int act, double slope, const void
 
 template <typename scalar_t, typename acc_t>
 void dense_forward(const gpu::DenseLaunch& D, int reduce, int act, double eps, double slope, const void* const* xs,
-                   const void* weight, const void* bias, void* mean, void* invstd, void* var, void* y, void* mask) {
+                   const void* weight, const void* bias, void* mean, void* invstd, void* var, void* y, void* mask,
+                   const gpu::StatVector& running_mean, const gpu::StatVector& running_var, double momentum) {
   std::vector<acc_t> ws = poisoned<acc_t>(gpu::dense_forward_workspace_elems(D, reduce != 0));
   std::vector<const scalar_t*> x(D.inputs.size());
   for (size_t j = 0; j < x.size(); ++j) x[j] = static_cast<const scalar_t*>(xs[j]);
@@ -156,7 +161,10 @@ void dense_forward(const gpu::DenseLaunch& D, int reduce, int act, double eps, d
                                                     static_cast<acc_t*>(var),
                                                     static_cast<scalar_t*>(y),
                                                     static_cast<uint32_t*>(mask),
-                                                    ws.data()};
+                                                    ws.data(),
+                                                    running_mean,
+                                                    running_var,
+                                                    momentum};
   gpu::dense_forward_launch(D, b, reduce != 0, static_cast<acc_t>(eps), act, static_cast<acc_t>(slope), nullptr);
 }
 
@@ -259,17 +267,19 @@ void emu_launch_config(int64_t N, int64_t C, int64_t S, int channels_last, int h
 }
 
 // Forward (bn_act_forward's kernels). Training writes save_mean, save_invstd and batch_var (biased, may be
-// nullptr); eval reads save_mean / save_invstd (running mean, 1/sqrt(running_var + eps)). mask: nullptr for
-// identity, else mask_bytes(numel) bytes, 4-byte aligned.
+// nullptr) and updates running_mean / running_var (dtype code rs_dtype, as StatDtype; nullptr: none) with momentum;
+// eval with running statistics reads them and writes save_mean / save_invstd, without (running_mean nullptr) reads
+// save_mean / save_invstd. mask: nullptr for identity, else mask_bytes(numel) bytes, 4-byte aligned.
 int emu_bn_act_forward(int dtype, int64_t N, int64_t C, int64_t S, int channels_last, int num_sms, int training,
                        int act, double eps, double negative_slope, const void* x, const void* residual,
                        const void* weight, const void* bias, void* save_mean, void* save_invstd, void* y, void* mask,
-                       void* batch_var) {
+                       void* batch_var, void* running_mean, void* running_var, int rs_dtype, double momentum) {
   const gpu::BnActLaunch L =
       gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+  const gpu::StatVector rm{running_mean, rs_dtype}, rv{running_var, rs_dtype};
   return dispatch(dtype, [&](auto s, auto a) {
     forward<decltype(s), decltype(a)>(L, training, act, eps, negative_slope, x, residual, weight, bias, save_mean,
-                                      save_invstd, y, mask, batch_var);
+                                      save_invstd, y, mask, batch_var, rm, rv, momentum);
   });
 }
 
@@ -349,15 +359,19 @@ void emu_dense_launch_config(int64_t k, int64_t N, int64_t S, const int64_t* cha
 }
 
 // dense_bn_act_forward's kernels: xs[j] dense (N, channels[j], S); reduce = 1: batch statistics written to
-// mean / invstd / var, else mean / invstd are read. y dense (N, sum channels, S); mask: all segments or nullptr.
+// mean / invstd / var and running_mean / running_var (nullptr: none; dtype code rs_dtype) updated with momentum;
+// else with running statistics they are normalised with (mean / invstd written), without them mean / invstd are
+// read. y dense (N, sum channels, S); mask: all segments or nullptr.
 int emu_dense_forward(int dtype, int64_t k, int64_t N, int64_t S, const int64_t* channels, int channels_last,
                       int num_sms, int reduce, int act, double eps, double negative_slope, const void* const* xs,
-                      const void* weight, const void* bias, void* mean, void* invstd, void* var, void* y, void* mask) {
+                      const void* weight, const void* bias, void* mean, void* invstd, void* var, void* y, void* mask,
+                      void* running_mean, void* running_var, int rs_dtype, double momentum) {
   const gpu::DenseLaunch D = gpu::dense_launch_config(N, S, std::vector<int64_t>(channels, channels + k),
                                                       channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+  const gpu::StatVector rm{running_mean, rs_dtype}, rv{running_var, rs_dtype};
   return dispatch(dtype, [&](auto s, auto a) {
     dense_forward<decltype(s), decltype(a)>(D, reduce, act, eps, negative_slope, xs, weight, bias, mean, invstd, var,
-                                            y, mask);
+                                            y, mask, rm, rv, momentum);
   });
 }
 
