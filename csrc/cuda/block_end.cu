@@ -12,6 +12,7 @@
 #include "block_end.h"
 #include "cuda/launcher_common.h"
 #include "cuda/block_end_launch.cuh"
+#include "cuda/bn_act_occupancy.h"
 
 namespace fusedres {
 namespace {
@@ -78,7 +79,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_end_forward_cud
       offsets = host.to(x.device());
     }
   }
-  const gpu::BlockEndLaunch L = gpu::block_end_launch_config(g.N, g.C, g.S, g.channels_last, has_mask, num_sms());
+  const gpu::BlockEndLaunch L =
+      gpu::block_end_launch_config(g.N, g.C, g.S, g.channels_last, has_mask, num_sms(),
+                                   block_end_occupancy(x.scalar_type(), g.channels_last, true));
   at::Tensor var = at::empty({C}, acc_opts);
   at::Tensor workspace = at::empty({gpu::block_end_forward_workspace_elems(L, training)}, acc_opts);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -161,7 +164,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_end
     if (has_mask && reinterpret_cast<uintptr_t>(mask_words.const_data_ptr()) % alignof(uint32_t) != 0) {
       mask_words = mask_words.clone();
     }
-    const gpu::BlockEndLaunch L = gpu::block_end_launch_config(g.N, g.C, g.S, g.channels_last, has_mask, num_sms());
+    const gpu::BlockEndLaunch L =
+        gpu::block_end_launch_config(g.N, g.C, g.S, g.channels_last, has_mask, num_sms(),
+                                     block_end_occupancy(x.scalar_type(), g.channels_last, false));
     at::Tensor workspace = at::empty({gpu::block_end_backward_workspace_elems(L)}, acc_opts);
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 

@@ -95,11 +95,13 @@ struct BlockEndLaunch {
 
 // Launch shapes for an (N, C, S) problem (see bn_act_launch_config); max_samples_per_launch bounds grid y of the
 // per-sample reduction (the hardware's kMaxGridY; the emulator tests pass less to run several launches).
+// occ: as bn_act_launch_config's (the launcher's for the kernels of the direction it runs).
 FUSEDRES_HOST_DEVICE_INLINE BlockEndLaunch block_end_launch_config(int64_t N, int64_t C, int64_t S,
                                                                    bool channels_last, bool has_mask, int num_sms,
+                                                                   const BnActOccupancy& occ,
                                                                    int64_t max_samples_per_launch = kMaxGridY) {
   BlockEndLaunch L;
-  L.bn = bn_act_launch_config(N, C, S, channels_last, has_mask, num_sms);
+  L.bn = bn_act_launch_config(N, C, S, channels_last, has_mask, num_sms, occ);
   L.samples_per_launch = max_i64(1, min_i64(max_i64(N, 1), min_i64(max_samples_per_launch, kMaxGridY)));
   L.index = make_block_end_indexer(C, S, channels_last);
   if (channels_last) {

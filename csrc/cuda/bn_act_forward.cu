@@ -12,6 +12,7 @@
 #include "bn_act.h"
 #include "cuda/launcher_common.h"
 #include "cuda/bn_act_launch.cuh"
+#include "cuda/bn_act_occupancy.h"
 
 namespace fusedres {
 namespace {
@@ -61,8 +62,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cuda(
   // Every mask word, the spare one included, is written by the elementwise kernel: no zeroing needed.
   at::Tensor mask = at::empty({mask_bytes}, x.options().dtype(at::kByte));
   const std::pair<at::Tensor, at::Tensor> params = bn_act_params(weight, bias, C, acc, x.device());
-  const gpu::BnActLaunch L = gpu::bn_act_launch_config(g.N, g.C, g.S, g.channels_last, has_mask,
-                                                       at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const gpu::BnActLaunch L =
+      gpu::bn_act_launch_config(g.N, g.C, g.S, g.channels_last, has_mask,
+                                at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
+                                bn_act_forward_occupancy(x.scalar_type(), g.channels_last));
 
   at::Tensor workspace = at::empty({gpu::bn_act_forward_workspace_elems(L, training)}, acc_opts);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

@@ -51,7 +51,8 @@ constexpr int kElementwiseThreads = 256;
 // with lane l taking elements l, l + 32, ...: coalesced loads, and each group of 32 is one __ballot_sync.
 constexpr int kElementwiseUnroll = 4;
 constexpr int kWarpSpan = kWarpSize * kElementwiseUnroll;
-constexpr int kElementwiseBlocksPerSm = 8;  // 8 x 256 threads fill an SM; the grid strides over the rest
+// Resident blocks per SM assumed without a device to ask (kFixedOccupancy below): 8 x 256 threads fill an SM.
+constexpr int kElementwiseBlocksPerSm = 8;
 
 constexpr int kNchwReduceMaxThreads = 512;
 constexpr int kNchwReduceMinThreads = 64;
@@ -164,11 +165,23 @@ struct BnActLaunch {
   dim3 elementwise_grid, elementwise_block;
 };
 
-// Launch shapes for an (N, C, S) problem in the given layout on a device with `num_sms` multiprocessors.
-// has_mask: the activation keeps a backward mask (math::act_has_mask). Valid for numel == 0 as well (every
-// extent at least 1), though launchers return before launching anything then.
+// Blocks of a kernel that are resident on one multiprocessor at once, for the two kernels whose grids are sized to
+// fill the device: the .cu launchers ask the CUDA runtime (cudaOccupancyMaxActiveBlocksPerMultiprocessor, for the
+// very instantiations they launch: bn_act_occupancy.h), so a kernel that needs more registers gets a smaller grid
+// rather than a second wave; the emulator tests pass kFixedOccupancy (no device to ask).
+struct BnActOccupancy {
+  int elementwise;  // the elementwise kernel, blocks of kElementwiseThreads
+  int reduce;       // the reduction kernel at its largest block (kNchwReduceMaxThreads / kChannelsLastReduceThreads)
+};
+constexpr BnActOccupancy kFixedOccupancy{kElementwiseBlocksPerSm, kReduceBlocksPerSm};
+
+// Launch shapes for an (N, C, S) problem in the given layout on a device with `num_sms` multiprocessors, each
+// holding occ's resident blocks (one full wave: the elementwise grid strides, the reduction splits each channel
+// into about num_sms * occ.reduce / channel-tiles partials). has_mask: the activation keeps a backward mask
+// (math::act_has_mask). Valid for numel == 0 as well (every extent at least 1), though launchers return before
+// launching anything then.
 FUSEDRES_HOST_DEVICE_INLINE BnActLaunch bn_act_launch_config(int64_t N, int64_t C, int64_t S, bool channels_last,
-                                                             bool has_mask, int num_sms) {
+                                                             bool has_mask, int num_sms, const BnActOccupancy& occ) {
   BnActLaunch L;
   BnActShape& sh = L.shape;
   L.channels_last = channels_last;
@@ -184,7 +197,7 @@ FUSEDRES_HOST_DEVICE_INLINE BnActLaunch bn_act_launch_config(int64_t N, int64_t 
   // of the buffer is written and the launcher can allocate it uninitialised.
   sh.warp_spans = ceil_div(max_i64(ceil_div(sh.numel, kWarpSize), sh.mask_words), kElementwiseUnroll);
 
-  const int64_t target_blocks = max_i64(num_sms, 1) * kReduceBlocksPerSm;
+  const int64_t target_blocks = max_i64(num_sms, 1) * max_i64(occ.reduce, 1);
   const int64_t M = max_i64(sh.M, 1);
   // Split channels into chunks until the grid has about target_blocks blocks, but keep at least
   // kReduceMinValuesPerThread values per thread.
@@ -220,7 +233,7 @@ FUSEDRES_HOST_DEVICE_INLINE BnActLaunch bn_act_launch_config(int64_t N, int64_t 
 
   const int64_t warps_per_block = kElementwiseThreads / kWarpSize;
   const int64_t blocks = min_i64(ceil_div(sh.warp_spans, warps_per_block),
-                                 max_i64(num_sms, 1) * kElementwiseBlocksPerSm);
+                                 max_i64(num_sms, 1) * max_i64(occ.elementwise, 1));
   L.elementwise_grid = dim3(static_cast<unsigned>(max_i64(blocks, 1)));
   L.elementwise_block = dim3(kElementwiseThreads);
   return L;

@@ -13,6 +13,7 @@
 #include "dense.h"
 #include "cuda/launcher_common.h"
 #include "cuda/dense_launch.cuh"
+#include "cuda/bn_act_occupancy.h"
 
 namespace fusedres {
 namespace {
@@ -23,9 +24,12 @@ std::vector<int64_t> wide_sizes(const at::Tensor& x0, int64_t C) {
   return sizes;
 }
 
-gpu::DenseLaunch launch_config(const DenseGeom& g, bool has_mask) {
+// forward: sized for the forward's kernels, else the backward's (the dense ops take no SiLU).
+gpu::DenseLaunch launch_config(const DenseGeom& g, bool has_mask, at::ScalarType dtype, bool forward) {
   return gpu::dense_launch_config(g.N, g.S, g.channels, g.channels_last, has_mask,
-                                  at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+                                  at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
+                                  forward ? bn_act_forward_occupancy(dtype, g.channels_last)
+                                          : bn_act_backward_occupancy(dtype, g.channels_last, false));
 }
 
 template <typename kscalar_t, typename scalar_t>
@@ -85,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_bn_act_forward_
 
   for (const at::Tensor& x : xs) TORCH_INTERNAL_ASSERT(x.is_contiguous(g.format));
   const std::pair<at::Tensor, at::Tensor> params = bn_act_params(weight, bias, g.C, acc, x0.device());
-  const gpu::DenseLaunch D = launch_config(g, has_mask);
+  const gpu::DenseLaunch D = launch_config(g, has_mask, x0.scalar_type(), true);
   TORCH_INTERNAL_ASSERT(D.mask_words * 4 == g.mask_offsets.back() && D.output_ld == g.output_ld());
   const at::Tensor m = mean.contiguous(), is = invstd.contiguous();
   at::Tensor workspace = at::empty({gpu::dense_forward_workspace_elems(D, reduce_here)}, acc_opts);
@@ -159,7 +163,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dense_bn_act_backwar
     if (has_mask && reinterpret_cast<uintptr_t>(mask_words.const_data_ptr()) % alignof(uint32_t) != 0) {
       mask_words = mask_words.clone();
     }
-    const gpu::DenseLaunch D = launch_config(g, has_mask);
+    const gpu::DenseLaunch D = launch_config(g, has_mask, x0.scalar_type(), false);
     TORCH_INTERNAL_ASSERT(D.mask_words * 4 == g.mask_offsets.back() && D.output_ld == g.output_ld());
     at::Tensor workspace = at::empty({gpu::dense_backward_workspace_elems(D, any_sums)}, acc_opts);
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

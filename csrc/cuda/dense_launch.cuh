@@ -41,8 +41,9 @@ struct DenseLaunch {
 };
 
 // channels[j] = C_j; has_mask: the activation keeps a mask (segment j is math::mask_bytes(N * C_j * S) bytes).
+// occ: as bn_act_launch_config's.
 inline DenseLaunch dense_launch_config(int64_t N, int64_t S, const std::vector<int64_t>& channels, bool channels_last,
-                                       bool has_mask, int num_sms) {
+                                       bool has_mask, int num_sms, const BnActOccupancy& occ) {
   DenseLaunch D;
   D.N = N;
   D.S = S;
@@ -51,7 +52,7 @@ inline DenseLaunch dense_launch_config(int64_t N, int64_t S, const std::vector<i
   D.output_ld = channels_last ? D.C : D.C * S;
   int64_t channel = 0, word = 0;
   for (const int64_t c : channels) {
-    D.inputs.push_back(bn_act_launch_config(N, c, S, channels_last, has_mask, num_sms));
+    D.inputs.push_back(bn_act_launch_config(N, c, S, channels_last, has_mask, num_sms, occ));
     D.channel_offset.push_back(channel);
     D.output_offset.push_back(channels_last ? channel : channel * S);
     D.mask_word_offset.push_back(word);

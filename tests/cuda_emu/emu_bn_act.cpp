@@ -22,6 +22,10 @@ namespace {
 
 namespace gpu = fusedres::gpu;
 
+// No device to ask for resident blocks (the launchers' bn_act_occupancy.h): the fixed figures, which the shapes of
+// the tests were chosen for.
+constexpr gpu::BnActOccupancy kOcc = gpu::kFixedOccupancy;
+
 std::string g_error;
 
 template <typename acc_t>
@@ -255,7 +259,7 @@ int64_t emu_launch_log(char* buf, int64_t len) {
 // Launch shapes as the launchers compute them, into out[0..7]: P, reduce block x and y, elementwise grid, mask words,
 // reduce grid x, warp spans, elementwise block.
 void emu_launch_config(int64_t N, int64_t C, int64_t S, int channels_last, int has_mask, int num_sms, int64_t* out) {
-  const gpu::BnActLaunch L = gpu::bn_act_launch_config(N, C, S, channels_last != 0, has_mask != 0, num_sms);
+  const gpu::BnActLaunch L = gpu::bn_act_launch_config(N, C, S, channels_last != 0, has_mask != 0, num_sms, kOcc);
   out[0] = L.shape.partials;
   out[1] = L.reduce_block.x;
   out[2] = L.reduce_block.y;
@@ -275,7 +279,7 @@ int emu_bn_act_forward(int dtype, int64_t N, int64_t C, int64_t S, int channels_
                        const void* weight, const void* bias, void* save_mean, void* save_invstd, void* y, void* mask,
                        void* batch_var, void* running_mean, void* running_var, int rs_dtype, double momentum) {
   const gpu::BnActLaunch L =
-      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms, kOcc);
   const gpu::StatVector rm{running_mean, rs_dtype}, rv{running_var, rs_dtype};
   return dispatch(dtype, [&](auto s, auto a) {
     forward<decltype(s), decltype(a)>(L, training, act, eps, negative_slope, x, residual, weight, bias, save_mean,
@@ -291,7 +295,7 @@ int emu_bn_act_backward(int dtype, int64_t N, int64_t C, int64_t S, int channels
                         void* grad_residual, void* grad_weight, void* grad_bias, const void* bias,
                         const void* residual) {
   const gpu::BnActLaunch L =
-      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms, kOcc);
   return dispatch(dtype, [&](auto s, auto a) {
     backward<decltype(s), decltype(a)>(L, training, act, negative_slope, grad_out, x, mask, mean, invstd, weight,
                                        grad_input, grad_residual, grad_weight, grad_bias, bias, residual);
@@ -301,7 +305,7 @@ int emu_bn_act_backward(int dtype, int64_t N, int64_t C, int64_t S, int channels
 // bn_stats: mean and biased variance (acc dtype [C]).
 int emu_bn_stats(int dtype, int64_t N, int64_t C, int64_t S, int channels_last, int num_sms, const void* x,
                  void* mean, void* var) {
-  const gpu::BnActLaunch L = gpu::bn_act_launch_config(N, C, S, channels_last != 0, false, num_sms);
+  const gpu::BnActLaunch L = gpu::bn_act_launch_config(N, C, S, channels_last != 0, false, num_sms, kOcc);
   return dispatch(dtype, [&](auto s, auto a) { stats<decltype(s), decltype(a)>(L, x, mean, var); });
 }
 
@@ -310,7 +314,7 @@ int emu_bn_act_elemt(int dtype, int64_t N, int64_t C, int64_t S, int channels_la
                      double negative_slope, const void* x, const void* residual, const void* weight, const void* bias,
                      const void* mean, const void* invstd, void* y, int64_t y_ld, void* mask) {
   const gpu::BnActLaunch L =
-      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms, kOcc);
   return dispatch(dtype, [&](auto s, auto a) {
     elemt<decltype(s), decltype(a)>(L, act, negative_slope, x, residual, weight, bias, mean, invstd, y, y_ld, mask);
   });
@@ -322,7 +326,7 @@ int emu_bn_act_backward_reduce(int dtype, int64_t N, int64_t C, int64_t S, int c
                                const void* mask, const void* mean, const void* invstd, void* sum_dz,
                                void* sum_dz_xhat) {
   const gpu::BnActLaunch L =
-      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms, kOcc);
   return dispatch(dtype, [&](auto s, auto a) {
     backward_split<decltype(s), decltype(a)>(L, act, negative_slope, grad_out, dy_ld, x, mask, mean, invstd, nullptr,
                                              sum_dz, sum_dz_xhat, -1, nullptr, nullptr);
@@ -336,7 +340,7 @@ int emu_bn_act_backward_elemt(int dtype, int64_t N, int64_t C, int64_t S, int ch
                               const void* sum_dz, const void* sum_dz_xhat, int64_t count, void* grad_input,
                               void* grad_residual) {
   const gpu::BnActLaunch L =
-      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms, kOcc);
   return dispatch(dtype, [&](auto s, auto a) {
     backward_split<decltype(s), decltype(a)>(L, act, negative_slope, grad_out, dy_ld, x, mask, mean, invstd, weight,
                                              const_cast<void*>(sum_dz), const_cast<void*>(sum_dz_xhat), count,
@@ -349,7 +353,7 @@ int emu_bn_act_backward_elemt(int dtype, int64_t N, int64_t C, int64_t S, int ch
 void emu_dense_launch_config(int64_t k, int64_t N, int64_t S, const int64_t* channels, int channels_last,
                              int has_mask, int num_sms, int64_t* out) {
   const gpu::DenseLaunch D = gpu::dense_launch_config(N, S, std::vector<int64_t>(channels, channels + k),
-                                                      channels_last != 0, has_mask != 0, num_sms);
+                                                      channels_last != 0, has_mask != 0, num_sms, kOcc);
   out[0] = D.mask_words;
   out[1] = D.output_ld;
   for (int64_t j = 0; j < k; ++j) {
@@ -367,7 +371,8 @@ int emu_dense_forward(int dtype, int64_t k, int64_t N, int64_t S, const int64_t*
                       const void* weight, const void* bias, void* mean, void* invstd, void* var, void* y, void* mask,
                       void* running_mean, void* running_var, int rs_dtype, double momentum) {
   const gpu::DenseLaunch D = gpu::dense_launch_config(N, S, std::vector<int64_t>(channels, channels + k),
-                                                      channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+                                                      channels_last != 0, fusedres::math::act_has_mask(act),
+                                                          num_sms, kOcc);
   const gpu::StatVector rm{running_mean, rs_dtype}, rv{running_var, rs_dtype};
   return dispatch(dtype, [&](auto s, auto a) {
     dense_forward<decltype(s), decltype(a)>(D, reduce, act, eps, negative_slope, xs, weight, bias, mean, invstd, var,
@@ -383,7 +388,8 @@ int emu_dense_backward(int dtype, int64_t k, int64_t N, int64_t S, const int64_t
                        const void* invstd, const void* weight, void* const* grad_inputs, void* sum_dz,
                        void* sum_dz_xhat) {
   const gpu::DenseLaunch D = gpu::dense_launch_config(N, S, std::vector<int64_t>(channels, channels + k),
-                                                      channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+                                                      channels_last != 0, fusedres::math::act_has_mask(act),
+                                                          num_sms, kOcc);
   return dispatch(dtype, [&](auto s, auto a) {
     dense_backward<decltype(s), decltype(a)>(D, training, want_params, act, negative_slope, grad_out, xs, mask, mean,
                                              invstd, weight, grad_inputs, sum_dz, sum_dz_xhat);
