@@ -108,7 +108,7 @@ class EmuLib:
         lib.emu_last_error.restype = ctypes.c_char_p
         lib.emu_launch_log.argtypes = [ctypes.c_char_p, i64]
         lib.emu_launch_log.restype = i64
-        lib.emu_launch_config.argtypes = [i64, i64, i64, i, i, i, ctypes.POINTER(i64)]
+        lib.emu_launch_config.argtypes = [i64, i64, i64, i, i, i, i, i, ctypes.POINTER(i64)]
         # ... batch_var, running_mean, running_var, their dtype code (DTYPE_CODES: StatDtype), momentum
         lib.emu_bn_act_forward.argtypes = [i, i64, i64, i64, i, i, i, i, d, d] + [p] * 11 + [i, d]
         lib.emu_bn_act_backward.argtypes = [i, i64, i64, i64, i, i, i, i, d] + [p] * 12
@@ -136,9 +136,10 @@ class EmuLib:
         lines = [ln.split("\t", 1) for ln in buf.value.decode().splitlines()]
         return {name: int(count) for count, name in lines}
 
-    def launch_config(self, N: int, C: int, S: int, cl: bool, num_sms: int) -> dict[str, int]:
+    def launch_config(self, N: int, C: int, S: int, cl: bool, num_sms: int, occupancy=(0, 0)) -> dict[str, int]:
+        """occupancy: resident blocks per SM of the (elementwise, reduction) kernels; 0: the fixed figures."""
         out = (ctypes.c_int64 * 8)()
-        self.lib.emu_launch_config(N, C, S, int(cl), 1, num_sms, out)
+        self.lib.emu_launch_config(N, C, S, int(cl), 1, num_sms, *occupancy, out)
         keys = (
             "partials",
             "reduce_block_x",

@@ -222,6 +222,22 @@ def test_launchers_leave_statistics_to_the_sequence():
     assert not bad, "host statistics helpers called outside the device_running fallback:\n" + "\n".join(bad)
 
 
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_launch_config_follows_occupancy(emu, cl):
+    """The grids are one wave of the resident blocks the launchers get from the occupancy API: the elementwise grid
+    (grid-stride beyond it) and the number of reduction partials scale with them."""
+    N, C, S, sms = 64, 2, 4096, 4  # work enough to fill any grid: the occupancy alone limits it
+    fixed = emu.launch_config(N, C, S, cl, sms)  # kFixedOccupancy: 8 elementwise, 4 reduction blocks per SM
+    assert fixed == emu.launch_config(N, C, S, cl, sms, occupancy=(8, 4))
+    low = emu.launch_config(N, C, S, cl, sms, occupancy=(3, 1))
+    high = emu.launch_config(N, C, S, cl, sms, occupancy=(16, 8))
+    grids = (low["elementwise_grid"], fixed["elementwise_grid"], high["elementwise_grid"])
+    assert grids == (3 * sms, 8 * sms, 16 * sms)
+    # num_sms * occupancy reduction blocks shared by the channel tiles (reduce_grid_x): P = ceil of their quotient.
+    tiles = fixed["reduce_grid_x"]
+    assert (low["partials"], fixed["partials"], high["partials"]) == tuple(-(-sms * o // tiles) for o in (1, 4, 8))
+
+
 # ------------------------------------------------------------------------------------------------ large mean
 
 # Inputs whose per-channel mean is LARGE_MEAN_RATIO standard deviations (issue 17): the kind of input a BatchNorm sees

@@ -257,9 +257,13 @@ int64_t emu_launch_log(char* buf, int64_t len) {
 }
 
 // Launch shapes as the launchers compute them, into out[0..7]: P, reduce block x and y, elementwise grid, mask words,
-// reduce grid x, warp spans, elementwise block.
-void emu_launch_config(int64_t N, int64_t C, int64_t S, int channels_last, int has_mask, int num_sms, int64_t* out) {
-  const gpu::BnActLaunch L = gpu::bn_act_launch_config(N, C, S, channels_last != 0, has_mask != 0, num_sms, kOcc);
+// reduce grid x, warp spans, elementwise block. Resident blocks per SM (what the launchers get from the occupancy
+// API): elementwise_occ / reduce_occ, or the fixed figures of the other entry points where 0.
+void emu_launch_config(int64_t N, int64_t C, int64_t S, int channels_last, int has_mask, int num_sms,
+                       int elementwise_occ, int reduce_occ, int64_t* out) {
+  const gpu::BnActOccupancy occ{elementwise_occ > 0 ? elementwise_occ : kOcc.elementwise,
+                                reduce_occ > 0 ? reduce_occ : kOcc.reduce};
+  const gpu::BnActLaunch L = gpu::bn_act_launch_config(N, C, S, channels_last != 0, has_mask != 0, num_sms, occ);
   out[0] = L.shape.partials;
   out[1] = L.reduce_block.x;
   out[2] = L.reduce_block.y;
