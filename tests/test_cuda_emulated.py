@@ -150,9 +150,10 @@ def _launches(emu, run) -> list[str]:
     return sorted(name for name in after for _ in range(after[name] - before.get(name, 0)))
 
 
-# Launches of each bn_act sequence (bn_act_launch.cuh). These are all the kernels of the op: the .cu launchers run
-# the sequence on raw buffers and only allocate around it; the statistics work that used to follow in ATen (running-
-# statistics update: ~9 kernels; eval statistics: ~3) is now in the sequence (checked by the source test below).
+# Launches of each bn_act sequence (bn_act_launch.cuh). These are all the kernels of the op for dense inputs and
+# acc-dtype weight / bias (otherwise argument preparation adds its copies): the .cu launchers run the sequence on raw
+# buffers and only allocate around it; the statistics work that used to follow in ATen (running-statistics update:
+# ~9 kernels; eval statistics: ~3) is now in the sequence (checked by the source test below).
 LAUNCHES = {
     "forward_train": 3,  # reduce, stats finalize (+ running statistics), elementwise
     "forward_eval": 1,  # elementwise from the running statistics (writes save_mean / save_invstd)

@@ -15,7 +15,9 @@
 // in eval the elementwise kernel reads the running statistics themselves and writes save_mean / save_invstd. The
 // .cu launchers only allocate and check around these calls (no ATen compute op for the statistics), except for
 // running statistics that are not contiguous, which keep the host helpers (bn_act_update_running_stats /
-// bn_act_eval_stats). tests/test_cuda_emulated.py (test_launch_counts) counts each sequence's launches, and its
+// bn_act_eval_stats). (Argument preparation still runs ATen copies where it must: bn_act_dense for inputs not dense
+// in their layout, bn_act_params for a weight / bias not in acc_t or absent (ones / zeros); none for dense inputs
+// with acc_t parameters, the case the counts below are for.) tests/test_cuda_emulated.py (test_launch_counts) counts each sequence's launches, and its
 // test_launchers_leave_statistics_to_the_sequence checks the launchers' source for those host helpers.
 //
 // Define FUSEDRES_LAUNCH_CHECK() before including this header: C10_CUDA_KERNEL_LAUNCH_CHECK() in the launchers;
