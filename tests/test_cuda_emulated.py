@@ -160,7 +160,7 @@ LAUNCHES = {
     "bn_stats": 2,  # reduce, stats finalize
     "bn_act_elemt": 1,  # elementwise from the given mean / invstd
     "backward_train": 3,  # reduce, finalize, elementwise
-    "backward_eval_input": 2,  # finalize (k), elementwise
+    "backward_eval_input": 1,  # elementwise (forms w * invstd itself)
     "backward_reduce": 2,  # reduce, finalize
     "backward_elemt": 2,  # given-sums coefficients, elementwise
 }

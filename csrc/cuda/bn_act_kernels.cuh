@@ -760,9 +760,9 @@ struct BnActBackwardArgs {
   scalar_t* grad_residual;  // nullptr: not requested
   int act;
   acc_t negative_slope;
-  bool training;  // false: statistics are constants, dx = dz * w * invstd
-  // SiLU only (math::act_needs_z): z = bn_normalize(x, mean, bn_scale(weight, invstd), bias) (+ residual);
-  // nullptr otherwise.
+  bool training;  // false: statistics are constants, dx = dz * bn_scale(weight, invstd)
+  // Eval input gradient (then required), and SiLU (math::act_needs_z): z = bn_normalize(x, mean, bn_scale(weight,
+  // invstd), bias) (+ residual); may be nullptr otherwise.
   const acc_t* weight = nullptr;
   const acc_t* bias = nullptr;
   const scalar_t* residual = nullptr;  // dense like x; nullptr without a residual
@@ -811,7 +811,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
           const acc_t xhat = (xv[j] - a.mean[c]) * a.invstd[c];
           dx = math::bn_grad_input(dz[j], xhat, a.coeffs.k[c], a.coeffs.mean_dz[c], a.coeffs.mean_dz_xhat[c]);
         } else {
-          dx = dz[j] * a.coeffs.k[c];
+          dx = dz[j] * bn_scale(a.weight[c], a.invstd[c]);  // the k of the finalize, formed here
         }
         a.grad_input[i] = from_acc<scalar_t>(dx);
       }

@@ -8,7 +8,8 @@
 //   bn_act_forward_launch, training     reduce, stats finalize, forward elementwise   (bn_act_forward training)
 //                          statistics only (y == nullptr): reduce, stats finalize       (bn_stats)
 //                          eval         forward elementwise                           (eval, bn_act_elemt)
-//   bn_act_backward_launch              [reduce,] [backward finalize,] [backward elementwise]
+//   bn_act_backward_launch              [reduce, backward finalize,] [backward elementwise]
+//                          eval, input / residual gradients only: backward elementwise
 //                          sums only (no gradient buffers): reduce, backward finalize  (bn_act_backward_reduce)
 //   bn_act_backward_elemt_launch        given-sums coefficients, backward elementwise (bn_act_backward_elemt)
 // These are all the kernels an op runs: the running-statistics update is part of the stats finalize (training), and
@@ -17,8 +18,9 @@
 // running statistics that are not contiguous, which keep the host helpers (bn_act_update_running_stats /
 // bn_act_eval_stats). (Argument preparation still runs ATen copies where it must: bn_act_dense for inputs not dense
 // in their layout, bn_act_params for a weight / bias not in acc_t or absent (ones / zeros); none for dense inputs
-// with acc_t parameters, the case the counts below are for.) tests/test_cuda_emulated.py (test_launch_counts) counts each sequence's launches, and its
-// test_launchers_leave_statistics_to_the_sequence checks the launchers' source for those host helpers.
+// with acc_t parameters, the case the counts are for.) tests/test_cuda_emulated.py (test_launch_counts) counts each
+// sequence's launches, and its test_launchers_leave_statistics_to_the_sequence checks the launchers' source for those
+// host helpers.
 //
 // Define FUSEDRES_LAUNCH_CHECK() before including this header: C10_CUDA_KERNEL_LAUNCH_CHECK() in the launchers;
 // the emulator build gets a no-op from cuda_compat.cuh (emu::launch throws on a bad launch).
@@ -220,10 +222,11 @@ void bn_act_backward_launch(const BnActLaunch& L, const BnActBackwardBuffers<sca
       launch_sums(std::false_type{});
     }
   }
-  if (need_sums || b.grad_input != nullptr) {
-    // Without sums (eval, input gradient only) this only computes k = w * invstd.
+  if (need_sums) {
+    // (The eval input gradient dz * w * invstd needs no coefficients from here: the elementwise kernel forms its
+    // factor per element, so an eval backward without parameter gradients is that one launch.)
     KERNEL_LAUNCH((bn_act_backward_finalize_kernel<acc_t>), L.finalize_grid, L.finalize_block, 0, stream, partials,
-                  need_sums ? L.shape.partials : int64_t(0), L.shape, b.invstd, b.weight, coeffs);
+                  L.shape.partials, L.shape, b.invstd, b.weight, coeffs);
     FUSEDRES_LAUNCH_CHECK();
   }
   if (need_elementwise) {
