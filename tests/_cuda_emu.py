@@ -34,6 +34,7 @@ ACTS = {"identity": 0, "relu": 1, "leaky_relu": 2, "relu6": 3, "silu": 4}  # mat
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 SLOPE = 0.1
 EPS = 1e-5
+MOMENTUM = 0.1
 
 # (N, C, S, num_sms): small, odd problems, each chosen for an edge of the kernels (see test_shapes_reach_edges).
 SHAPES = [
@@ -107,8 +108,9 @@ class EmuLib:
         lib.emu_last_error.restype = ctypes.c_char_p
         lib.emu_launch_log.argtypes = [ctypes.c_char_p, i64]
         lib.emu_launch_log.restype = i64
-        lib.emu_launch_config.argtypes = [i64, i64, i64, i, i, i, ctypes.POINTER(i64)]
-        lib.emu_bn_act_forward.argtypes = [i, i64, i64, i64, i, i, i, i, d, d] + [p] * 9
+        lib.emu_launch_config.argtypes = [i64, i64, i64, i, i, i, i, i, ctypes.POINTER(i64)]
+        # ... batch_var, running_mean, running_var, their dtype code (DTYPE_CODES: StatDtype), momentum
+        lib.emu_bn_act_forward.argtypes = [i, i64, i64, i64, i, i, i, i, d, d] + [p] * 11 + [i, d]
         lib.emu_bn_act_backward.argtypes = [i, i64, i64, i64, i, i, i, i, d] + [p] * 12
         # The building-block and dense sequences (driven by test_cuda_emulated_split.py).
         pi64, pp = ctypes.POINTER(i64), ctypes.POINTER(p)
@@ -117,7 +119,7 @@ class EmuLib:
         lib.emu_bn_act_backward_reduce.argtypes = [i, i64, i64, i64, i, i, i, d, p, i64] + [p] * 6
         lib.emu_bn_act_backward_elemt.argtypes = [i, i64, i64, i64, i, i, i, d, p, i64] + [p] * 7 + [i64, p, p]
         lib.emu_dense_launch_config.argtypes = [i64, i64, i64, pi64, i, i, i, pi64]
-        lib.emu_dense_forward.argtypes = [i, i64, i64, i64, pi64, i, i, i, i, d, d, pp] + [p] * 7
+        lib.emu_dense_forward.argtypes = [i, i64, i64, i64, pi64, i, i, i, i, d, d, pp] + [p] * 9 + [i, d]
         lib.emu_dense_backward.argtypes = [i, i64, i64, i64, pi64, i, i, i, i, i, d, p, pp, p, p, p, p, pp, p, p]
         self.has_half = bool(lib.emu_has_half())
 
@@ -134,9 +136,10 @@ class EmuLib:
         lines = [ln.split("\t", 1) for ln in buf.value.decode().splitlines()]
         return {name: int(count) for count, name in lines}
 
-    def launch_config(self, N: int, C: int, S: int, cl: bool, num_sms: int) -> dict[str, int]:
+    def launch_config(self, N: int, C: int, S: int, cl: bool, num_sms: int, occupancy=(0, 0)) -> dict[str, int]:
+        """occupancy: resident blocks per SM of the (elementwise, reduction) kernels; 0: the fixed figures."""
         out = (ctypes.c_int64 * 8)()
-        self.lib.emu_launch_config(N, C, S, int(cl), 1, num_sms, out)
+        self.lib.emu_launch_config(N, C, S, int(cl), 1, num_sms, *occupancy, out)
         keys = (
             "partials",
             "reduce_block_x",
@@ -153,7 +156,12 @@ class EmuLib:
         if rc != 0:
             raise RuntimeError(self.lib.emu_last_error().decode())
 
-    def forward(self, dtype, N, C, S, cl, num_sms, training, act, x, r, w, b, mean, invstd, y, mask, var) -> None:
+    def forward(
+        self, dtype, N, C, S, cl, num_sms, training, act, x, r, w, b, mean, invstd, y, mask, var, rm=None, rv=None,
+        momentum=MOMENTUM,
+    ) -> None:
+        """rm / rv: running statistics (updated in training; in eval normalised with, mean / invstd written)."""
+        rs_code = DTYPE_CODES[rm.dtype] if rm is not None else 0
         self._check(
             self.lib.emu_bn_act_forward(
                 DTYPE_CODES[dtype],
@@ -166,7 +174,9 @@ class EmuLib:
                 ACTS[act],
                 EPS,
                 SLOPE,
-                *map(_ptr, (x, r, w, b, mean, invstd, y, mask, var)),
+                *map(_ptr, (x, r, w, b, mean, invstd, y, mask, var, rm, rv)),
+                rs_code,
+                momentum,
             )
         )
 
@@ -258,8 +268,11 @@ class EmuLib:
             "channel_offset": list(out[3::2]),
         }
 
-    def dense_forward(self, dtype, N, S, channels, cl, num_sms, reduce, act, xs, w, b, mean, invstd, var, y, mask):
+    def dense_forward(
+        self, dtype, N, S, channels, cl, num_sms, reduce, act, xs, w, b, mean, invstd, var, y, mask, rm=None, rv=None
+    ):
         k = len(channels)
+        rs_code = DTYPE_CODES[rm.dtype] if rm is not None else 0
         self._check(
             self.lib.emu_dense_forward(
                 DTYPE_CODES[dtype],
@@ -274,7 +287,9 @@ class EmuLib:
                 EPS,
                 SLOPE,
                 (ctypes.c_void_p * k)(*map(_ptr, xs)),
-                *map(_ptr, (w, b, mean, invstd, var, y, mask)),
+                *map(_ptr, (w, b, mean, invstd, var, y, mask, rm, rv)),
+                rs_code,
+                MOMENTUM,
             )
         )
 
@@ -405,22 +420,25 @@ def assert_mask_equal(
     assert bool(near_zero.all()), f"mask bits differ at elements {diff[~near_zero][:10].tolist()} (z not near a kink)"
 
 
-def run_forward(emu: EmuLib, shape, cl, training, act, residual, dtype, order, drop_sync=None):
+def run_forward(emu: EmuLib, shape, cl, training, act, residual, dtype, order, drop_sync=None, rs_dtype=None):
+    """The bn_act_forward sequence with running statistics of rs_dtype (default: the accumulation dtype), as the
+    launcher runs it for contiguous running statistics: training updates them in the statistics finalize, eval
+    normalises with them and writes save_mean / save_invstd."""
     N, C, S, sms = shape
     x, r, _, w, b, rm, rv = make_inputs(N, C, S, cl, dtype, seed_of(shape, cl, dtype))
-    r = r if residual else None
-    out, smean, sinv, mask = torch.ops.fusedres.bn_act_forward(
-        x, r, w, b, rm.clone(), rv.clone(), training, 0.1, EPS, act, SLOPE
-    )
     acc = acc_dtype(dtype)
+    rm, rv = rm.to(rs_dtype or acc), rv.to(rs_dtype or acc)
+    r = r if residual else None
+    cpu_rm, cpu_rv = rm.clone(), rv.clone()
+    out, smean, sinv, mask = torch.ops.fusedres.bn_act_forward(
+        x, r, w, b, cpu_rm, cpu_rv, training, MOMENTUM, EPS, act, SLOPE
+    )
     numel = x.numel()
     e_y = torch.full((numel,), -777.0, dtype=dtype)
     e_mask = torch.full((mask.numel(),), 0xAB, dtype=torch.uint8) if mask.numel() else None
-    if training:
-        e_mean, e_invstd = torch.full((C,), math.nan, dtype=acc), torch.full((C,), math.nan, dtype=acc)
-    else:  # the launcher passes the running statistics as (mean, invstd), as the CPU op returns them
-        e_mean, e_invstd = smean.clone(), sinv.clone()
+    e_mean, e_invstd = torch.full((C,), math.nan, dtype=acc), torch.full((C,), math.nan, dtype=acc)
     e_var = torch.full((C,), math.nan, dtype=acc)
+    e_rm, e_rv = rm.clone(), rv.clone()
     emu.configure(order, seed_of(shape, cl, training, act, residual, dtype, order))
     if drop_sync:
         emu.drop_sync(*drop_sync)
@@ -442,6 +460,8 @@ def run_forward(emu: EmuLib, shape, cl, training, act, residual, dtype, order, d
         e_y,
         e_mask,
         e_var if training else None,
+        e_rm,
+        e_rv,
     )
 
     tol = tolerance(dtype)
@@ -451,6 +471,18 @@ def run_forward(emu: EmuLib, shape, cl, training, act, residual, dtype, order, d
     if training:
         dims = (0, 2, 3)
         torch.testing.assert_close(e_var.double(), x.double().var(dims, unbiased=False), **tol)
+        # The running statistics: the CPU op's within tolerance (its batch statistics differ in the last bits), and
+        # bit for bit the host helper's formula and rounding order (bn_act_update_running_stats: separate ATen ops
+        # on the acc dtype, then one rounding to the running statistics' dtype) on the kernels' own batch statistics.
+        rs_tol = tol if rm.dtype == acc else tolerance(rm.dtype)  # rounded to their dtype: an ulp of it apart
+        torch.testing.assert_close(e_rm, cpu_rm, **rs_tol)
+        torch.testing.assert_close(e_rv, cpu_rv, **rs_tol)
+        M = N * S
+        want_rm = (e_mean * MOMENTUM + rm.to(acc) * (1.0 - MOMENTUM)).to(rm.dtype)
+        want_rv = (e_var * (M / (M - 1)) * MOMENTUM + rv.to(acc) * (1.0 - MOMENTUM)).to(rv.dtype)
+        assert torch.equal(e_rm, want_rm) and torch.equal(e_rv, want_rv), (e_rm - want_rm, e_rv - want_rv)
+    else:  # read, never written
+        assert torch.equal(e_rm, rm) and torch.equal(e_rv, rv)
     if act in ("identity", "silu"):  # no mask: identity needs none, silu recomputes z in backward
         assert mask.numel() == 0
     else:

@@ -25,6 +25,7 @@ from _cuda_emu import (
     SHAPES,
     global_kernels,
     flat_buffer,
+    make_inputs,
     launch_sites,
     run_backward,
     run_forward,
@@ -119,6 +120,125 @@ def test_shapes_reach_edges(emu):
     assert any((s[0] * s[1] * s[2]) % 32 for s in SHAPES), "no partial warp"
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize(
+    "dtype, rs_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float32),  # float64 model with float32 running statistics
+        (torch.float16, torch.float16),  # half model: half running statistics, float accumulation
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float32),
+    ],
+    ids=["f32-f32", "f64-f32", "f16-f16", "bf16-bf16", "f16-f32"],
+)
+def test_running_stats_dtypes(emu, cl, training, dtype, rs_dtype):
+    """Every running-statistics dtype the CPU op accepts (float32 or the input's) is updated (training) or read
+    (eval) by the kernels themselves: the launch counts of test_launch_counts hold for all of them."""
+    if dtype in (torch.float16, torch.bfloat16) and not emu.has_half:
+        pytest.skip("the emulator library was built without cuda_fp16.h / cuda_bf16.h (no CUDA toolkit headers)")
+    for shape in (SHAPES[3], SHAPES[4]):
+        run_forward(emu, shape, cl, training, "relu", True, dtype, "rand", rs_dtype=rs_dtype)
+
+
+def _launches(emu, run) -> list[str]:
+    """The kernels (launch sites) one call of run() launched, from the emulator's launch log."""
+    before = emu.launch_log()
+    run()
+    after = emu.launch_log()
+    return sorted(name for name in after for _ in range(after[name] - before.get(name, 0)))
+
+
+# Launches of each bn_act sequence (bn_act_launch.cuh). These are all the kernels of the op for dense inputs and
+# acc-dtype weight / bias (otherwise argument preparation adds its copies): the .cu launchers run the sequence on raw
+# buffers and only allocate around it; the statistics work that used to follow in ATen (running-statistics update:
+# ~9 kernels; eval statistics: ~3) is now in the sequence (checked by the source test below).
+LAUNCHES = {
+    "forward_train": 3,  # reduce, stats finalize (+ running statistics), elementwise
+    "forward_eval": 1,  # elementwise from the running statistics (writes save_mean / save_invstd)
+    "bn_stats": 2,  # reduce, stats finalize
+    "bn_act_elemt": 1,  # elementwise from the given mean / invstd
+    "backward_train": 3,  # reduce, finalize, elementwise
+    "backward_eval_input": 1,  # elementwise (forms w * invstd itself)
+    "backward_reduce": 2,  # reduce, finalize
+    "backward_elemt": 2,  # given-sums coefficients, elementwise
+}
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_launch_counts(emu, cl):
+    """The number of kernel launches of each mode, counted from the emulator's launch log around one call."""
+    shape = (3, 3, 2000, 1)  # P > 1: every kernel of the sequence has work
+    N, C, S, sms = shape
+    f32 = torch.float32
+    x, r, dy, w, b, rm, rv = make_inputs(N, C, S, cl, f32, seed_of("launches", cl))
+    xb, rb, dyb = flat_buffer(x, cl), flat_buffer(r, cl), flat_buffer(dy, cl)
+    numel = x.numel()
+
+    def vec():
+        return torch.full((C,), math.nan)
+
+    y, mask = torch.empty(numel), torch.zeros(((numel + 31) // 32 + 1) * 4, dtype=torch.uint8)
+    mean, invstd, var = vec(), vec(), vec()
+    got = {
+        "forward_train": _launches(emu, lambda: emu.forward(f32, N, C, S, cl, sms, True, "relu", xb, rb, w, b, mean,
+                                                            invstd, y, mask, var, rm.clone(), rv.clone())),
+        "forward_eval": _launches(emu, lambda: emu.forward(f32, N, C, S, cl, sms, False, "relu", xb, rb, w, b, vec(),
+                                                           vec(), y, mask, None, rm, rv)),
+        "bn_stats": _launches(emu, lambda: emu.bn_stats(f32, N, C, S, cl, sms, xb, vec(), vec())),
+        "bn_act_elemt": _launches(emu, lambda: emu.elemt(f32, N, C, S, cl, sms, "relu", xb, rb, w, b, mean, invstd,
+                                                         y, 0, mask)),
+        "backward_train": _launches(emu, lambda: emu.backward(f32, N, C, S, cl, sms, True, "relu", dyb, xb, mask, mean,
+                                                              invstd, w, y.clone(), y.clone(), vec(), vec())),
+        "backward_eval_input": _launches(emu, lambda: emu.backward(f32, N, C, S, cl, sms, False, "relu", dyb, xb,
+                                                                   mask, mean, invstd, w, y.clone(), None, None,
+                                                                   None)),
+        "backward_reduce": _launches(emu, lambda: emu.backward_reduce(f32, N, C, S, cl, sms, "relu", dyb, 0, xb, mask,
+                                                                      mean, invstd, vec(), vec())),
+        "backward_elemt": _launches(emu, lambda: emu.backward_elemt(f32, N, C, S, cl, sms, "relu", dyb, 0, xb, mask,
+                                                                    mean, invstd, w, vec().zero_(), vec().zero_(),
+                                                                    N * S, y.clone(), y.clone())),
+    }  # fmt: skip
+    assert {mode: len(k) for mode, k in got.items()} == LAUNCHES, got
+    assert not any("eval_scale" in k for k in got["forward_eval"]), got["forward_eval"]
+
+
+def test_launchers_leave_statistics_to_the_sequence():
+    """The .cu launchers call the host helpers that compute statistics with ATen ops (bn_act_update_running_stats:
+    ~9 kernels, bn_act_eval_stats: ~3) only where no kernel can: non-contiguous running statistics (the
+    running_stats_on_device test guards them), no elements, or precomputed batch statistics (dense). Each call must
+    sit in a branch whose condition names device_running (within the 4 lines above it): a new unguarded call would
+    add ATen launches that test_launch_counts cannot see."""
+    bad = []
+    for path in sorted(CUDA_SRC.glob("*.cu")):
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            for helper in ("bn_act_update_running_stats", "bn_act_eval_stats"):
+                if helper + "(" not in line.split("//")[0]:
+                    continue
+                context = "\n".join(lines[max(0, i - 4) : i + 1])
+                if "device_running" not in context:
+                    bad.append(f"{path.name}:{i + 1}: {line.strip()}")
+    assert not bad, "host statistics helpers called outside the device_running fallback:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_launch_config_follows_occupancy(emu, cl):
+    """The grids are one wave of the resident blocks the launchers get from the occupancy API: the elementwise grid
+    (grid-stride beyond it) and the number of reduction partials scale with them."""
+    N, C, S, sms = 64, 2, 4096, 4  # work enough to fill any grid: the occupancy alone limits it
+    fixed = emu.launch_config(N, C, S, cl, sms)  # kFixedOccupancy: 8 elementwise, 4 reduction blocks per SM
+    assert fixed == emu.launch_config(N, C, S, cl, sms, occupancy=(8, 4))
+    low = emu.launch_config(N, C, S, cl, sms, occupancy=(3, 1))
+    high = emu.launch_config(N, C, S, cl, sms, occupancy=(16, 8))
+    grids = (low["elementwise_grid"], fixed["elementwise_grid"], high["elementwise_grid"])
+    assert grids == (3 * sms, 8 * sms, 16 * sms)
+    # num_sms * occupancy reduction blocks shared by the channel tiles (reduce_grid_x): P = ceil of their quotient.
+    tiles = fixed["reduce_grid_x"]
+    assert (low["partials"], fixed["partials"], high["partials"]) == tuple(-(-sms * o // tiles) for o in (1, 4, 8))
+
+
 # ------------------------------------------------------------------------------------------------ large mean
 
 # Inputs whose per-channel mean is LARGE_MEAN_RATIO standard deviations (issue 17): the kind of input a BatchNorm sees
@@ -193,13 +313,11 @@ def large_mean_errors(emu, shape, cl, training, act):
     mask_bytes = ((numel + 31) // 32 + 1) * 4  # math::mask_bytes
     e_mask = torch.full((mask_bytes,), 0xAB, dtype=torch.uint8) if act != "silu" else None
     e_var = torch.full((C,), math.nan)
-    if training:
-        e_mean, e_invstd = torch.full((C,), math.nan), torch.full((C,), math.nan)
-    else:  # what the launcher's bn_act_eval_stats passes: the running mean and 1 / sqrt(running_var + eps)
-        e_mean, e_invstd = case["rm"].float(), (case["rv"].float() + EPS).rsqrt()
+    # Written in both modes (in eval from the running statistics, as the launcher runs it).
+    e_mean, e_invstd = torch.full((C,), math.nan), torch.full((C,), math.nan)
     emu.configure("rand", seed_of("large_mean", shape, cl, training, act))
     emu.forward(torch.float32, N, C, S, cl, sms, training, act, x, r, w, b, e_mean, e_invstd, e_y, e_mask,
-                e_var if training else None)  # fmt: skip
+                e_var if training else None, case["rm"].float(), case["rv"].float())  # fmt: skip
     e_gi, e_gr = torch.full((numel,), -777.0), torch.full((numel,), -777.0)
     e_gw, e_gb = torch.full((C,), math.nan), torch.full((C,), math.nan)
     emu.backward(torch.float32, N, C, S, cl, sms, training, act, buf(dy), x, e_mask, e_mean, e_invstd, w,

@@ -52,9 +52,10 @@ class BlockEndEmuLib:
         lib.emu_launch_log.argtypes = [ctypes.c_char_p, i64]
         lib.emu_launch_log.restype = i64
         lib.emu_block_end_launch_config.argtypes = [i64, i64, i64, i, i, i64, ctypes.POINTER(i64)]
+        # ... y, mask, running_mean, running_var, their dtype code (DTYPE_CODES), momentum
         lib.emu_block_end_forward.argtypes = [i, i64, i64, i64, i, i, i, i, d, d, p, p, i64, i64, i64, p, p, i] + [
             p
-        ] * 7
+        ] * 9 + [i, d]
         lib.emu_block_end_backward.argtypes = [i, i64, i64, i64, i, i, i64, i, i, d] + [p] * 7 + [i, p, p, i64, p, p, p]
         self.has_half = bool(lib.emu_has_half())
 
@@ -77,14 +78,16 @@ class BlockEndEmuLib:
         if rc != 0:
             raise RuntimeError(self.lib.emu_last_error().decode())
 
-    def forward(self, dtype, N, C, S, cl, num_sms, training, act, x, res, scale, w, b, mean, invstd, var, y, mask):
+    def forward(self, dtype, N, C, S, cl, num_sms, training, act, x, res, scale, w, b, mean, invstd, var, y, mask,
+                rm=None, rv=None):  # fmt: skip
         r_ptr, r_ch, r_sn, r_sc, r_off = res
         self._check(
             self.lib.emu_block_end_forward(
                 DTYPE_CODES[dtype], N, C, S, int(cl), num_sms, int(training), ACTS[act], EPS, SLOPE,
                 _ptr(x), r_ptr, r_ch, r_sn, r_sc, _ptr(r_off),
                 _ptr(scale), int(scale is not None and scale.dim() == 2),
-                *map(_ptr, (w, b, mean, invstd, var, y, mask)),
+                *map(_ptr, (w, b, mean, invstd, var, y, mask, rm, rv)),
+                DTYPE_CODES[rm.dtype] if rm is not None else 0, 0.1,
             )
         )  # fmt: skip
 
@@ -259,24 +262,29 @@ def _run(
     )
     e_y = torch.full((x.numel(),), SENTINEL, dtype=dtype)
     e_mask = torch.full((mask.numel(),), 0xAB, dtype=torch.uint8) if mask.numel() else None
-    if training:
-        e_mean, e_inv = torch.full((C,), math.nan, dtype=acc), torch.full((C,), math.nan, dtype=acc)
-    else:  # the launcher passes the running statistics as (mean, invstd), as the CPU op returns them
-        e_mean, e_inv = smean.clone(), sinv.clone()
+    # Written in both modes: in training the batch statistics, in eval from the running statistics (as the launcher
+    # runs it for contiguous running statistics, which the kernels update in training / read in eval).
+    e_mean, e_inv = torch.full((C,), math.nan, dtype=acc), torch.full((C,), math.nan, dtype=acc)
     e_var = torch.full((C,), math.nan, dtype=acc)
+    e_rm, e_rv = rm.clone(), rv.clone()
     s_acc = None if s is None else s.to(acc).contiguous()
     emu.forward(
         dtype, N, C, S, cl_k, num_sms, training, act, _flat(x, cl_k), _residual_arg(r), s_acc, w, b, e_mean, e_inv,
-        e_var, e_y, e_mask,
+        e_var, e_y, e_mask, e_rm, e_rv,
     )  # fmt: skip
     torch.testing.assert_close(e_mean, smean, **tol)
     torch.testing.assert_close(e_inv, sinv, rtol=tol["rtol"] * 4, atol=tol["atol"])
     if training:
-        # The running statistics the launcher updates from (mean, var) match the CPU op's update.
+        # The running statistics the kernels updated match the CPU op's update, and the host formula (momentum 0.1,
+        # unbiased variance) on the emulated batch statistics.
         rm_e = rm * 0.9 + 0.1 * e_mean
         rv_e = rv * 0.9 + 0.1 * e_var * (N * S) / max(N * S - 1, 1)
         torch.testing.assert_close(rm_e, rm_cpu, **tol)
         torch.testing.assert_close(rv_e, rv_cpu, rtol=tol["rtol"] * 4, atol=tol["atol"] * 4)
+        torch.testing.assert_close(e_rm, rm_e, **tol)
+        torch.testing.assert_close(e_rv, rv_e, rtol=tol["rtol"] * 4, atol=tol["atol"] * 4)
+    else:  # read, never written
+        assert torch.equal(e_rm, rm) and torch.equal(e_rv, rv)
     if nan_in_dropped:
         assert bool(torch.isfinite(y).all())
     torch.testing.assert_close(e_y, _flat(y, cl_k), **tol)

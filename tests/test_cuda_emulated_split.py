@@ -399,8 +399,9 @@ def _empty_mask_buffer(channels, N, S, act) -> torch.Tensor | None:
 def test_dense_forward(emu, case, cl, mode, act, dtype):
     """dense forward == bn_act_forward of the concatenation: output, statistics, variance, mask segments.
 
-    mode: train (batch statistics reduced per input), eval (running statistics), given (precomputed batch
-    statistics of the concatenation with invstd as the launcher computes it).
+    mode: train (batch statistics reduced per input, the running statistics updated by each input's finalize), eval
+    (normalised with the running statistics, mean / invstd written per input from them), given (precomputed batch
+    statistics of the concatenation with invstd as the launcher computes it; no running statistics in the kernels).
     """
     channels, N, S, sms = case
     H, W = spatial_dims(S)
@@ -421,8 +422,9 @@ def test_dense_forward(emu, case, cl, mode, act, dtype):
         e_mean, e_invstd = bm.clone(), (bv.double() + EPS).rsqrt().to(acc)  # dense.cu's formula
     else:
         out, smean, sinv, cat_mask = _cpu_forward(cat, w, b, mode == "train", act, dtype)
-        e_mean = torch.full((C,), math.nan, dtype=acc) if mode == "train" else smean.clone()
-        e_invstd = torch.full((C,), math.nan, dtype=acc) if mode == "train" else sinv.clone()
+        e_mean, e_invstd = torch.full((C,), math.nan, dtype=acc), torch.full((C,), math.nan, dtype=acc)
+    # The running statistics as the launcher passes them (contiguous, not with precomputed statistics).
+    e_rm, e_rv = _running(C, dtype) if mode != "given" else (None, None)
     e_var = torch.full((C,), math.nan, dtype=acc) if mode == "train" else None
     e_y = torch.full((N * C * S,), SENTINEL, dtype=dtype)
     e_mask = _empty_mask_buffer(channels, N, S, act)
@@ -444,6 +446,8 @@ def test_dense_forward(emu, case, cl, mode, act, dtype):
         e_var,
         e_y,
         e_mask,
+        e_rm,
+        e_rv,
     )
 
     # The CPU dense op itself.
@@ -461,6 +465,11 @@ def test_dense_forward(emu, case, cl, mode, act, dtype):
         torch.testing.assert_close(e_y, ref_y, **tol)
     if mode == "train":
         torch.testing.assert_close(e_var.double(), cat.double().var((0, 2, 3), unbiased=False), **tol)
+        # Updated by the kernels as the CPU op updated rm / rv in place.
+        torch.testing.assert_close(e_rm, rm, **tol)
+        torch.testing.assert_close(e_rv, rv, **tol)
+    elif mode == "eval":
+        assert all(torch.equal(a, b) for a, b in zip((e_rm, e_rv), _running(C, dtype)))  # read, never written
     if act == "identity":
         assert d_mask.numel() == 0
     else:
@@ -661,4 +670,4 @@ def test_every_kernel_is_emulated(emu):
             for mode in ("train", "eval", "given"):
                 test_dense_forward(emu, DENSE_CASES[1], cl, mode, "relu", dtype)
             test_dense_backward(emu, DENSE_CASES[1], cl, True, "relu", dtype, ("all", True))
-    assert_all_launched(emu.launch_log(), "bn_act_kernels.cuh", min_kernels=8, min_sites=12)
+    assert_all_launched(emu.launch_log(), "bn_act_kernels.cuh", min_kernels=7, min_sites=11)

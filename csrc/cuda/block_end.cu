@@ -12,6 +12,7 @@
 #include "block_end.h"
 #include "cuda/launcher_common.h"
 #include "cuda/block_end_launch.cuh"
+#include "cuda/bn_act_occupancy.h"
 
 namespace fusedres {
 namespace {
@@ -43,11 +44,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_end_forward_cud
 
   at::Tensor output = at::empty_like(x, g.format);
   TORCH_INTERNAL_ASSERT(x.is_contiguous(g.format) && output.is_contiguous(g.format));
+  // Contiguous running statistics are updated by bn_act's statistics finalize (training) or normalised with by the
+  // elementwise kernel, which writes save_mean / save_invstd (eval); the host helpers only for other ones.
+  const bool device_running = running_stats_on_device(running_mean, running_var);
   at::Tensor save_mean, save_invstd;
   if (training) {
     save_mean = g.numel() == 0 ? at::zeros({C}, acc_opts) : at::empty({C}, acc_opts);
     save_invstd = g.numel() == 0 ? at::zeros({C}, acc_opts) : at::empty({C}, acc_opts);
-  } else {
+  } else if (device_running && g.numel() > 0) {
+    save_mean = at::empty({C}, acc_opts);
+    save_invstd = at::empty({C}, acc_opts);
+  } else {  // no elements to launch a kernel for, or non-contiguous running statistics
     std::tie(save_mean, save_invstd) = bn_act_eval_stats(*running_mean, *running_var, eps, acc);
   }
   if (g.numel() == 0) {
@@ -72,7 +79,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_end_forward_cud
       offsets = host.to(x.device());
     }
   }
-  const gpu::BlockEndLaunch L = gpu::block_end_launch_config(g.N, g.C, g.S, g.channels_last, has_mask, num_sms());
+  const gpu::BlockEndLaunch L =
+      gpu::block_end_launch_config(g.N, g.C, g.S, g.channels_last, has_mask, num_sms(),
+                                   block_end_occupancy(x.scalar_type(), g.channels_last, true));
   at::Tensor var = at::empty({C}, acc_opts);
   at::Tensor workspace = at::empty({gpu::block_end_forward_workspace_elems(L, training)}, acc_opts);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -94,13 +103,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_end_forward_cud
         var.mutable_data_ptr<acc_t>(),
         reinterpret_cast<kscalar_t*>(output.mutable_data_ptr<scalar_t>()),
         has_mask ? reinterpret_cast<uint32_t*>(mask.mutable_data_ptr<uint8_t>()) : nullptr,
-        workspace.mutable_data_ptr<acc_t>()};
+        workspace.mutable_data_ptr<acc_t>(),
+        stat_vector(running_mean, device_running),
+        stat_vector(running_var, device_running),
+        momentum};
     gpu::block_end_forward_launch(L, buffers, training, static_cast<acc_t>(eps), act,
                                   static_cast<acc_t>(negative_slope), stream);
   });
 
-  // After the kernels were launched without error; ATen ops on the same stream, so ordered after them.
-  if (training) bn_act_update_running_stats(running_mean, running_var, save_mean, var, g.M(), momentum);
+  // Non-contiguous running statistics only: ATen ops on the same stream, so ordered after the kernels.
+  if (training && !device_running) {
+    bn_act_update_running_stats(running_mean, running_var, save_mean, var, g.M(), momentum);
+  }
   return {output, save_mean, save_invstd, mask};
 }
 
@@ -150,7 +164,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_end
     if (has_mask && reinterpret_cast<uintptr_t>(mask_words.const_data_ptr()) % alignof(uint32_t) != 0) {
       mask_words = mask_words.clone();
     }
-    const gpu::BlockEndLaunch L = gpu::block_end_launch_config(g.N, g.C, g.S, g.channels_last, has_mask, num_sms());
+    const gpu::BlockEndLaunch L =
+        gpu::block_end_launch_config(g.N, g.C, g.S, g.channels_last, has_mask, num_sms(),
+                                     block_end_occupancy(x.scalar_type(), g.channels_last, false));
     at::Tensor workspace = at::empty({gpu::block_end_backward_workspace_elems(L)}, acc_opts);
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 

@@ -95,11 +95,13 @@ struct BlockEndLaunch {
 
 // Launch shapes for an (N, C, S) problem (see bn_act_launch_config); max_samples_per_launch bounds grid y of the
 // per-sample reduction (the hardware's kMaxGridY; the emulator tests pass less to run several launches).
+// occ: as bn_act_launch_config's (the launcher's for the kernels of the direction it runs).
 FUSEDRES_HOST_DEVICE_INLINE BlockEndLaunch block_end_launch_config(int64_t N, int64_t C, int64_t S,
                                                                    bool channels_last, bool has_mask, int num_sms,
+                                                                   const BnActOccupancy& occ,
                                                                    int64_t max_samples_per_launch = kMaxGridY) {
   BlockEndLaunch L;
-  L.bn = bn_act_launch_config(N, C, S, channels_last, has_mask, num_sms);
+  L.bn = bn_act_launch_config(N, C, S, channels_last, has_mask, num_sms, occ);
   L.samples_per_launch = max_i64(1, min_i64(max_i64(N, 1), min_i64(max_samples_per_launch, kMaxGridY)));
   L.index = make_block_end_indexer(C, S, channels_last);
   if (channels_last) {
@@ -138,8 +140,7 @@ struct BlockEndForwardArgs {
   const scalar_t* x;
   BlockEndResidualView<scalar_t> residual;
   BlockEndScaleView<acc_t> scale;
-  const acc_t* mean;    // [C] batch (training) or running (eval) mean
-  const acc_t* invstd;  // [C]
+  BnActNormStats<acc_t> stats;  // the batch statistics (training), or the running statistics (eval): as bn_act's
   const acc_t* weight;  // [C]
   const acc_t* bias;    // [C]
   scalar_t* y;          // dense like x
@@ -151,10 +152,18 @@ struct BlockEndForwardArgs {
 
 // y = act(z), z = bn_normalize(x, mean_c, s * w_c * invstd_c, s * b_c) + r (r on channels c < Cr; a dropped sample:
 // z = r, x not read), and the mask bits, one __ballot_sync per 32 consecutive elements as in
-// bn_act_forward_elementwise_kernel: every mask word, the spare one included, is written exactly once.
+// bn_act_forward_elementwise_kernel: every mask word, the spare one included, is written exactly once. From the
+// running statistics (eval) the grid also writes save_mean / save_invstd, as bn_act's: eval is this one launch.
 template <typename scalar_t, typename acc_t, bool kChannelsLast>
 __global__ void __launch_bounds__(kElementwiseThreads)
     block_end_forward_elementwise_kernel(const BlockEndForwardArgs<scalar_t, acc_t> a, const BnActShape sh) {
+  if (a.stats.save_mean != nullptr) {
+    const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < sh.C; c += stride) {
+      a.stats.save_mean[c] = a.stats.running_mean.template load<acc_t>(c);
+      a.stats.save_invstd[c] = a.stats.running_invstd(c);
+    }
+  }
   for (ElementwiseSpans<kChannelsLast> spans(sh); spans.active(); spans.next()) {
     const int64_t first = spans.first_index();
     uint32_t word = 0;  // lane j < kElementwiseUnroll keeps the word of group j
@@ -166,10 +175,14 @@ __global__ void __launch_bounds__(kElementwiseThreads)
       if (valid) {
         int64_t n, c, s;
         block_end_split<kChannelsLast>(a.index, i, n, c, s);
+        // The statistics first: from the running statistics, float64's division and square root are called
+        // subroutines, and with fewer values live across them (no residual yet) nothing is spilled (ptxas, sm_90).
+        acc_t mean, invstd;
+        a.stats.at(c, mean, invstd);
         if (c < a.residual.channels) z = to_acc(a.residual.data[a.residual.offset(n, c, s)]);
         if (!a.scale.dropped(n)) {
           const acc_t sc = a.scale.at(n, c);
-          z += bn_normalize(to_acc(a.x[i]), a.mean[c], sc * bn_scale(a.weight[c], a.invstd[c]), sc * a.bias[c]);
+          z += bn_normalize(to_acc(a.x[i]), mean, sc * bn_scale(a.weight[c], invstd), sc * a.bias[c]);
         }
         a.y[i] = from_acc<scalar_t>(math::act_forward(z, a.act, a.negative_slope));
       }

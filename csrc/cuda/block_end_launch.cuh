@@ -4,8 +4,10 @@
 // functions on host buffers.
 //
 // Sequences (launches in order):
-//   block_end_forward_launch   training  bn_act's statistics (reduce, stats finalize), forward elementwise
-//                              eval      forward elementwise
+//   block_end_forward_launch   training  bn_act's statistics (reduce, stats finalize: the running statistics
+//                                        updated there), forward elementwise
+//                              eval      forward elementwise (from the running statistics: save_mean / save_invstd
+//                                        written by it)
 //   block_end_backward_launch  [per-sample reduce, once per group of samples_per_launch samples,]
 //                              [combine,] [backward elementwise]
 //
@@ -37,12 +39,17 @@ struct BlockEndForwardBuffers {
   BlockEndScaleView<acc_t> scale;
   const acc_t* weight;  // [C]
   const acc_t* bias;    // [C]
-  acc_t* save_mean;     // [C]: written in training; in eval the running mean (read)
-  acc_t* save_invstd;   // [C]: written in training; in eval 1 / sqrt(running_var + eps) (read)
+  acc_t* save_mean;     // [C]: written (in eval without running statistics: the mean to use, read)
+  acc_t* save_invstd;   // [C]: written (in eval without running statistics: the invstd to use, read)
   acc_t* var;           // [C] biased batch variance, written in training (the running-statistics update)
   scalar_t* y;          // numel
   uint32_t* mask;       // L.bn.shape.mask_words words (all written), or nullptr for activations without a mask
   acc_t* workspace;     // block_end_forward_workspace_elems(L, training), uninitialised
+  // The running statistics [C] (both or neither): training updates them in bn_act's statistics finalize, eval
+  // normalises with them (save_mean / save_invstd written by the elementwise kernel).
+  StatVector running_mean = {nullptr, kStatFloat};
+  StatVector running_var = {nullptr, kStatFloat};
+  double momentum = 0;
 };
 
 // Training: BatchNorm's statistics (the sequence of bn_statistics, bn_act_forward_launch without an output), then
@@ -51,13 +58,20 @@ template <typename scalar_t, typename acc_t>
 void block_end_forward_launch(const BlockEndLaunch& L, const BlockEndForwardBuffers<scalar_t, acc_t>& b,
                               bool training, acc_t eps, int act, acc_t negative_slope, cudaStream_t stream) {
   if (training) {
-    const BnActForwardBuffers<scalar_t, acc_t> stats{b.x,     nullptr, nullptr, nullptr, b.save_mean, b.save_invstd,
-                                                     b.var,   nullptr, 0,       nullptr, b.workspace};
+    const BnActForwardBuffers<scalar_t, acc_t> stats{b.x,           nullptr,       nullptr,   nullptr,
+                                                     b.save_mean,   b.save_invstd, b.var,     nullptr,
+                                                     0,             nullptr,       b.workspace, b.running_mean,
+                                                     b.running_var, b.momentum};
     bn_act_forward_launch(L.bn, stats, true, eps, math::kIdentity, acc_t(0), stream);
   }
-  const BlockEndForwardArgs<scalar_t, acc_t> args{b.x,      b.residual, b.scale, b.save_mean,    b.save_invstd,
-                                                  b.weight, b.bias,     b.y,     b.mask,         act,
-                                                  negative_slope, L.index};
+  const bool from_running = !training && b.running_mean.present();
+  const BnActNormStats<acc_t> norm =
+      from_running ? BnActNormStats<acc_t>{nullptr, nullptr, b.running_mean, b.running_var, eps, b.save_mean,
+                                           b.save_invstd}
+                   : BnActNormStats<acc_t>{b.save_mean, b.save_invstd, StatVector{nullptr, kStatFloat},
+                                           StatVector{nullptr, kStatFloat}, eps, nullptr, nullptr};
+  const BlockEndForwardArgs<scalar_t, acc_t> args{b.x,    b.residual, b.scale, norm,    b.weight,      b.bias,
+                                                  b.y,    b.mask,     act,     negative_slope, L.index};
   if (L.bn.channels_last) {
     KERNEL_LAUNCH((block_end_forward_elementwise_kernel<scalar_t, acc_t, true>), L.bn.elementwise_grid,
                   L.bn.elementwise_block, 0, stream, args, L.bn.shape);

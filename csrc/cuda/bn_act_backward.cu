@@ -9,6 +9,7 @@
 #include "bn_act.h"
 #include "cuda/launcher_common.h"
 #include "cuda/bn_act_launch.cuh"
+#include "cuda/bn_act_occupancy.h"
 
 namespace fusedres {
 namespace {
@@ -70,8 +71,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
   if (has_mask && reinterpret_cast<uintptr_t>(mask_words.const_data_ptr()) % alignof(uint32_t) != 0) {
     mask_words = mask_words.clone();
   }
-  const gpu::BnActLaunch L = gpu::bn_act_launch_config(g.N, g.C, g.S, g.channels_last, has_mask,
-                                                       at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const gpu::BnActLaunch L =
+      gpu::bn_act_launch_config(g.N, g.C, g.S, g.channels_last, has_mask,
+                                at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
+                                bn_act_backward_occupancy(x.scalar_type(), g.channels_last, needs_z));
 
   // sum_dz / sum_dz_xhat become grad_bias / grad_weight (without a copy when the dtype already matches).
   at::Tensor sum_dz = need_sums ? at::empty({C}, acc_opts) : at::Tensor();

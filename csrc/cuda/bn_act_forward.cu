@@ -1,6 +1,8 @@
-// CUDA launcher of bn_act_forward: checks, parameters and the running-statistics update come from the host
-// helpers shared with the CPU backend (bn_act_host.cpp), the kernels and their launch shapes from
-// bn_act_kernels.cuh, and the sequence of launches from bn_act_launch.cuh (shared with the emulator tests).
+// CUDA launcher of bn_act_forward: checks and parameters come from the host helpers shared with the CPU backend
+// (bn_act_host.cpp), the kernels and their launch shapes from bn_act_kernels.cuh, and the sequence of launches from
+// bn_act_launch.cuh (shared with the emulator tests), which also updates (training) or reads (eval) the running
+// statistics: this file allocates and launches, and runs no ATen op on the statistics (except the host helpers'
+// fallback for non-contiguous running statistics).
 // bn_act_backward has its own translation unit so that the two compile in parallel.
 #include <array>
 #include <cstdint>
@@ -10,6 +12,7 @@
 #include "bn_act.h"
 #include "cuda/launcher_common.h"
 #include "cuda/bn_act_launch.cuh"
+#include "cuda/bn_act_occupancy.h"
 
 namespace fusedres {
 namespace {
@@ -39,12 +42,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cuda(
                         (!has_residual || r.is_contiguous(g.format)));
 
   // Same statistics as the CPU backend returns: batch statistics (zeros when there is no data) in training,
-  // the running statistics in eval.
+  // the running statistics in eval (written by the elementwise kernel from the running statistics themselves).
+  const bool device_running = running_stats_on_device(running_mean, running_var);
   at::Tensor save_mean, save_invstd;
   if (training) {
     save_mean = g.numel() == 0 ? at::zeros({C}, acc_opts) : at::empty({C}, acc_opts);
     save_invstd = g.numel() == 0 ? at::zeros({C}, acc_opts) : at::empty({C}, acc_opts);
-  } else {
+  } else if (device_running && g.numel() > 0) {
+    save_mean = at::empty({C}, acc_opts);
+    save_invstd = at::empty({C}, acc_opts);
+  } else {  // no elements to launch a kernel for, or non-contiguous running statistics
     std::tie(save_mean, save_invstd) = bn_act_eval_stats(*running_mean, *running_var, eps, acc);
   }
   if (g.numel() == 0) {
@@ -55,8 +62,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cuda(
   // Every mask word, the spare one included, is written by the elementwise kernel: no zeroing needed.
   at::Tensor mask = at::empty({mask_bytes}, x.options().dtype(at::kByte));
   const std::pair<at::Tensor, at::Tensor> params = bn_act_params(weight, bias, C, acc, x.device());
-  const gpu::BnActLaunch L = gpu::bn_act_launch_config(g.N, g.C, g.S, g.channels_last, has_mask,
-                                                       at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const gpu::BnActLaunch L =
+      gpu::bn_act_launch_config(g.N, g.C, g.S, g.channels_last, has_mask,
+                                at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
+                                bn_act_forward_occupancy(x.scalar_type(), g.channels_last));
 
   at::Tensor workspace = at::empty({gpu::bn_act_forward_workspace_elems(L, training)}, acc_opts);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -74,13 +83,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cuda(
         reinterpret_cast<kscalar_t*>(output.mutable_data_ptr<scalar_t>()),
         /*y_ld=*/0,
         has_mask ? reinterpret_cast<uint32_t*>(mask.mutable_data_ptr<uint8_t>()) : nullptr,
-        workspace.mutable_data_ptr<acc_t>()};
+        workspace.mutable_data_ptr<acc_t>(),
+        stat_vector(running_mean, device_running),
+        stat_vector(running_var, device_running),
+        momentum};
     gpu::bn_act_forward_launch(L, buffers, training, static_cast<acc_t>(eps), act, static_cast<acc_t>(negative_slope),
                                stream);
   });
 
-  // After the kernels were launched without error; ATen ops on the same stream, so ordered after them.
-  if (training) {
+  // Fallback for non-contiguous running statistics only (the finalize kernel updated contiguous ones): ATen ops
+  // on the same stream, so ordered after the kernels.
+  if (training && !device_running) {
     const at::Tensor batch_var = workspace.narrow(0, gpu::bn_act_forward_var_offset(L), C);
     bn_act_update_running_stats(running_mean, running_var, save_mean, batch_var, g.M(), momentum);
   }

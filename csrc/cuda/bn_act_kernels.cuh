@@ -17,9 +17,10 @@
 //                                           threadIdx.y strides over the rows m of chunk p
 //       Op = BnActStatsOp      forward training statistics: Welford (count, mean, m2) of x - pivot
 //            BnActGradSumsOp   backward: sum of dz and of dz * (x - mean)
-//   bn_act_stats_finalize_kernel       merges the Welford partials -> mean, invstd, biased var, scale
-//   bn_act_eval_scale_kernel           eval: scale from the running-statistics invstd
-//   bn_act_forward_elementwise_kernel  y = act((x - mean) * scale + bias (+ r)) and the packed mask bits
+//   bn_act_stats_finalize_kernel       merges the Welford partials -> mean, invstd, biased var; updates the running
+//                                      statistics (momentum, unbiased variance) when given
+//   bn_act_forward_elementwise_kernel  y = act((x - mean) * w * invstd + bias (+ r)) and the packed mask bits; in
+//                                      eval from the running statistics, whose mean / invstd it also writes out
 //   bn_act_backward_finalize_kernel    merges the gradient partials -> sum dz, sum dz * xhat, dx coefficients
 //   bn_act_backward_given_sums_kernel  dx coefficients from given sums over `count` values (bn_act_backward_elemt)
 //   bn_act_backward_elementwise_kernel dz = act'(dy); grad_input and/or grad_residual
@@ -50,7 +51,8 @@ constexpr int kElementwiseThreads = 256;
 // with lane l taking elements l, l + 32, ...: coalesced loads, and each group of 32 is one __ballot_sync.
 constexpr int kElementwiseUnroll = 4;
 constexpr int kWarpSpan = kWarpSize * kElementwiseUnroll;
-constexpr int kElementwiseBlocksPerSm = 8;  // 8 x 256 threads fill an SM; the grid strides over the rest
+// Resident blocks per SM assumed without a device to ask (kFixedOccupancy below): 8 x 256 threads fill an SM.
+constexpr int kElementwiseBlocksPerSm = 8;
 
 constexpr int kNchwReduceMaxThreads = 512;
 constexpr int kNchwReduceMinThreads = 64;
@@ -60,8 +62,8 @@ constexpr int kReduceUnroll = 4;                 // loads in flight per thread i
 constexpr int kReduceBlocksPerSm = 4;
 constexpr int kReduceMinValuesPerThread = 8;  // do not split a channel so finely that threads idle
 
-constexpr int kFinalizeTile = 32;  // channels per finalize block (threadIdx.x)
-constexpr int kFinalizeRows = 8;   // threads merging partials of one channel (threadIdx.y), a power of two
+constexpr int kFinalizeWarps = 8;   // channels per finalize block: one warp each
+constexpr int kFinalizeUnroll = 4;  // partials each lane loads before merging them (loads in flight)
 constexpr int kChannelThreads = 256;
 
 // ---------------------------------------------------------------------------------------------------------
@@ -159,15 +161,27 @@ struct BnActLaunch {
   bool channels_last;                    // the layout the shapes were made for (picks the kernel variants)
   dim3 reduce_grid, reduce_block;        // bn_act_reduce_{nchw,channels_last}_kernel (layout-specific)
   dim3 finalize_grid, finalize_block;    // bn_act_{stats,backward}_finalize_kernel
-  dim3 channel_grid, channel_block;      // bn_act_eval_scale_kernel, bn_act_backward_given_sums_kernel
+  dim3 channel_grid, channel_block;      // bn_act_backward_given_sums_kernel
   dim3 elementwise_grid, elementwise_block;
 };
 
-// Launch shapes for an (N, C, S) problem in the given layout on a device with `num_sms` multiprocessors.
-// has_mask: the activation keeps a backward mask (math::act_has_mask). Valid for numel == 0 as well (every
-// extent at least 1), though launchers return before launching anything then.
+// Blocks of a kernel that are resident on one multiprocessor at once, for the two kernels whose grids are sized to
+// fill the device: the .cu launchers ask the CUDA runtime (cudaOccupancyMaxActiveBlocksPerMultiprocessor, for the
+// very instantiations they launch: bn_act_occupancy.h), so a kernel that needs more registers gets a smaller grid
+// rather than a second wave; the emulator tests pass kFixedOccupancy (no device to ask).
+struct BnActOccupancy {
+  int elementwise;  // the elementwise kernel, blocks of kElementwiseThreads
+  int reduce;       // the reduction kernel at its largest block (kNchwReduceMaxThreads / kChannelsLastReduceThreads)
+};
+constexpr BnActOccupancy kFixedOccupancy{kElementwiseBlocksPerSm, kReduceBlocksPerSm};
+
+// Launch shapes for an (N, C, S) problem in the given layout on a device with `num_sms` multiprocessors, each
+// holding occ's resident blocks (one full wave: the elementwise grid strides, the reduction splits each channel
+// into about num_sms * occ.reduce / channel-tiles partials). has_mask: the activation keeps a backward mask
+// (math::act_has_mask). Valid for numel == 0 as well (every extent at least 1), though launchers return before
+// launching anything then.
 FUSEDRES_HOST_DEVICE_INLINE BnActLaunch bn_act_launch_config(int64_t N, int64_t C, int64_t S, bool channels_last,
-                                                             bool has_mask, int num_sms) {
+                                                             bool has_mask, int num_sms, const BnActOccupancy& occ) {
   BnActLaunch L;
   BnActShape& sh = L.shape;
   L.channels_last = channels_last;
@@ -183,7 +197,7 @@ FUSEDRES_HOST_DEVICE_INLINE BnActLaunch bn_act_launch_config(int64_t N, int64_t 
   // of the buffer is written and the launcher can allocate it uninitialised.
   sh.warp_spans = ceil_div(max_i64(ceil_div(sh.numel, kWarpSize), sh.mask_words), kElementwiseUnroll);
 
-  const int64_t target_blocks = max_i64(num_sms, 1) * kReduceBlocksPerSm;
+  const int64_t target_blocks = max_i64(num_sms, 1) * max_i64(occ.reduce, 1);
   const int64_t M = max_i64(sh.M, 1);
   // Split channels into chunks until the grid has about target_blocks blocks, but keep at least
   // kReduceMinValuesPerThread values per thread.
@@ -212,14 +226,14 @@ FUSEDRES_HOST_DEVICE_INLINE BnActLaunch bn_act_launch_config(int64_t N, int64_t 
     L.reduce_block = dim3(static_cast<unsigned>(threads));
   }
 
-  L.finalize_grid = dim3(static_cast<unsigned>(ceil_div(max_i64(C, 1), kFinalizeTile)));
-  L.finalize_block = dim3(kFinalizeTile, kFinalizeRows);
+  L.finalize_grid = dim3(static_cast<unsigned>(ceil_div(max_i64(C, 1), kFinalizeWarps)));
+  L.finalize_block = dim3(kWarpSize * kFinalizeWarps);
   L.channel_grid = dim3(static_cast<unsigned>(ceil_div(max_i64(C, 1), kChannelThreads)));
   L.channel_block = dim3(kChannelThreads);
 
   const int64_t warps_per_block = kElementwiseThreads / kWarpSize;
   const int64_t blocks = min_i64(ceil_div(sh.warp_spans, warps_per_block),
-                                 max_i64(num_sms, 1) * kElementwiseBlocksPerSm);
+                                 max_i64(num_sms, 1) * max_i64(occ.elementwise, 1));
   L.elementwise_grid = dim3(static_cast<unsigned>(max_i64(blocks, 1)));
   L.elementwise_block = dim3(kElementwiseThreads);
   return L;
@@ -326,6 +340,7 @@ class ElementwiseSpans {
 // Forward partials, each [P][C]: Welford state of chunk p of channel c at p * C + c.
 template <typename acc_t>
 struct WelfordPartials {
+  using State = WelfordStats<acc_t>;
   acc_t* mean;
   acc_t* m2;
   acc_t* n;
@@ -340,6 +355,7 @@ struct WelfordPartials {
 // Backward partials, each [P][C]: sum of dz and of dz * (x - mean) over chunk p of channel c.
 template <typename acc_t>
 struct GradSumPartials {
+  using State = SumPair<acc_t>;
   acc_t* sum_dz;
   acc_t* sum_dz_xmu;
   FUSEDRES_DEVICE_INLINE void store(int64_t i, const SumPair<acc_t>& s) const {
@@ -504,18 +520,34 @@ __global__ void __launch_bounds__(kChannelsLastReduceThreads)
   if (threadIdx.y == 0 && c < sh.C) op.partials.store(p * sh.C + c, state);
 }
 
-// Merges partials 0 .. num_partials - 1 of channel c = blockIdx.x * blockDim.x + threadIdx.x in a fixed order
-// (threadIdx.y takes every blockDim.y-th partial, then a column tree). Valid in threads with threadIdx.y == 0;
-// every thread of the block must call it.
-template <typename Partials, typename State>
+// The channel of the calling warp in a finalize kernel (1-D blocks of kFinalizeWarps warps, a channel each).
+FUSEDRES_DEVICE_INLINE int64_t finalize_channel() {
+  return int64_t(blockIdx.x) * kFinalizeWarps + static_cast<int64_t>(threadIdx.x) / kWarpSize;
+}
+
+// Merges partials 0 .. num_partials - 1 of channel c (the calling warp's, finalize_channel()) in a fixed order: lane l
+// merges partials l, l + 32, l + 64, ... in turn, kFinalizeUnroll loads issued before their merges, then the 32 lane
+// results are merged by the shuffle tree of warp_reduce. A lane's chain of dependent merges is P / 32 long (not P / 8
+// behind a shared-memory tree, as with a channel per thread), with no barrier, and the same bits on every run. The
+// result is valid in lane 0; all 32 lanes of the warp must call it (c is the same in all of them).
+template <typename Partials, typename State = typename Partials::State>
 FUSEDRES_DEVICE_INLINE State merge_channel_partials(const Partials& partials, int64_t num_partials, int64_t C,
-                                                    State* column_partials) {
-  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+                                                    int64_t c) {
+  const int64_t lane = static_cast<int64_t>(threadIdx.x) % kWarpSize;
   State state{};
-  if (c < C) {
-    for (int64_t p = threadIdx.y; p < num_partials; p += blockDim.y) state = merge(state, partials.load(p * C + c));
+  if (c < C) {  // warp-uniform
+    for (int64_t p0 = lane; p0 < num_partials; p0 += kFinalizeUnroll * kWarpSize) {
+      State v[kFinalizeUnroll];
+#pragma unroll
+      for (int j = 0; j < kFinalizeUnroll; ++j) {
+        const int64_t p = p0 + j * kWarpSize;
+        v[j] = p < num_partials ? partials.load(p * C + c) : State{};  // State{}: the identity of merge
+      }
+#pragma unroll
+      for (int j = 0; j < kFinalizeUnroll; ++j) state = merge(state, v[j]);
+    }
   }
-  return column_reduce(state, column_partials);
+  return warp_reduce(state);
 }
 
 // Per-channel results of the forward statistics, each [C].
@@ -523,50 +555,87 @@ template <typename acc_t>
 struct BnActChannelStats {
   acc_t* mean;
   acc_t* invstd;
-  acc_t* var;    // biased batch variance, for the running-statistics update
-  acc_t* scale;  // bn_scale(w, invstd); nullptr: statistics only (bn_stats), the weight is not read
+  acc_t* var;  // biased batch variance
+};
+
+// The running-statistics update folded into the statistics finalize: the formula and rounding order of the host
+// helper bn_act_update_running_stats (bn_act_host.cpp, one ATen op per product and sum there):
+//   running_mean = momentum * mean + (1 - momentum) * running_mean
+//   running_var  = momentum * (var * unbias) + (1 - momentum) * running_var,   unbias = M / (M - 1)
+// in acc_t with each product and sum rounded (mul_rn / add_rn), then rounded once to the running statistics' dtype.
+// momentum, keep = 1 - momentum and unbias are rounded to acc_t from double on the host, as ATen rounds a double
+// scalar operand.
+template <typename acc_t>
+struct BnActRunningUpdate {
+  StatVector mean, var;  // mean absent: nothing to update
+  acc_t momentum, keep, unbias;
 };
 
 // Training: merges the P Welford partials of each channel (of x - pivot: op.channel(c) gives the pivot back);
-// mean = pivot + their mean, var = m2 / M, invstd = 1 / sqrt(var + eps), and the forward's scale (the mean itself
-// is the centre of bn_normalize: nothing folds it into a shift).
-// Block kFinalizeTile x kFinalizeRows, grid ceil(C / kFinalizeTile).
+// mean = pivot + their mean, var = m2 / M, invstd = 1 / sqrt(var + eps) (the mean itself is the centre of
+// bn_normalize: nothing folds it into a shift); then the running statistics, each channel's two new values computed
+// before either is stored. A warp per channel: 1-D blocks of kFinalizeWarps warps, grid ceil(C / kFinalizeWarps).
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kFinalizeTile * kFinalizeRows)
+__global__ void __launch_bounds__(kWarpSize * kFinalizeWarps)
     bn_act_stats_finalize_kernel(const BnActStatsOp<scalar_t, acc_t> op, const BnActShape sh, const acc_t eps,
-                                 const acc_t* __restrict__ weight, const BnActChannelStats<acc_t> out) {
-  STATIC_SHARED(WelfordStats<acc_t>, column_partials, kFinalizeTile * kFinalizeRows);
-  const WelfordStats<acc_t> s = merge_channel_partials(op.partials, sh.partials, sh.C, column_partials);
-  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (threadIdx.y != 0 || c >= sh.C) return;
+                                 const BnActChannelStats<acc_t> out, const BnActRunningUpdate<acc_t> run) {
+  const int64_t c = finalize_channel();
+  const WelfordStats<acc_t> s = merge_channel_partials(op.partials, sh.partials, sh.C, c);
+  if (threadIdx.x % kWarpSize != 0 || c >= sh.C) return;
   const acc_t var = s.m2 / static_cast<acc_t>(sh.M);
   const acc_t invstd = acc_t(1) / acc_sqrt(var + eps);
-  out.mean[c] = op.channel(c).pivot + s.mean;
+  const acc_t mean = op.channel(c).pivot + s.mean;
+  out.mean[c] = mean;
   out.invstd[c] = invstd;
   out.var[c] = var;
-  if (out.scale != nullptr) out.scale[c] = bn_scale(weight[c], invstd);
-}
-
-// Eval: the forward's scale from the running statistics' invstd (computed by bn_act_eval_stats). 1-D grid.
-template <typename acc_t>
-__global__ void __launch_bounds__(kChannelThreads)
-    bn_act_eval_scale_kernel(const acc_t* __restrict__ invstd, const acc_t* __restrict__ weight,
-                             acc_t* __restrict__ scale, const int64_t C) {
-  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c < C) scale[c] = bn_scale(weight[c], invstd[c]);
+  if (run.mean.present()) {
+    const acc_t new_mean = add_rn(mul_rn(mean, run.momentum), mul_rn(run.mean.template load<acc_t>(c), run.keep));
+    const acc_t new_var = add_rn(mul_rn(mul_rn(var, run.unbias), run.momentum),
+                                 mul_rn(run.var.template load<acc_t>(c), run.keep));
+    run.mean.store(c, new_mean);
+    run.var.store(c, new_var);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // Forward elementwise
 // ---------------------------------------------------------------------------------------------------------
 
+// The statistics the forward elementwise kernel normalises with: given in acc_t (mean, invstd: the batch statistics
+// of the finalize, or bn_act_elemt's), or the running statistics (eval), read in their own dtype, with
+// invstd = 1 / sqrt(running_var + eps) (the formula of the training invstd) formed per element: no kernel ahead of
+// the elementwise pass derives per-channel values.
+template <typename acc_t>
+struct BnActNormStats {
+  const acc_t* mean;    // [C], or nullptr: from the running statistics
+  const acc_t* invstd;  // [C], or nullptr: from the running statistics
+  StatVector running_mean, running_var;
+  acc_t eps;
+  acc_t* save_mean;    // running statistics only: [C] the running mean in acc_t, written (the op's save_mean)
+  acc_t* save_invstd;  // running statistics only: [C] 1 / sqrt(running_var + eps), written (the op's save_invstd)
+
+  FUSEDRES_DEVICE_INLINE acc_t running_invstd(int64_t c) const {
+    return acc_t(1) / acc_sqrt(running_var.template load<acc_t>(c) + eps);
+  }
+  // Centre and invstd of channel c.
+  FUSEDRES_DEVICE_INLINE void at(int64_t c, acc_t& m, acc_t& istd) const {
+    if (mean != nullptr) {  // kernel argument: the same in every thread
+      m = mean[c];
+      istd = invstd[c];
+    } else {
+      m = running_mean.template load<acc_t>(c);
+      istd = running_invstd(c);
+    }
+  }
+};
+
 template <typename scalar_t, typename acc_t>
 struct BnActForwardArgs {
   const scalar_t* x;
   const scalar_t* residual;  // nullptr: no residual
-  const acc_t* mean;         // [C] the centre: the batch mean (training) or the running mean (eval)
-  const acc_t* scale;        // [C] bn_scale(w, invstd)
-  const acc_t* bias;         // [C] the shift of bn_normalize
+  BnActNormStats<acc_t> stats;
+  const acc_t* weight;  // [C] scale = bn_scale(weight, invstd)
+  const acc_t* bias;    // [C] the shift of bn_normalize
   scalar_t* y;
   LeadingDim y_ld;  // y may be a channel slice of a wider tensor
   uint32_t* mask;   // mask_words words, or nullptr for activations without a mask
@@ -574,12 +643,21 @@ struct BnActForwardArgs {
   acc_t negative_slope;
 };
 
-// y = act(z), z = bn_normalize(x, mean[c], scale[c], bias[c]) (+ r), and the mask bit of every element, one 32-bit
-// word per 32 consecutive elements built with __ballot_sync. Every mask word, including those past the last element,
-// is written exactly once, so the buffer needs no zeroing. 1-D blocks of a multiple of 32 threads.
+// y = act(z), z = bn_normalize(x, mean[c], bn_scale(weight[c], invstd[c]), bias[c]) (+ r), and the mask bit of
+// every element, one 32-bit word per 32 consecutive elements built with __ballot_sync. Every mask word, including
+// those past the last element, is written exactly once, so the buffer needs no zeroing. From the running statistics
+// the grid also writes save_mean / save_invstd (grid-stride over the channels; nothing in the kernel reads them), so
+// that eval is this one launch. 1-D blocks of a multiple of 32 threads.
 template <typename scalar_t, typename acc_t, bool kChannelsLast>
 __global__ void __launch_bounds__(kElementwiseThreads)
     bn_act_forward_elementwise_kernel(const BnActForwardArgs<scalar_t, acc_t> a, const BnActShape sh) {
+  if (a.stats.save_mean != nullptr) {
+    const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < sh.C; c += stride) {
+      a.stats.save_mean[c] = a.stats.running_mean.template load<acc_t>(c);
+      a.stats.save_invstd[c] = a.stats.running_invstd(c);
+    }
+  }
   for (ElementwiseSpans<kChannelsLast> spans(sh); spans.active(); spans.next()) {
     int64_t channel[kElementwiseUnroll];
     spans.channels(channel);
@@ -593,7 +671,9 @@ __global__ void __launch_bounds__(kElementwiseThreads)
       z[j] = acc_t(0);
       if (valid[j]) {
         const int64_t c = channel[j];
-        z[j] = bn_normalize(to_acc(a.x[i]), a.mean[c], a.scale[c], a.bias[c]);
+        acc_t mean, invstd;
+        a.stats.at(c, mean, invstd);
+        z[j] = bn_normalize(to_acc(a.x[i]), mean, bn_scale(a.weight[c], invstd), a.bias[c]);
         if (a.residual != nullptr) z[j] += to_acc(a.residual[i]);
       }
     }
@@ -630,16 +710,15 @@ struct BnActGradChannelCoeffs {
 };
 
 // Merges the first num_partials gradient partials of each channel (0: no reduction was run, the sums are 0)
-// and derives what bn_act_backward_elementwise_kernel needs. Block kFinalizeTile x kFinalizeRows.
+// and derives what bn_act_backward_elementwise_kernel needs. A warp per channel, as bn_act_stats_finalize_kernel.
 template <typename acc_t>
-__global__ void __launch_bounds__(kFinalizeTile * kFinalizeRows)
+__global__ void __launch_bounds__(kWarpSize * kFinalizeWarps)
     bn_act_backward_finalize_kernel(const GradSumPartials<acc_t> partials, const int64_t num_partials,
                                     const BnActShape sh, const acc_t* __restrict__ invstd,
                                     const acc_t* __restrict__ weight, const BnActGradChannelCoeffs<acc_t> out) {
-  STATIC_SHARED(SumPair<acc_t>, column_partials, kFinalizeTile * kFinalizeRows);
-  const SumPair<acc_t> s = merge_channel_partials(partials, num_partials, sh.C, column_partials);
-  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (threadIdx.y != 0 || c >= sh.C) return;
+  const int64_t c = finalize_channel();
+  const SumPair<acc_t> s = merge_channel_partials(partials, num_partials, sh.C, c);
+  if (threadIdx.x % kWarpSize != 0 || c >= sh.C) return;
   const acc_t istd = invstd[c];
   const acc_t sum_dz = s.first;
   const acc_t sum_dz_xhat = s.second * istd;
@@ -681,9 +760,9 @@ struct BnActBackwardArgs {
   scalar_t* grad_residual;  // nullptr: not requested
   int act;
   acc_t negative_slope;
-  bool training;  // false: statistics are constants, dx = dz * w * invstd
-  // SiLU only (math::act_needs_z): z = bn_normalize(x, mean, bn_scale(weight, invstd), bias) (+ residual);
-  // nullptr otherwise.
+  bool training;  // false: statistics are constants, dx = dz * bn_scale(weight, invstd)
+  // Eval input gradient (then required), and SiLU (math::act_needs_z): z = bn_normalize(x, mean, bn_scale(weight,
+  // invstd), bias) (+ residual); may be nullptr otherwise.
   const acc_t* weight = nullptr;
   const acc_t* bias = nullptr;
   const scalar_t* residual = nullptr;  // dense like x; nullptr without a residual
@@ -732,7 +811,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
           const acc_t xhat = (xv[j] - a.mean[c]) * a.invstd[c];
           dx = math::bn_grad_input(dz[j], xhat, a.coeffs.k[c], a.coeffs.mean_dz[c], a.coeffs.mean_dz_xhat[c]);
         } else {
-          dx = dz[j] * a.coeffs.k[c];
+          dx = dz[j] * bn_scale(a.weight[c], a.invstd[c]);  // the k of the finalize, formed here
         }
         a.grad_input[i] = from_acc<scalar_t>(dx);
       }

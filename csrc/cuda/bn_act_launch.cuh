@@ -7,10 +7,20 @@
 // Sequences (launches in order):
 //   bn_act_forward_launch, training     reduce, stats finalize, forward elementwise   (bn_act_forward training)
 //                          statistics only (y == nullptr): reduce, stats finalize       (bn_stats)
-//                          eval         eval scale, forward elementwise               (eval, bn_act_elemt)
-//   bn_act_backward_launch              [reduce,] [backward finalize,] [backward elementwise]
+//                          eval         forward elementwise                           (eval, bn_act_elemt)
+//   bn_act_backward_launch              [reduce, backward finalize,] [backward elementwise]
+//                          eval, input / residual gradients only: backward elementwise
 //                          sums only (no gradient buffers): reduce, backward finalize  (bn_act_backward_reduce)
 //   bn_act_backward_elemt_launch        given-sums coefficients, backward elementwise (bn_act_backward_elemt)
+// These are all the kernels an op runs: the running-statistics update is part of the stats finalize (training), and
+// in eval the elementwise kernel reads the running statistics themselves and writes save_mean / save_invstd. The
+// .cu launchers only allocate and check around these calls (no ATen compute op for the statistics), except for
+// running statistics that are not contiguous, which keep the host helpers (bn_act_update_running_stats /
+// bn_act_eval_stats). (Argument preparation still runs ATen copies where it must: bn_act_dense for inputs not dense
+// in their layout, bn_act_params for a weight / bias not in acc_t or absent (ones / zeros); none for dense inputs
+// with acc_t parameters, the case the counts are for.) tests/test_cuda_emulated.py (test_launch_counts) counts each
+// sequence's launches, and its test_launchers_leave_statistics_to_the_sequence checks the launchers' source for those
+// host helpers.
 //
 // Define FUSEDRES_LAUNCH_CHECK() before including this header: C10_CUDA_KERNEL_LAUNCH_CHECK() in the launchers;
 // the emulator build gets a no-op from cuda_compat.cuh (emu::launch throws on a bad launch).
@@ -33,14 +43,17 @@ namespace gpu {
 // Forward
 // ---------------------------------------------------------------------------------------------------------
 
-// Workspace of the forward, in acc_t elements: scale [C]; training adds the biased batch variance [C] (at
-// bn_act_forward_var_offset, for the running-statistics update) and the Welford partials 3 x [P][C]. No shift: the
-// elementwise kernel normalises as bn_normalize(x, mean, scale, bias), reading the mean and the bias themselves.
+// Workspace of the forward, in acc_t elements: in training the biased batch variance [C] (at
+// bn_act_forward_var_offset, where no var buffer is given) and the Welford partials 3 x [P][C]; nothing in eval (the
+// elementwise kernel forms the scale w * invstd itself).
 FUSEDRES_HOST_DEVICE_INLINE int64_t bn_act_forward_workspace_elems(const BnActLaunch& L, bool training) {
   const int64_t C = L.shape.C;
-  return training ? 2 * C + 3 * L.shape.partials * C : C;
+  return training ? C + 3 * L.shape.partials * C : 0;
 }
-FUSEDRES_HOST_DEVICE_INLINE int64_t bn_act_forward_var_offset(const BnActLaunch& L) { return L.shape.C; }
+FUSEDRES_HOST_DEVICE_INLINE int64_t bn_act_forward_var_offset(const BnActLaunch& L) {
+  (void)L;
+  return 0;
+}
 
 template <typename scalar_t, typename acc_t>
 struct BnActForwardBuffers {
@@ -48,8 +61,9 @@ struct BnActForwardBuffers {
   const scalar_t* residual;  // numel, or nullptr
   const acc_t* weight;       // [C]
   const acc_t* bias;         // [C]
-  acc_t* save_mean;          // [C]: written in training; in eval, the running mean (read)
-  acc_t* save_invstd;        // [C]: written in training; in eval, 1 / sqrt(running_var + eps) (read)
+  acc_t* save_mean;          // [C]: written in training and in eval from running statistics; else (eval without
+                             // running statistics: bn_act_elemt) the mean to use (read)
+  acc_t* save_invstd;        // [C]: as save_mean; in eval from running statistics 1 / sqrt(running_var + eps)
   acc_t* var;                // [C] biased batch variance (training), or nullptr: kept in the workspace at
                              // bn_act_forward_var_offset(L)
   scalar_t* y;               // numel; nullptr in training: statistics only (no elementwise pass, no mask)
@@ -57,20 +71,35 @@ struct BnActForwardBuffers {
                              // dimension: NCHW y(n, c, s) = y[n * y_ld + c * S + s], channels_last y[m * y_ld + c]
   uint32_t* mask;            // L.shape.mask_words words (all written), or nullptr for activations without a mask
   acc_t* workspace;          // bn_act_forward_workspace_elems(L, training), uninitialised
+  // Running statistics [C] in their own dtype, or absent: training updates them (with momentum), eval normalises
+  // with them. Both or neither.
+  StatVector running_mean = {nullptr, kStatFloat};
+  StatVector running_var = {nullptr, kStatFloat};
+  double momentum = 0;
 };
 
-// Training: statistics reduction -> finalize (mean, invstd, var, scale) -> elementwise; with y == nullptr only the
-// statistics (mean, invstd, var; weight and bias are not read). Eval: scale from the given statistics ->
-// elementwise. Requires L.shape.numel > 0.
+// The finalize's running-statistics update for a training call over L's M values per channel (absent without
+// running statistics). Rounded from double as the host helper's ATen scalars are.
+template <typename scalar_t, typename acc_t>
+FUSEDRES_HOST_DEVICE_INLINE BnActRunningUpdate<acc_t> bn_act_running_update(
+    const BnActLaunch& L, const BnActForwardBuffers<scalar_t, acc_t>& b) {
+  const double M = static_cast<double>(L.shape.M);
+  return {b.running_mean, b.running_var, static_cast<acc_t>(b.momentum), static_cast<acc_t>(1.0 - b.momentum),
+          static_cast<acc_t>(M / (M - 1.0))};
+}
+
+// Training: statistics reduction -> finalize (mean, invstd, var; the running statistics updated) -> elementwise;
+// with y == nullptr only the statistics (mean, invstd, var; weight and bias are not read). Eval: the elementwise
+// pass alone, normalising with the running statistics (save_mean / save_invstd written) or, without them, with the
+// given save_mean / save_invstd. Requires L.shape.numel > 0.
 template <typename scalar_t, typename acc_t>
 void bn_act_forward_launch(const BnActLaunch& L, const BnActForwardBuffers<scalar_t, acc_t>& b, bool training,
                            acc_t eps, int act, acc_t negative_slope, cudaStream_t stream) {
   const int64_t C = L.shape.C;
   const bool stats_only = b.y == nullptr;
-  acc_t* scale = b.workspace;
   if (training) {
     const int64_t partial_elems = L.shape.partials * C;
-    acc_t* part = b.workspace + 2 * C;
+    acc_t* part = b.workspace + C;
     const WelfordPartials<acc_t> partials{part, part + partial_elems, part + 2 * partial_elems};
     const BnActStatsOp<scalar_t, acc_t> op{b.x, L.channels_last ? int64_t(1) : L.shape.S, partials};
     if (L.channels_last) {
@@ -82,21 +111,22 @@ void bn_act_forward_launch(const BnActLaunch& L, const BnActForwardBuffers<scala
     }
     FUSEDRES_LAUNCH_CHECK();
     const BnActChannelStats<acc_t> stats{b.save_mean, b.save_invstd,
-                                         b.var != nullptr ? b.var : b.workspace + bn_act_forward_var_offset(L),
-                                         stats_only ? nullptr : scale};
+                                         b.var != nullptr ? b.var : b.workspace + bn_act_forward_var_offset(L)};
     KERNEL_LAUNCH((bn_act_stats_finalize_kernel<scalar_t, acc_t>), L.finalize_grid, L.finalize_block, 0, stream,
-                  op, L.shape, eps, b.weight, stats);
+                  op, L.shape, eps, stats, bn_act_running_update(L, b));
     FUSEDRES_LAUNCH_CHECK();
     if (stats_only) return;
-  } else {
-    KERNEL_LAUNCH((bn_act_eval_scale_kernel<acc_t>), L.channel_grid, L.channel_block, 0, stream, b.save_invstd,
-                  b.weight, scale, C);
-    FUSEDRES_LAUNCH_CHECK();
   }
 
+  const bool from_running = !training && b.running_mean.present();
+  const BnActNormStats<acc_t> norm =
+      from_running ? BnActNormStats<acc_t>{nullptr, nullptr, b.running_mean, b.running_var, eps, b.save_mean,
+                                           b.save_invstd}
+                   : BnActNormStats<acc_t>{b.save_mean, b.save_invstd, StatVector{nullptr, kStatFloat},
+                                           StatVector{nullptr, kStatFloat}, eps, nullptr, nullptr};
   const LeadingDim y_ld = make_leading_dim(C, L.shape.S, L.channels_last, b.y_ld);
-  const BnActForwardArgs<scalar_t, acc_t> args{b.x,    b.residual, b.save_mean, scale, b.bias,
-                                                b.y,    y_ld,       b.mask,      act,   negative_slope};
+  const BnActForwardArgs<scalar_t, acc_t> args{b.x,    b.residual, norm,   b.weight, b.bias,
+                                                b.y,    y_ld,       b.mask, act,      negative_slope};
   if (L.channels_last) {
     KERNEL_LAUNCH((bn_act_forward_elementwise_kernel<scalar_t, acc_t, true>), L.elementwise_grid,
                   L.elementwise_block, 0, stream, args, L.shape);
@@ -192,10 +222,11 @@ void bn_act_backward_launch(const BnActLaunch& L, const BnActBackwardBuffers<sca
       launch_sums(std::false_type{});
     }
   }
-  if (need_sums || b.grad_input != nullptr) {
-    // Without sums (eval, input gradient only) this only computes k = w * invstd.
+  if (need_sums) {
+    // (The eval input gradient dz * w * invstd needs no coefficients from here: the elementwise kernel forms its
+    // factor per element, so an eval backward without parameter gradients is that one launch.)
     KERNEL_LAUNCH((bn_act_backward_finalize_kernel<acc_t>), L.finalize_grid, L.finalize_block, 0, stream, partials,
-                  need_sums ? L.shape.partials : int64_t(0), L.shape, b.invstd, b.weight, coeffs);
+                  L.shape.partials, L.shape, b.invstd, b.weight, coeffs);
     FUSEDRES_LAUNCH_CHECK();
   }
   if (need_elementwise) {

@@ -10,13 +10,18 @@
 #include "bn_act.h"
 #include "cuda/launcher_common.h"
 #include "cuda/bn_act_launch.cuh"
+#include "cuda/bn_act_occupancy.h"
 
 namespace fusedres {
 namespace {
 
-gpu::BnActLaunch launch_config(const BnActGeom& g, bool has_mask) {
+// forward: the forward's kernels run (bn_stats, bn_act_elemt), else the backward's (without SiLU, which these ops
+// do not take).
+gpu::BnActLaunch launch_config(const BnActGeom& g, bool has_mask, at::ScalarType dtype, bool forward) {
   return gpu::bn_act_launch_config(g.N, g.C, g.S, g.channels_last, has_mask,
-                                   at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+                                   at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
+                                   forward ? bn_act_forward_occupancy(dtype, g.channels_last)
+                                           : bn_act_backward_occupancy(dtype, g.channels_last, false));
 }
 
 // The kernels read the mask as 32-bit words: contiguous and 4-byte aligned (a mask straight from a forward op is;
@@ -41,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input) {
   TORCH_INTERNAL_ASSERT(x.is_contiguous(g.format));
   at::Tensor mean = at::empty({g.C}, acc_opts), var = at::empty({g.C}, acc_opts);
   at::Tensor invstd = at::empty({g.C}, acc_opts);  // written by the finalize kernel, not returned
-  const gpu::BnActLaunch L = launch_config(g, false);
+  const gpu::BnActLaunch L = launch_config(g, false, x.scalar_type(), true);
   at::Tensor workspace = at::empty({gpu::bn_act_forward_workspace_elems(L, true)}, acc_opts);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   FUSEDRES_DISPATCH_FLOATING(x.scalar_type(), "bn_stats_cuda", [&] {
@@ -87,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_elemt_cuda(const at::Tensor& input, co
   at::Tensor mask = at::empty({mask_bytes}, x.options().dtype(at::kByte));
   const std::pair<at::Tensor, at::Tensor> params = bn_act_params(weight, bias, g.C, acc, x.device());
   const at::Tensor m = mean.contiguous(), is = invstd.contiguous();
-  const gpu::BnActLaunch L = launch_config(g, has_mask);
+  const gpu::BnActLaunch L = launch_config(g, has_mask, x.scalar_type(), true);
   at::Tensor workspace = at::empty({gpu::bn_act_forward_workspace_elems(L, false)}, x.options().dtype(acc));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   FUSEDRES_DISPATCH_FLOATING(x.scalar_type(), "bn_act_elemt_cuda", [&] {
@@ -125,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(const at::Tensor&
   const bool has_mask = math::act_has_mask(act);
   const at::Tensor mask_words = mask_words_of(mask, has_mask);
   at::Tensor sum_dz = at::empty({g.C}, acc_opts), sum_dz_xhat = at::empty({g.C}, acc_opts);
-  const gpu::BnActLaunch L = launch_config(g, has_mask);
+  const gpu::BnActLaunch L = launch_config(g, has_mask, x.scalar_type(), false);
   at::Tensor workspace = at::empty({gpu::bn_act_backward_workspace_elems(L, true)}, acc_opts);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   FUSEDRES_DISPATCH_FLOATING(x.scalar_type(), "bn_act_backward_reduce_cuda", [&] {
@@ -172,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cuda(
   const at::Tensor w = bn_act_params(weight, std::nullopt, g.C, acc, x.device()).first;
   const bool has_mask = math::act_has_mask(act);
   const at::Tensor mask_words = mask_words_of(mask, has_mask);
-  const gpu::BnActLaunch L = launch_config(g, has_mask);
+  const gpu::BnActLaunch L = launch_config(g, has_mask, x.scalar_type(), false);
   at::Tensor workspace = at::empty({gpu::bn_act_backward_elemt_workspace_elems(L)}, x.options().dtype(acc));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   FUSEDRES_DISPATCH_FLOATING(x.scalar_type(), "bn_act_backward_elemt_cuda", [&] {

@@ -13,6 +13,7 @@
 #include "dense.h"
 #include "cuda/launcher_common.h"
 #include "cuda/dense_launch.cuh"
+#include "cuda/bn_act_occupancy.h"
 
 namespace fusedres {
 namespace {
@@ -23,9 +24,12 @@ std::vector<int64_t> wide_sizes(const at::Tensor& x0, int64_t C) {
   return sizes;
 }
 
-gpu::DenseLaunch launch_config(const DenseGeom& g, bool has_mask) {
+// forward: sized for the forward's kernels, else the backward's (the dense ops take no SiLU).
+gpu::DenseLaunch launch_config(const DenseGeom& g, bool has_mask, at::ScalarType dtype, bool forward) {
   return gpu::dense_launch_config(g.N, g.S, g.channels, g.channels_last, has_mask,
-                                  at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+                                  at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
+                                  forward ? bn_act_forward_occupancy(dtype, g.channels_last)
+                                          : bn_act_backward_occupancy(dtype, g.channels_last, false));
 }
 
 template <typename kscalar_t, typename scalar_t>
@@ -54,7 +58,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_bn_act_forward_
   at::Tensor y = at::empty(wide_sizes(x0, g.C), x0.options().memory_format(g.format));
   TORCH_INTERNAL_ASSERT(y.is_contiguous(g.format));
 
-  // The same statistics as the CPU backend returns.
+  // The same statistics as the CPU backend returns. Contiguous running statistics are updated (training) or read
+  // (eval: save_mean / save_invstd written from them) by the kernels; with precomputed batch statistics the update
+  // stays with the host helper (no kernel reduces there).
+  const bool device_running = !given && running_stats_on_device(running_mean, running_var);
   at::Tensor mean, invstd, var;
   if (training && given) {
     // Precomputed statistics (a copy: outputs never alias inputs); invstd computed in double as the CPU does.
@@ -65,6 +72,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_bn_act_forward_
     mean = y.numel() == 0 ? at::zeros({g.C}, acc_opts) : at::empty({g.C}, acc_opts);
     invstd = y.numel() == 0 ? at::zeros({g.C}, acc_opts) : at::empty({g.C}, acc_opts);
     var = y.numel() == 0 ? at::zeros({g.C}, acc_opts) : at::empty({g.C}, acc_opts);
+  } else if (device_running && y.numel() > 0) {
+    mean = at::empty({g.C}, acc_opts);
+    invstd = at::empty({g.C}, acc_opts);
   } else {
     std::tie(mean, invstd) = bn_act_eval_stats(*running_mean, *running_var, eps, acc);
   }
@@ -79,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_bn_act_forward_
 
   for (const at::Tensor& x : xs) TORCH_INTERNAL_ASSERT(x.is_contiguous(g.format));
   const std::pair<at::Tensor, at::Tensor> params = bn_act_params(weight, bias, g.C, acc, x0.device());
-  const gpu::DenseLaunch D = launch_config(g, has_mask);
+  const gpu::DenseLaunch D = launch_config(g, has_mask, x0.scalar_type(), true);
   TORCH_INTERNAL_ASSERT(D.mask_words * 4 == g.mask_offsets.back() && D.output_ld == g.output_ld());
   const at::Tensor m = mean.contiguous(), is = invstd.contiguous();
   at::Tensor workspace = at::empty({gpu::dense_forward_workspace_elems(D, reduce_here)}, acc_opts);
@@ -98,13 +108,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_bn_act_forward_
         reduce_here ? var.mutable_data_ptr<acc_t>() : nullptr,
         reinterpret_cast<kscalar_t*>(y.mutable_data_ptr<scalar_t>()),
         has_mask ? reinterpret_cast<uint32_t*>(mask.mutable_data_ptr<uint8_t>()) : nullptr,
-        workspace.mutable_data_ptr<acc_t>()};
+        workspace.mutable_data_ptr<acc_t>(),
+        stat_vector(running_mean, device_running),
+        stat_vector(running_var, device_running),
+        momentum};
     gpu::dense_forward_launch(D, buffers, reduce_here, static_cast<acc_t>(eps), act,
                               static_cast<acc_t>(negative_slope), stream);
   });
 
-  // After the kernels were launched without error; ATen ops on the same stream, so ordered after them.
-  if (training) bn_act_update_running_stats(running_mean, running_var, mean, var, g.M(), momentum);
+  // Precomputed batch statistics or non-contiguous running statistics only: ATen ops on the same stream, so
+  // ordered after the kernels.
+  if (training && !device_running) bn_act_update_running_stats(running_mean, running_var, mean, var, g.M(), momentum);
   return {y, mean, invstd, mask};
 }
 
@@ -149,7 +163,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dense_bn_act_backwar
     if (has_mask && reinterpret_cast<uintptr_t>(mask_words.const_data_ptr()) % alignof(uint32_t) != 0) {
       mask_words = mask_words.clone();
     }
-    const gpu::DenseLaunch D = launch_config(g, has_mask);
+    const gpu::DenseLaunch D = launch_config(g, has_mask, x0.scalar_type(), false);
     TORCH_INTERNAL_ASSERT(D.mask_words * 4 == g.mask_offsets.back() && D.output_ld == g.output_ld());
     at::Tensor workspace = at::empty({gpu::dense_backward_workspace_elems(D, any_sums)}, acc_opts);
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

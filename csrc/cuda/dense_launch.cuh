@@ -8,8 +8,10 @@
 //
 // Launches per call, k inputs (each input is launched separately; a single launch over a pointer + channel-offset
 // table would be the better GPU shape):
-//   forward, training (batch statistics reduced here): 3 per input (reduce, stats finalize, elementwise)
-//   forward, eval or precomputed batch statistics:     2 per input (scale/shift, elementwise)
+//   forward, training (batch statistics reduced here): 3 per input (reduce, stats finalize with input j's channels
+//                                                      of the running statistics updated, elementwise)
+//   forward, eval or precomputed batch statistics:     1 per input (elementwise; in eval from the running statistics,
+//                                                      writing input j's channels of save_mean / save_invstd)
 //   backward: per input with something to compute: [reduce,] [finalize,] [elementwise], at most 3
 #pragma once
 
@@ -39,8 +41,9 @@ struct DenseLaunch {
 };
 
 // channels[j] = C_j; has_mask: the activation keeps a mask (segment j is math::mask_bytes(N * C_j * S) bytes).
+// occ: as bn_act_launch_config's.
 inline DenseLaunch dense_launch_config(int64_t N, int64_t S, const std::vector<int64_t>& channels, bool channels_last,
-                                       bool has_mask, int num_sms) {
+                                       bool has_mask, int num_sms, const BnActOccupancy& occ) {
   DenseLaunch D;
   D.N = N;
   D.S = S;
@@ -49,7 +52,7 @@ inline DenseLaunch dense_launch_config(int64_t N, int64_t S, const std::vector<i
   D.output_ld = channels_last ? D.C : D.C * S;
   int64_t channel = 0, word = 0;
   for (const int64_t c : channels) {
-    D.inputs.push_back(bn_act_launch_config(N, c, S, channels_last, has_mask, num_sms));
+    D.inputs.push_back(bn_act_launch_config(N, c, S, channels_last, has_mask, num_sms, occ));
     D.channel_offset.push_back(channel);
     D.output_offset.push_back(channels_last ? channel : channel * S);
     D.mask_word_offset.push_back(word);
@@ -78,12 +81,18 @@ struct DenseForwardBuffers {
   const scalar_t* const* x;  // x[j]: input j, dense (N, C_j, S) in D's layout
   const acc_t* weight;       // [C]
   const acc_t* bias;         // [C]
-  acc_t* save_mean;          // [C]: written when reducing; else the statistics to use (read)
+  acc_t* save_mean;          // [C]: written when reducing or normalising with the running statistics (eval); else
+                             // the statistics to use (read)
   acc_t* save_invstd;        // [C]: as save_mean
   acc_t* var;                // [C] biased batch variance, written when reducing (may be nullptr otherwise)
   scalar_t* y;               // the output, dense (N, C, S) in D's layout
   uint32_t* mask;            // D.mask_words words (all segments written), or nullptr without a mask
   acc_t* workspace;          // dense_forward_workspace_elems(D, reduce), uninitialised
+  // Running statistics [C] (both or neither): updated when reducing, normalised with in eval (reduce false and
+  // running statistics given); absent with precomputed batch statistics, whose running update stays with the caller.
+  StatVector running_mean = {nullptr, kStatFloat};
+  StatVector running_var = {nullptr, kStatFloat};
+  double momentum = 0;
 };
 
 // reduce: batch statistics of every input (training without precomputed statistics); otherwise the given
@@ -106,7 +115,10 @@ void dense_forward_launch(const DenseLaunch& D, const DenseForwardBuffers<scalar
                                                   b.y + D.output_offset[j],
                                                   D.output_ld,
                                                   b.mask != nullptr ? b.mask + D.mask_word_offset[j] : nullptr,
-                                                  b.workspace};
+                                                  b.workspace,
+                                                  b.running_mean.offset(c0),
+                                                  b.running_var.offset(c0),
+                                                  b.momentum};
     bn_act_forward_launch(L, in, reduce, eps, act, negative_slope, stream);
   }
 }

@@ -65,5 +65,62 @@ FUSEDRES_HOST_DEVICE_INLINE scalar_t from_acc(acc_t v) {
   return FromAcc<scalar_t>::convert(v);
 }
 
+// Products and sums rounded one by one, never contracted into a fused multiply-add: where a kernel must reproduce
+// a chain of separate ATen ops (the running-statistics update of bn_act_update_running_stats, one ATen kernel per
+// product and per sum), nvcc's default contraction would round differently. (The emulator defines the intrinsics.)
+FUSEDRES_DEVICE_INLINE float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+FUSEDRES_DEVICE_INLINE double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+FUSEDRES_DEVICE_INLINE float add_rn(float a, float b) { return __fadd_rn(a, b); }
+FUSEDRES_DEVICE_INLINE double add_rn(double a, double b) { return __dadd_rn(a, b); }
+
+// ---------------------------------------------------------------------------------------------------------
+// Per-channel vectors of a dtype chosen at run time
+// ---------------------------------------------------------------------------------------------------------
+
+// The running statistics of a BatchNorm are float32 or the input's dtype (a half model keeps half running
+// statistics with float accumulation; a float64 input may keep float32 ones). A run-time dtype code instead of a
+// template parameter: one kernel instance per (storage, accumulation) type covers them all, and the per-channel
+// switch is warp-uniform.
+enum StatDtype : int { kStatFloat = 0, kStatDouble = 1, kStatHalf = 2, kStatBFloat16 = 3 };
+
+FUSEDRES_HOST_DEVICE_INLINE int64_t stat_dtype_bytes(int dtype) {
+  return dtype == kStatDouble ? 8 : dtype == kStatFloat ? 4 : 2;
+}
+
+// A dense [C] vector of dtype `dtype`, read and written in the accumulation type; data == nullptr: absent.
+struct StatVector {
+  void* data;
+  int dtype;
+  FUSEDRES_HOST_DEVICE_INLINE bool present() const { return data != nullptr; }
+  // The vector from element c0 on (a channel slice); absent stays absent.
+  FUSEDRES_HOST_DEVICE_INLINE StatVector offset(int64_t c0) const {
+    return {data == nullptr ? nullptr : static_cast<char*>(data) + c0 * stat_dtype_bytes(dtype), dtype};
+  }
+  template <typename acc_t>
+  FUSEDRES_DEVICE_INLINE acc_t load(int64_t c) const {
+    switch (dtype) {
+      case kStatDouble: return static_cast<acc_t>(static_cast<const double*>(data)[c]);
+#ifdef FUSEDRES_HAVE_CUDA_HALF
+      case kStatHalf: return static_cast<acc_t>(to_acc(static_cast<const __half*>(data)[c]));
+      case kStatBFloat16: return static_cast<acc_t>(to_acc(static_cast<const __nv_bfloat16*>(data)[c]));
+#endif
+      default: return static_cast<acc_t>(static_cast<const float*>(data)[c]);
+    }
+  }
+  // Rounded once to the storage type, as ATen's copy_ of the acc_t result does (a float64 value bound for half
+  // storage is first rounded to float, as c10::Half's conversion from double does).
+  template <typename acc_t>
+  FUSEDRES_DEVICE_INLINE void store(int64_t c, acc_t v) const {
+    switch (dtype) {
+      case kStatDouble: static_cast<double*>(data)[c] = static_cast<double>(v); break;
+#ifdef FUSEDRES_HAVE_CUDA_HALF
+      case kStatHalf: static_cast<__half*>(data)[c] = from_acc<__half>(static_cast<float>(v)); break;
+      case kStatBFloat16: static_cast<__nv_bfloat16*>(data)[c] = from_acc<__nv_bfloat16>(static_cast<float>(v)); break;
+#endif
+      default: static_cast<float*>(data)[c] = static_cast<float>(v); break;
+    }
+  }
+};
+
 }  // namespace gpu
 }  // namespace fusedres

@@ -15,7 +15,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <optional>
 #include <type_traits>
+
+#include "cuda/kernel_common.cuh"
 
 #define FUSEDRES_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
 
@@ -37,5 +40,25 @@ template <typename T>
 using kernel_scalar_t =
     std::conditional_t<std::is_same_v<T, at::Half>, __half,
                        std::conditional_t<std::is_same_v<T, at::BFloat16>, __nv_bfloat16, T>>;
+
+// Running statistics the kernels read / update in place: given, and dense (a 1-D view with another stride keeps the
+// host helpers bn_act_update_running_stats / bn_act_eval_stats, as on the CPU).
+inline bool running_stats_on_device(const std::optional<at::Tensor>& running_mean,
+                                    const std::optional<at::Tensor>& running_var) {
+  return running_mean.has_value() && running_mean->defined() && running_var.has_value() && running_var->defined() &&
+         running_mean->is_contiguous() && running_var->is_contiguous();
+}
+
+// A [C] running-statistics tensor for the kernels (its dtype as a run-time code); absent when not on_device.
+inline gpu::StatVector stat_vector(const std::optional<at::Tensor>& t, bool on_device) {
+  if (!on_device) return {nullptr, gpu::kStatFloat};
+  const at::ScalarType dtype = t->scalar_type();
+  const int code = dtype == at::kDouble     ? gpu::kStatDouble
+                   : dtype == at::kHalf     ? gpu::kStatHalf
+                   : dtype == at::kBFloat16 ? gpu::kStatBFloat16
+                                            : gpu::kStatFloat;
+  TORCH_INTERNAL_ASSERT(code != gpu::kStatFloat || dtype == at::kFloat, "running statistics of dtype ", dtype);
+  return {t->data_ptr(), code};
+}
 
 }  // namespace fusedres

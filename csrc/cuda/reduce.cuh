@@ -52,13 +52,15 @@ FUSEDRES_HOST_DEVICE_INLINE void welford_push(WelfordStats<T>& s, T x) {
   s.m2 += delta * (x - s.mean);
 }
 
-// Chan et al.'s parallel merge. Either side may be empty (n == 0); both empty stays empty.
+// Chan et al.'s parallel merge. Either side may be empty (n == 0); both empty stays empty. Branch-free: the
+// empty-empty case divides by 1 instead (b.n == 0, so b_share is 0 and a comes back) through a select rather than
+// an early return, so a chain of merges (the finalize kernels') is straight-line code whose loads can all be issued
+// ahead. For n != 0 the same operations as with the early return: the same bits.
 template <typename T>
 FUSEDRES_HOST_DEVICE_INLINE WelfordStats<T> merge(const WelfordStats<T>& a, const WelfordStats<T>& b) {
   const T n = a.n + b.n;
-  if (n == T(0)) return a;
   const T delta = b.mean - a.mean;
-  const T b_share = b.n / n;
+  const T b_share = b.n / (n == T(0) ? T(1) : n);
   return {a.mean + delta * b_share, a.m2 + b.m2 + delta * delta * a.n * b_share, n};
 }
 

@@ -22,6 +22,10 @@ namespace {
 
 namespace gpu = fusedres::gpu;
 
+// No device to ask for resident blocks (the launchers' bn_act_occupancy.h): the fixed figures, which the shapes of
+// the tests were chosen for.
+constexpr gpu::BnActOccupancy kOcc = gpu::kFixedOccupancy;
+
 std::string g_error;
 
 template <typename acc_t>
@@ -90,7 +94,8 @@ int64_t emu_launch_log(char* buf, int64_t len) {
 void emu_block_end_launch_config(int64_t N, int64_t C, int64_t S, int channels_last, int num_sms,
                                  int64_t max_samples_per_launch, int64_t* out) {
   const gpu::BlockEndLaunch L =
-      gpu::block_end_launch_config(N, C, S, channels_last != 0, true, num_sms, max_samples_per_launch);
+      gpu::block_end_launch_config(N, C, S, channels_last != 0, true, num_sms, kOcc,
+                                   max_samples_per_launch);
   out[0] = L.samples_per_launch;
   out[1] = L.sample_reduce_grid_x;
   out[2] = L.sample_reduce_block.x;
@@ -104,9 +109,10 @@ int emu_block_end_forward(int dtype, int64_t N, int64_t C, int64_t S, int channe
                           int64_t residual_channels, int64_t stride_n, int64_t stride_c,
                           const int64_t* spatial_offset, const void* scale, int scale_per_channel,
                           const void* weight, const void* bias, void* save_mean, void* save_invstd, void* var,
-                          void* y, void* mask) {
+                          void* y, void* mask, void* running_mean, void* running_var, int rs_dtype,
+                          double momentum) {
   const gpu::BlockEndLaunch L =
-      gpu::block_end_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+      gpu::block_end_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms, kOcc);
   return dispatch(dtype, [&](auto s, auto a) {
     using T = decltype(s);
     using A = decltype(a);
@@ -123,7 +129,10 @@ int emu_block_end_forward(int dtype, int64_t N, int64_t C, int64_t S, int channe
         static_cast<A*>(var),
         static_cast<T*>(y),
         static_cast<uint32_t*>(mask),
-        ws.data()};
+        ws.data(),
+        gpu::StatVector{running_mean, rs_dtype},
+        gpu::StatVector{running_var, rs_dtype},
+        momentum};
     gpu::block_end_forward_launch(L, b, training != 0, static_cast<A>(eps), act, static_cast<A>(negative_slope),
                                   nullptr);
   });
@@ -139,7 +148,7 @@ int emu_block_end_backward(int dtype, int64_t N, int64_t C, int64_t S, int chann
                            void* grad_input, void* grad_residual, int64_t residual_channels, void* nc_sums,
                            void* sum_dz, void* sum_dz_xhat) {
   const gpu::BlockEndLaunch L =
-      gpu::block_end_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms,
+      gpu::block_end_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms, kOcc,
                                    max_samples_per_launch > 0 ? max_samples_per_launch : gpu::kMaxGridY);
   return dispatch(dtype, [&](auto s, auto a) {
     using T = decltype(s);

@@ -22,6 +22,10 @@ namespace {
 
 namespace gpu = fusedres::gpu;
 
+// No device to ask for resident blocks (the launchers' bn_act_occupancy.h): the fixed figures, which the shapes of
+// the tests were chosen for.
+constexpr gpu::BnActOccupancy kOcc = gpu::kFixedOccupancy;
+
 std::string g_error;
 
 template <typename acc_t>
@@ -32,7 +36,8 @@ std::vector<acc_t> poisoned(int64_t n) {  // unwritten workspace reads show up a
 template <typename scalar_t, typename acc_t>
 void forward(const gpu::BnActLaunch& L, int training, int act, double eps, double slope, const void* x,
              const void* residual, const void* weight, const void* bias, void* save_mean, void* save_invstd, void* y,
-             void* mask, void* batch_var) {
+             void* mask, void* batch_var, const gpu::StatVector& running_mean, const gpu::StatVector& running_var,
+             double momentum) {
   std::vector<acc_t> ws = poisoned<acc_t>(gpu::bn_act_forward_workspace_elems(L, training != 0));
   const gpu::BnActForwardBuffers<scalar_t, acc_t> b{static_cast<const scalar_t*>(x),
                                                     static_cast<const scalar_t*>(residual),
@@ -44,7 +49,10 @@ void forward(const gpu::BnActLaunch& L, int training, int act, double eps, doubl
                                                     static_cast<scalar_t*>(y),
                                                     0,
                                                     static_cast<uint32_t*>(mask),
-                                                    ws.data()};
+                                                    ws.data(),
+                                                    running_mean,
+                                                    running_var,
+                                                    momentum};
   gpu::bn_act_forward_launch(L, b, training != 0, static_cast<acc_t>(eps), act, static_cast<acc_t>(slope), nullptr);
   if (training && batch_var != nullptr) {
     std::memcpy(batch_var, ws.data() + gpu::bn_act_forward_var_offset(L), sizeof(acc_t) * L.shape.C);
@@ -144,7 +152,8 @@ void backward_split(const gpu::BnActLaunch& L, int act, double slope, const void
 
 template <typename scalar_t, typename acc_t>
 void dense_forward(const gpu::DenseLaunch& D, int reduce, int act, double eps, double slope, const void* const* xs,
-                   const void* weight, const void* bias, void* mean, void* invstd, void* var, void* y, void* mask) {
+                   const void* weight, const void* bias, void* mean, void* invstd, void* var, void* y, void* mask,
+                   const gpu::StatVector& running_mean, const gpu::StatVector& running_var, double momentum) {
   std::vector<acc_t> ws = poisoned<acc_t>(gpu::dense_forward_workspace_elems(D, reduce != 0));
   std::vector<const scalar_t*> x(D.inputs.size());
   for (size_t j = 0; j < x.size(); ++j) x[j] = static_cast<const scalar_t*>(xs[j]);
@@ -156,7 +165,10 @@ void dense_forward(const gpu::DenseLaunch& D, int reduce, int act, double eps, d
                                                     static_cast<acc_t*>(var),
                                                     static_cast<scalar_t*>(y),
                                                     static_cast<uint32_t*>(mask),
-                                                    ws.data()};
+                                                    ws.data(),
+                                                    running_mean,
+                                                    running_var,
+                                                    momentum};
   gpu::dense_forward_launch(D, b, reduce != 0, static_cast<acc_t>(eps), act, static_cast<acc_t>(slope), nullptr);
 }
 
@@ -245,9 +257,13 @@ int64_t emu_launch_log(char* buf, int64_t len) {
 }
 
 // Launch shapes as the launchers compute them, into out[0..7]: P, reduce block x and y, elementwise grid, mask words,
-// reduce grid x, warp spans, elementwise block.
-void emu_launch_config(int64_t N, int64_t C, int64_t S, int channels_last, int has_mask, int num_sms, int64_t* out) {
-  const gpu::BnActLaunch L = gpu::bn_act_launch_config(N, C, S, channels_last != 0, has_mask != 0, num_sms);
+// reduce grid x, warp spans, elementwise block. Resident blocks per SM (what the launchers get from the occupancy
+// API): elementwise_occ / reduce_occ, or the fixed figures of the other entry points where 0.
+void emu_launch_config(int64_t N, int64_t C, int64_t S, int channels_last, int has_mask, int num_sms,
+                       int elementwise_occ, int reduce_occ, int64_t* out) {
+  const gpu::BnActOccupancy occ{elementwise_occ > 0 ? elementwise_occ : kOcc.elementwise,
+                                reduce_occ > 0 ? reduce_occ : kOcc.reduce};
+  const gpu::BnActLaunch L = gpu::bn_act_launch_config(N, C, S, channels_last != 0, has_mask != 0, num_sms, occ);
   out[0] = L.shape.partials;
   out[1] = L.reduce_block.x;
   out[2] = L.reduce_block.y;
@@ -259,17 +275,19 @@ void emu_launch_config(int64_t N, int64_t C, int64_t S, int channels_last, int h
 }
 
 // Forward (bn_act_forward's kernels). Training writes save_mean, save_invstd and batch_var (biased, may be
-// nullptr); eval reads save_mean / save_invstd (running mean, 1/sqrt(running_var + eps)). mask: nullptr for
-// identity, else mask_bytes(numel) bytes, 4-byte aligned.
+// nullptr) and updates running_mean / running_var (dtype code rs_dtype, as StatDtype; nullptr: none) with momentum;
+// eval with running statistics reads them and writes save_mean / save_invstd, without (running_mean nullptr) reads
+// save_mean / save_invstd. mask: nullptr for identity, else mask_bytes(numel) bytes, 4-byte aligned.
 int emu_bn_act_forward(int dtype, int64_t N, int64_t C, int64_t S, int channels_last, int num_sms, int training,
                        int act, double eps, double negative_slope, const void* x, const void* residual,
                        const void* weight, const void* bias, void* save_mean, void* save_invstd, void* y, void* mask,
-                       void* batch_var) {
+                       void* batch_var, void* running_mean, void* running_var, int rs_dtype, double momentum) {
   const gpu::BnActLaunch L =
-      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms, kOcc);
+  const gpu::StatVector rm{running_mean, rs_dtype}, rv{running_var, rs_dtype};
   return dispatch(dtype, [&](auto s, auto a) {
     forward<decltype(s), decltype(a)>(L, training, act, eps, negative_slope, x, residual, weight, bias, save_mean,
-                                      save_invstd, y, mask, batch_var);
+                                      save_invstd, y, mask, batch_var, rm, rv, momentum);
   });
 }
 
@@ -281,7 +299,7 @@ int emu_bn_act_backward(int dtype, int64_t N, int64_t C, int64_t S, int channels
                         void* grad_residual, void* grad_weight, void* grad_bias, const void* bias,
                         const void* residual) {
   const gpu::BnActLaunch L =
-      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms, kOcc);
   return dispatch(dtype, [&](auto s, auto a) {
     backward<decltype(s), decltype(a)>(L, training, act, negative_slope, grad_out, x, mask, mean, invstd, weight,
                                        grad_input, grad_residual, grad_weight, grad_bias, bias, residual);
@@ -291,7 +309,7 @@ int emu_bn_act_backward(int dtype, int64_t N, int64_t C, int64_t S, int channels
 // bn_stats: mean and biased variance (acc dtype [C]).
 int emu_bn_stats(int dtype, int64_t N, int64_t C, int64_t S, int channels_last, int num_sms, const void* x,
                  void* mean, void* var) {
-  const gpu::BnActLaunch L = gpu::bn_act_launch_config(N, C, S, channels_last != 0, false, num_sms);
+  const gpu::BnActLaunch L = gpu::bn_act_launch_config(N, C, S, channels_last != 0, false, num_sms, kOcc);
   return dispatch(dtype, [&](auto s, auto a) { stats<decltype(s), decltype(a)>(L, x, mean, var); });
 }
 
@@ -300,7 +318,7 @@ int emu_bn_act_elemt(int dtype, int64_t N, int64_t C, int64_t S, int channels_la
                      double negative_slope, const void* x, const void* residual, const void* weight, const void* bias,
                      const void* mean, const void* invstd, void* y, int64_t y_ld, void* mask) {
   const gpu::BnActLaunch L =
-      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms, kOcc);
   return dispatch(dtype, [&](auto s, auto a) {
     elemt<decltype(s), decltype(a)>(L, act, negative_slope, x, residual, weight, bias, mean, invstd, y, y_ld, mask);
   });
@@ -312,7 +330,7 @@ int emu_bn_act_backward_reduce(int dtype, int64_t N, int64_t C, int64_t S, int c
                                const void* mask, const void* mean, const void* invstd, void* sum_dz,
                                void* sum_dz_xhat) {
   const gpu::BnActLaunch L =
-      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms, kOcc);
   return dispatch(dtype, [&](auto s, auto a) {
     backward_split<decltype(s), decltype(a)>(L, act, negative_slope, grad_out, dy_ld, x, mask, mean, invstd, nullptr,
                                              sum_dz, sum_dz_xhat, -1, nullptr, nullptr);
@@ -326,7 +344,7 @@ int emu_bn_act_backward_elemt(int dtype, int64_t N, int64_t C, int64_t S, int ch
                               const void* sum_dz, const void* sum_dz_xhat, int64_t count, void* grad_input,
                               void* grad_residual) {
   const gpu::BnActLaunch L =
-      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+      gpu::bn_act_launch_config(N, C, S, channels_last != 0, fusedres::math::act_has_mask(act), num_sms, kOcc);
   return dispatch(dtype, [&](auto s, auto a) {
     backward_split<decltype(s), decltype(a)>(L, act, negative_slope, grad_out, dy_ld, x, mask, mean, invstd, weight,
                                              const_cast<void*>(sum_dz), const_cast<void*>(sum_dz_xhat), count,
@@ -339,7 +357,7 @@ int emu_bn_act_backward_elemt(int dtype, int64_t N, int64_t C, int64_t S, int ch
 void emu_dense_launch_config(int64_t k, int64_t N, int64_t S, const int64_t* channels, int channels_last,
                              int has_mask, int num_sms, int64_t* out) {
   const gpu::DenseLaunch D = gpu::dense_launch_config(N, S, std::vector<int64_t>(channels, channels + k),
-                                                      channels_last != 0, has_mask != 0, num_sms);
+                                                      channels_last != 0, has_mask != 0, num_sms, kOcc);
   out[0] = D.mask_words;
   out[1] = D.output_ld;
   for (int64_t j = 0; j < k; ++j) {
@@ -349,15 +367,20 @@ void emu_dense_launch_config(int64_t k, int64_t N, int64_t S, const int64_t* cha
 }
 
 // dense_bn_act_forward's kernels: xs[j] dense (N, channels[j], S); reduce = 1: batch statistics written to
-// mean / invstd / var, else mean / invstd are read. y dense (N, sum channels, S); mask: all segments or nullptr.
+// mean / invstd / var and running_mean / running_var (nullptr: none; dtype code rs_dtype) updated with momentum;
+// else with running statistics they are normalised with (mean / invstd written), without them mean / invstd are
+// read. y dense (N, sum channels, S); mask: all segments or nullptr.
 int emu_dense_forward(int dtype, int64_t k, int64_t N, int64_t S, const int64_t* channels, int channels_last,
                       int num_sms, int reduce, int act, double eps, double negative_slope, const void* const* xs,
-                      const void* weight, const void* bias, void* mean, void* invstd, void* var, void* y, void* mask) {
+                      const void* weight, const void* bias, void* mean, void* invstd, void* var, void* y, void* mask,
+                      void* running_mean, void* running_var, int rs_dtype, double momentum) {
   const gpu::DenseLaunch D = gpu::dense_launch_config(N, S, std::vector<int64_t>(channels, channels + k),
-                                                      channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+                                                      channels_last != 0, fusedres::math::act_has_mask(act),
+                                                          num_sms, kOcc);
+  const gpu::StatVector rm{running_mean, rs_dtype}, rv{running_var, rs_dtype};
   return dispatch(dtype, [&](auto s, auto a) {
     dense_forward<decltype(s), decltype(a)>(D, reduce, act, eps, negative_slope, xs, weight, bias, mean, invstd, var,
-                                            y, mask);
+                                            y, mask, rm, rv, momentum);
   });
 }
 
@@ -369,7 +392,8 @@ int emu_dense_backward(int dtype, int64_t k, int64_t N, int64_t S, const int64_t
                        const void* invstd, const void* weight, void* const* grad_inputs, void* sum_dz,
                        void* sum_dz_xhat) {
   const gpu::DenseLaunch D = gpu::dense_launch_config(N, S, std::vector<int64_t>(channels, channels + k),
-                                                      channels_last != 0, fusedres::math::act_has_mask(act), num_sms);
+                                                      channels_last != 0, fusedres::math::act_has_mask(act),
+                                                          num_sms, kOcc);
   return dispatch(dtype, [&](auto s, auto a) {
     dense_backward<decltype(s), decltype(a)>(D, training, want_params, act, negative_slope, grad_out, xs, mask, mean,
                                              invstd, weight, grad_inputs, sum_dz, sum_dz_xhat);
