@@ -13,7 +13,8 @@
 #     CPU kernel build this machine can run (ATEN_CPU_CAPABILITY=default, then the machine's best).
 #
 # Environment: PY (python, default .venv/bin/python), OUT, SANITIZE_TESTS (test files), SANITIZE_K (a -k filter),
-# SANITIZE_QUICK=1 (the CI subset: fewer files, one CPU capability).
+# SANITIZE_QUICK=1 (the pre-push subset: fewer files, one CPU capability), SANITIZE_REUSE=1 (run the tests against
+# the sanitized module already built, e.g. other test files after a full run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -27,8 +28,9 @@ if [[ "${SANITIZE_QUICK:-0}" == 1 ]]; then
     caps="default"
 else
     default_tests="tests/test_bn_act.py tests/test_bn_act_blocks.py tests/test_dense.py tests/test_highway.py
-        tests/test_nan_inf.py tests/test_large_mean.py tests/test_properties.py tests/test_cuda_emulated.py
-        tests/test_cuda_emulated_highway.py tests/test_cuda_emulated_split.py"
+        tests/test_block_end.py tests/test_nan_inf.py tests/test_large_mean.py tests/test_properties.py
+        tests/test_cuda_emulated.py tests/test_cuda_emulated_highway.py tests/test_cuda_emulated_split.py
+        tests/test_cuda_emulated_block_end.py"
     caps="default native"
 fi
 TESTS=${SANITIZE_TESTS:-$default_tests}
@@ -37,12 +39,16 @@ FILTER=${SANITIZE_K:-"not compile and not opcheck"}
 
 # Only the CPU kernel builds this machine can run: without AVX-512 its build is left out (a third less to compile).
 if grep -qw avx512f /proc/cpuinfo 2>/dev/null; then no_avx512=0; else no_avx512=1; fi
-echo "== sanitized build into $OUT (log: $OUT/build.log; FUSEDRES_NO_AVX512=$no_avx512)"
-if ! FUSEDRES_NO_AVX512=$no_avx512 FUSEDRES_SANITIZE=1 FUSEDRES_CUDA=0 \
-        "$PY" setup.py build_ext --build-lib "$OUT/lib" --build-temp "$OUT/temp" \
-        > "$OUT/build.log" 2>&1; then
-    tail -n 60 "$OUT/build.log"
-    exit 1
+if [[ "${SANITIZE_REUSE:-0}" == 1 && -n "$(compgen -G "$OUT/lib/fusedres/_C*.so")" ]]; then
+    echo "== SANITIZE_REUSE=1: the sanitized module already in $OUT (not rebuilt: it may predate source changes)"
+else
+    echo "== sanitized build into $OUT (log: $OUT/build.log; FUSEDRES_NO_AVX512=$no_avx512)"
+    if ! FUSEDRES_NO_AVX512=$no_avx512 FUSEDRES_SANITIZE=1 FUSEDRES_CUDA=0 \
+            "$PY" setup.py build_ext --build-lib "$OUT/lib" --build-temp "$OUT/temp" \
+            > "$OUT/build.log" 2>&1; then
+        tail -n 60 "$OUT/build.log"
+        exit 1
+    fi
 fi
 
 pkg="$OUT/pkg/fusedres"
