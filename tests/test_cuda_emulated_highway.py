@@ -5,7 +5,9 @@ the project's kernel headers and the launch sequences the .cu launcher calls (cs
 the same sizing function (highway_launch_config). Operands are passed in the rows view of csrc/highway.h: a pointer
 to element (0, 0) and a row stride, so packed halves of one projection are read and written in place. Results are
 compared with a float64 evaluation of docs/design.md §2 (independent of csrc/common/highway_math.h) and, when the native
-module has them, with the CPU ops torch.ops.fusedres.highway_*.
+module has them, with the CPU ops torch.ops.fusedres.highway_*. The launcher picks one of two walks per call (the
+aligned one with 16-byte accesses, or the strided one): the layouts below reach both, test_walk_choice checks which
+runs, test_every_highway_kernel_is_emulated that every kernel and launch site ran.
 """
 
 from __future__ import annotations

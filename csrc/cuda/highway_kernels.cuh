@@ -13,7 +13,7 @@
 //   highway_backward_kernel  dh, dg, dx (and dc), each optional, in one pass over dy, h, g, x (and c)
 // each in two walks (see "Kernels" below): the aligned one (16-byte accesses, 32-bit indices inside a row, no
 // per-element bounds check) where every operand's pointer and row stride allow it (highway_aligned()), and the
-// strided one (*_strided_kernel: one element per access, 64-bit indices) otherwise. Both walk columns along
+// strided one (strided_highway_*_kernel: one element per access, 64-bit indices) otherwise. Both walk columns along
 // threadIdx.x / blockIdx.x and rows along threadIdx.y / blockIdx.y; both grid dimensions stride, so any
 // (rows, cols) is covered by a bounded grid.
 //
@@ -253,7 +253,7 @@ FUSEDRES_DEVICE_INLINE HighwayGrads<acc_t> hw_backward_elem(acc_t d, acc_t h, ac
 //       HighwayPack: 4 float, 8 half / bfloat16, 2 double) per operand and iteration, 32-bit indices inside a
 //       row (64-bit row offsets, once per row), no per-element bounds check; the cols % kHighwayVec elements at
 //       the end of each row are done one at a time by the first block column.
-//   highway_{forward,backward}_strided_kernel  any pointers and strides: kHighwayUnroll elements per thread,
+//   strided_highway_{forward,backward}_kernel  any pointers and strides: kHighwayUnroll elements per thread,
 //       one load each, 64-bit indices, a bounds check per element.
 // ---------------------------------------------------------------------------------------------------------
 
@@ -268,11 +268,13 @@ struct alignas(16) HighwayPack {
   scalar_t v[kHighwayVec<scalar_t>];
 };
 
-// The aligned walk: f(row_data_offset, pack) for every 16-byte pack this thread owns, tail(row_offset, col) for
-// the row tails. Indices inside a row are 32-bit (rows, cols < 2^30 are the launcher's condition, so neither
-// the index nor its grid stride overflows); a row's offset is 64-bit.
-template <typename scalar_t, typename F, typename G>
-FUSEDRES_DEVICE_INLINE void highway_for_each_pack(const HighwayShape sh, F&& f, G&& tail) {
+// The aligned walk: for every row this thread visits, row_fn(row) gives the row's pack function (its operand
+// row pointers computed once per row, outside the pack loop), called for every 16-byte pack this thread owns;
+// tail(row, col) takes the cols % V elements at the end of the row. Indices inside a row are 32-bit (rows, cols
+// < 2^30 are the launcher's condition, so neither an index nor its grid stride overflows); a row's offset is
+// 64-bit.
+template <typename scalar_t, typename RowFn, typename TailFn>
+FUSEDRES_DEVICE_INLINE void highway_for_each_pack(const HighwayShape sh, RowFn&& row_fn, TailFn&& tail) {
   constexpr int V = kHighwayVec<scalar_t>;
   const int rows = static_cast<int>(sh.rows);
   const int cols = static_cast<int>(sh.cols);
@@ -282,8 +284,11 @@ FUSEDRES_DEVICE_INLINE void highway_for_each_pack(const HighwayShape sh, F&& f, 
   const int pack_step = static_cast<int>(gridDim.x * blockDim.x);
   const int row_step = static_cast<int>(gridDim.y * blockDim.y);
   for (int row = static_cast<int>(blockIdx.y * blockDim.y + threadIdx.y); row < rows; row += row_step) {
-    for (int p = pack_start; p < packs; p += pack_step) f(row, p);
+    auto f = row_fn(row);
+    for (int p = pack_start; p < packs; p += pack_step) f(p);
     if (blockIdx.x == 0) {
+      // Not unrolled: fewer than V iterations in all, and an unrolled copy would outweigh the pack loop in code.
+#pragma unroll 1
       for (int col = tail_start + static_cast<int>(threadIdx.x); col < cols; col += static_cast<int>(blockDim.x)) {
         tail(row, col);
       }
@@ -319,19 +324,24 @@ __global__ void __launch_bounds__(kHighwayThreads, kHighwayMinBlocksPerSm)
   using Pack = HighwayPack<scalar_t>;
   highway_for_each_pack<scalar_t>(
       sh,
-      [&](int row, int p) {
-        const Pack hp = hw_row_packs(a.transform, row)[p];
-        const Pack gp = hw_row_packs(a.gate, row)[p];
-        const Pack xp = hw_row_packs(a.carry, row)[p];
-        Pack cp = hp;
-        if constexpr (kFreeCarry) cp = hw_row_packs(a.carry_gate, row)[p];
-        Pack yp;
+      [&](int row) {
+        const Pack* h = hw_row_packs(a.transform, row);
+        const Pack* g = hw_row_packs(a.gate, row);
+        const Pack* x = hw_row_packs(a.carry, row);
+        const Pack* c = kFreeCarry ? hw_row_packs(a.carry_gate, row) : nullptr;
+        Pack* y = hw_row_packs(a.out, row);
+        return [=](int p) {
+          const Pack hp = h[p], gp = g[p], xp = x[p];
+          Pack cp = hp;
+          if constexpr (kFreeCarry) cp = c[p];
+          Pack yp;
 #pragma unroll
-        for (int j = 0; j < V; ++j) {
-          yp.v[j] = from_acc<scalar_t>(hw_forward_elem<kAct, kFast, kFreeCarry>(
-              to_acc(hp.v[j]), to_acc(gp.v[j]), to_acc(xp.v[j]), to_acc(cp.v[j])));
-        }
-        hw_row_packs(a.out, row)[p] = yp;
+          for (int j = 0; j < V; ++j) {
+            yp.v[j] = from_acc<scalar_t>(hw_forward_elem<kAct, kFast, kFreeCarry>(
+                to_acc(hp.v[j]), to_acc(gp.v[j]), to_acc(xp.v[j]), to_acc(cp.v[j])));
+          }
+          y[p] = yp;
+        };
       },
       [&](int row, int col) {
         const acc_t c = kFreeCarry ? to_acc(hw_at(a.carry_gate, row, col)) : acc_t(0);
@@ -352,28 +362,37 @@ __global__ void __launch_bounds__(kHighwayThreads, kHighwayMinBlocksPerSm)
   const bool need_x = kFreeCarry ? a.grad_carry_gate.data != nullptr : a.grad_gate.data != nullptr;
   highway_for_each_pack<scalar_t>(
       sh,
-      [&](int row, int p) {
-        const Pack dyp = hw_row_packs(a.grad_out, row)[p];
-        const Pack hp = hw_row_packs(a.transform, row)[p];
-        const Pack gp = hw_row_packs(a.gate, row)[p];
-        // x unread: its gradients are not stored, so any finite stand-in (h) serves.
-        Pack xp = hp, cp = hp;
-        if (need_x) xp = hw_row_packs(a.carry, row)[p];
-        if constexpr (kFreeCarry) cp = hw_row_packs(a.carry_gate, row)[p];
-        Pack dhp, dgp, dxp, dcp;
+      [&](int row) {
+        const Pack* dy = hw_row_packs(a.grad_out, row);
+        const Pack* h = hw_row_packs(a.transform, row);
+        const Pack* g = hw_row_packs(a.gate, row);
+        const Pack* x = need_x ? hw_row_packs(a.carry, row) : nullptr;
+        const Pack* c = kFreeCarry ? hw_row_packs(a.carry_gate, row) : nullptr;
+        Pack* dh = a.grad_transform.data != nullptr ? hw_row_packs(a.grad_transform, row) : nullptr;
+        Pack* dg = a.grad_gate.data != nullptr ? hw_row_packs(a.grad_gate, row) : nullptr;
+        Pack* dx = a.grad_carry.data != nullptr ? hw_row_packs(a.grad_carry, row) : nullptr;
+        Pack* dc = kFreeCarry && a.grad_carry_gate.data != nullptr ? hw_row_packs(a.grad_carry_gate, row) : nullptr;
+        return [=](int p) {
+          const Pack dyp = dy[p], hp = h[p], gp = g[p];
+          // x unread: the gradients that use it are not stored, so any stand-in (h) serves.
+          Pack xp = hp, cp = hp;
+          if (x != nullptr) xp = x[p];
+          if constexpr (kFreeCarry) cp = c[p];
+          Pack dhp, dgp, dxp, dcp;
 #pragma unroll
-        for (int j = 0; j < V; ++j) {
-          const HighwayGrads<acc_t> r = hw_backward_elem<kAct, kFast, kFreeCarry>(
-              to_acc(dyp.v[j]), to_acc(hp.v[j]), to_acc(gp.v[j]), to_acc(xp.v[j]), to_acc(cp.v[j]));
-          dhp.v[j] = from_acc<scalar_t>(r.dh);
-          dgp.v[j] = from_acc<scalar_t>(r.dg);
-          dxp.v[j] = from_acc<scalar_t>(r.dx);
-          dcp.v[j] = from_acc<scalar_t>(r.dc);
-        }
-        if (a.grad_transform.data != nullptr) hw_row_packs(a.grad_transform, row)[p] = dhp;
-        if (a.grad_gate.data != nullptr) hw_row_packs(a.grad_gate, row)[p] = dgp;
-        if (a.grad_carry.data != nullptr) hw_row_packs(a.grad_carry, row)[p] = dxp;
-        if (kFreeCarry && a.grad_carry_gate.data != nullptr) hw_row_packs(a.grad_carry_gate, row)[p] = dcp;
+          for (int j = 0; j < V; ++j) {
+            const HighwayGrads<acc_t> r = hw_backward_elem<kAct, kFast, kFreeCarry>(
+                to_acc(dyp.v[j]), to_acc(hp.v[j]), to_acc(gp.v[j]), to_acc(xp.v[j]), to_acc(cp.v[j]));
+            dhp.v[j] = from_acc<scalar_t>(r.dh);
+            dgp.v[j] = from_acc<scalar_t>(r.dg);
+            dxp.v[j] = from_acc<scalar_t>(r.dx);
+            dcp.v[j] = from_acc<scalar_t>(r.dc);
+          }
+          if (dh != nullptr) dh[p] = dhp;
+          if (dg != nullptr) dg[p] = dgp;
+          if (dx != nullptr) dx[p] = dxp;
+          if (kFreeCarry && dc != nullptr) dc[p] = dcp;
+        };
       },
       [&](int row, int col) {
         const acc_t x = need_x ? to_acc(hw_at(a.carry, row, col)) : acc_t(0);
@@ -394,7 +413,7 @@ __global__ void __launch_bounds__(kHighwayThreads, kHighwayMinBlocksPerSm)
 // tile, lane-strided so that a warp's loads coalesce, loads of a tile issued together.
 template <typename scalar_t, typename acc_t, int kAct, bool kFreeCarry>
 __global__ void __launch_bounds__(kHighwayThreads, kHighwayMinBlocksPerSm)
-    highway_forward_strided_kernel(const HighwayForwardKernelArgs<scalar_t> a, const HighwayShape sh) {
+    strided_highway_forward_kernel(const HighwayForwardKernelArgs<scalar_t> a, const HighwayShape sh) {
   constexpr bool kFast = kHighwayFastMath<scalar_t, acc_t>;
   const int64_t lane_step = blockDim.x;
   highway_for_each_tile(sh, [&](int64_t row, int64_t col0) {
@@ -418,14 +437,16 @@ __global__ void __launch_bounds__(kHighwayThreads, kHighwayMinBlocksPerSm)
 #pragma unroll
     for (int j = 0; j < kHighwayUnroll; ++j) {
       const int64_t col = col0 + j * lane_step;
-      if (col < sh.cols) y[col] = from_acc<scalar_t>(hw_forward_elem<kAct, kFast, kFreeCarry>(hv[j], gv[j], xv[j], cv[j]));
+      if (col < sh.cols) {
+        y[col] = from_acc<scalar_t>(hw_forward_elem<kAct, kFast, kFreeCarry>(hv[j], gv[j], xv[j], cv[j]));
+      }
     }
   });
 }
 
 template <typename scalar_t, typename acc_t, int kAct, bool kFreeCarry>
 __global__ void __launch_bounds__(kHighwayThreads, kHighwayMinBlocksPerSm)
-    highway_backward_strided_kernel(const HighwayBackwardKernelArgs<scalar_t> a, const HighwayShape sh) {
+    strided_highway_backward_kernel(const HighwayBackwardKernelArgs<scalar_t> a, const HighwayShape sh) {
   constexpr bool kFast = kHighwayFastMath<scalar_t, acc_t>;
   const bool need_x = kFreeCarry ? a.grad_carry_gate.data != nullptr : a.grad_gate.data != nullptr;
   const int64_t lane_step = blockDim.x;

@@ -76,7 +76,7 @@ void highway_forward_launch(const HighwayShape& sh, int num_sms, const HighwayFo
       KERNEL_LAUNCH((highway_forward_kernel<scalar_t, acc_t, kAct, kFreeCarry>), L.grid, L.block, 0, stream, a,
                     L.shape);
     } else {
-      KERNEL_LAUNCH((highway_forward_strided_kernel<scalar_t, acc_t, kAct, kFreeCarry>), L.grid, L.block, 0,
+      KERNEL_LAUNCH((strided_highway_forward_kernel<scalar_t, acc_t, kAct, kFreeCarry>), L.grid, L.block, 0,
                     stream, a, L.shape);
     }
     FUSEDRES_LAUNCH_CHECK();
@@ -102,7 +102,7 @@ void highway_backward_launch(const HighwayShape& sh, int num_sms, const HighwayB
       KERNEL_LAUNCH((highway_backward_kernel<scalar_t, acc_t, kAct, kFreeCarry>), L.grid, L.block, 0, stream, a,
                     L.shape);
     } else {
-      KERNEL_LAUNCH((highway_backward_strided_kernel<scalar_t, acc_t, kAct, kFreeCarry>), L.grid, L.block, 0,
+      KERNEL_LAUNCH((strided_highway_backward_kernel<scalar_t, acc_t, kAct, kFreeCarry>), L.grid, L.block, 0,
                     stream, a, L.shape);
     }
     FUSEDRES_LAUNCH_CHECK();
