@@ -360,6 +360,10 @@ __global__ void __launch_bounds__(kHighwayThreads, kHighwayMinBlocksPerSm)
   constexpr int V = kHighwayVec<scalar_t>;
   using Pack = HighwayPack<scalar_t>;
   const bool need_x = kFreeCarry ? a.grad_carry_gate.data != nullptr : a.grad_gate.data != nullptr;
+  // Which gradients are stored: tested as these flags (kernel-wide) rather than as the row pointers (registers of
+  // 64-bit compares in every iteration).
+  const bool want_dh = a.grad_transform.data != nullptr, want_dg = a.grad_gate.data != nullptr;
+  const bool want_dx = a.grad_carry.data != nullptr, want_dc = kFreeCarry && a.grad_carry_gate.data != nullptr;
   highway_for_each_pack<scalar_t>(
       sh,
       [&](int row) {
@@ -368,15 +372,15 @@ __global__ void __launch_bounds__(kHighwayThreads, kHighwayMinBlocksPerSm)
         const Pack* g = hw_row_packs(a.gate, row);
         const Pack* x = need_x ? hw_row_packs(a.carry, row) : nullptr;
         const Pack* c = kFreeCarry ? hw_row_packs(a.carry_gate, row) : nullptr;
-        Pack* dh = a.grad_transform.data != nullptr ? hw_row_packs(a.grad_transform, row) : nullptr;
-        Pack* dg = a.grad_gate.data != nullptr ? hw_row_packs(a.grad_gate, row) : nullptr;
-        Pack* dx = a.grad_carry.data != nullptr ? hw_row_packs(a.grad_carry, row) : nullptr;
-        Pack* dc = kFreeCarry && a.grad_carry_gate.data != nullptr ? hw_row_packs(a.grad_carry_gate, row) : nullptr;
+        Pack* dh = want_dh ? hw_row_packs(a.grad_transform, row) : nullptr;
+        Pack* dg = want_dg ? hw_row_packs(a.grad_gate, row) : nullptr;
+        Pack* dx = want_dx ? hw_row_packs(a.grad_carry, row) : nullptr;
+        Pack* dc = want_dc ? hw_row_packs(a.grad_carry_gate, row) : nullptr;
         return [=](int p) {
           const Pack dyp = dy[p], hp = h[p], gp = g[p];
           // x unread: the gradients that use it are not stored, so any stand-in (h) serves.
           Pack xp = hp, cp = hp;
-          if (x != nullptr) xp = x[p];
+          if (need_x) xp = x[p];
           if constexpr (kFreeCarry) cp = c[p];
           Pack dhp, dgp, dxp, dcp;
 #pragma unroll
@@ -388,10 +392,10 @@ __global__ void __launch_bounds__(kHighwayThreads, kHighwayMinBlocksPerSm)
             dxp.v[j] = from_acc<scalar_t>(r.dx);
             dcp.v[j] = from_acc<scalar_t>(r.dc);
           }
-          if (dh != nullptr) dh[p] = dhp;
-          if (dg != nullptr) dg[p] = dgp;
-          if (dx != nullptr) dx[p] = dxp;
-          if (kFreeCarry && dc != nullptr) dc[p] = dcp;
+          if (want_dh) dh[p] = dhp;
+          if (want_dg) dg[p] = dgp;
+          if (want_dx) dx[p] = dxp;
+          if (want_dc) dc[p] = dcp;
         };
       },
       [&](int row, int col) {
