@@ -39,6 +39,10 @@ constexpr int kHighwayBlocksPerSm = 8;   // 8 x 256 threads fill an SM; the grid
 // Register cap through __launch_bounds__: at least 3 resident blocks (<= 85 registers). Uncapped, the unrolled
 // float64 backward took ~108 registers (2 blocks per SM); a cap of 4 blocks (64 registers) makes it spill.
 constexpr int kHighwayMinBlocksPerSm = 3;
+// The aligned float64 backward (five 16-byte packs in flight plus nine row pointers) spills 20 B under the cap of
+// 3 blocks on sm_90 (free carry): it gets the cap of 2 blocks (128 registers); the other kernels keep 3.
+template <typename scalar_t>
+constexpr int kHighwayBackwardMinBlocksPerSm = sizeof(scalar_t) == 8 ? 2 : kHighwayMinBlocksPerSm;
 
 struct HighwayShape {
   int64_t rows, cols;
@@ -354,7 +358,7 @@ __global__ void __launch_bounds__(kHighwayThreads, kHighwayMinBlocksPerSm)
 // Reads dy, h, g (always), x (when a gradient that needs it is requested: grad_gate of the coupled form,
 // grad_carry_gate of the free form) and c (free form); writes the requested gradients.
 template <typename scalar_t, typename acc_t, int kAct, bool kFreeCarry>
-__global__ void __launch_bounds__(kHighwayThreads, kHighwayMinBlocksPerSm)
+__global__ void __launch_bounds__(kHighwayThreads, kHighwayBackwardMinBlocksPerSm<scalar_t>)
     highway_backward_kernel(const HighwayBackwardKernelArgs<scalar_t> a, const HighwayShape sh) {
   constexpr bool kFast = kHighwayFastMath<scalar_t, acc_t>;
   constexpr int V = kHighwayVec<scalar_t>;
