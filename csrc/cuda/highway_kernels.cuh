@@ -40,7 +40,8 @@ constexpr int kHighwayBlocksPerSm = 8;   // 8 x 256 threads fill an SM; the grid
 // float64 backward took ~108 registers (2 blocks per SM); a cap of 4 blocks (64 registers) makes it spill.
 constexpr int kHighwayMinBlocksPerSm = 3;
 // The aligned float64 backward (five 16-byte packs in flight plus nine row pointers) spills 20 B under the cap of
-// 3 blocks on sm_90 (free carry): it gets the cap of 2 blocks (128 registers); the other kernels keep 3.
+// 3 blocks on sm_90 (free carry): it gets the cap of 2 blocks (128 registers); it then takes 68-80 registers, so 3
+// blocks still fit. The other kernels keep the cap of 3.
 template <typename scalar_t>
 constexpr int kHighwayBackwardMinBlocksPerSm = sizeof(scalar_t) == 8 ? 2 : kHighwayMinBlocksPerSm;
 
@@ -103,8 +104,9 @@ FUSEDRES_HOST_DEVICE_INLINE bool highway_operand_aligned(const Operand& o, int64
   return reinterpret_cast<uintptr_t>(o.data) % 16 == 0 && (rows <= 1 || o.row_stride % kVec == 0);
 }
 
-// Shapes whose indices inside a row, their grid strides and the row index all fit in 32 bits (the grid stride
-// is at most 65535 * 256 rows or 2^11 * 256 packs, so 2^30 leaves room).
+// Shapes whose row index and index inside a row fit in 32 bits with their grid strides added: a row stride is at
+// most kMaxGridY * 256 < 2^24, a pack stride num_sms * kHighwayBlocksPerSm * 256 (< 2^30 for any real device), so
+// an index below 2^30 plus either stays below 2^31.
 FUSEDRES_HOST_DEVICE_INLINE bool highway_fits_int32(int64_t rows, int64_t cols) {
   return rows < (int64_t(1) << 30) && cols < (int64_t(1) << 30);
 }
