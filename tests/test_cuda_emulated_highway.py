@@ -5,7 +5,9 @@ the project's kernel headers and the launch sequences the .cu launcher calls (cs
 the same sizing function (highway_launch_config). Operands are passed in the rows view of csrc/highway.h: a pointer
 to element (0, 0) and a row stride, so packed halves of one projection are read and written in place. Results are
 compared with a float64 evaluation of docs/design.md §2 (independent of csrc/common/highway_math.h) and, when the native
-module has them, with the CPU ops torch.ops.fusedres.highway_*.
+module has them, with the CPU ops torch.ops.fusedres.highway_*. The launcher picks one of two walks per call (the
+aligned one with 16-byte accesses, or the strided one): the layouts below reach both, test_walk_choice checks which
+runs, test_every_highway_kernel_is_emulated that every kernel and launch site ran.
 """
 
 from __future__ import annotations
@@ -33,9 +35,13 @@ SHAPES = [
     (300, 5, 1),  # blockDim.x = 2, several row tiles
     (13, 130, 2),  # blockDim.x = 64, partial column tile
     (7, 1031, 1),  # blockDim.x = 256, two column tiles, the second nearly empty
+    (6, 64, 1),  # rows of whole 16-byte packs: packed projections (row stride 2 or 3 x 64) take the aligned walk
 ]
 SHAPE_IDS = [f"{r}x{c}-sm{s}" for r, c, s in SHAPES]
-LAYOUTS = ["dense", "padded", "packed"]
+# dense, padded and packed as in the ops; padded16 pads rows to a multiple of 8 elements (16-byte aligned rows:
+# the aligned walk, row tails included); offset starts every view one element into its buffer, rows otherwise
+# aligned (misaligned pointers force the strided walk). Which walk runs: test_walk_choice.
+LAYOUTS = ["dense", "padded", "packed", "padded16", "offset"]
 
 
 # ------------------------------------------------------------------------------------------------ the library
@@ -51,7 +57,7 @@ class HighwayEmuLib:
         lib.emu_last_error.restype = ctypes.c_char_p
         lib.emu_launch_log.argtypes = [ctypes.c_char_p, i64]
         lib.emu_launch_log.restype = i64
-        lib.emu_highway_launch_config.argtypes = [i64, i64, i, ctypes.POINTER(i64)]
+        lib.emu_highway_launch_config.argtypes = [i64, i64, i, i, ctypes.POINTER(i64)]
         lib.emu_highway_forward.argtypes = [i, i64, i64, i, i] + [p, i64] * 5
         lib.emu_highway_backward.argtypes = [i, i64, i64, i, i] + [p, i64] * 9
         self.has_half = bool(lib.emu_has_half())
@@ -66,9 +72,10 @@ class HighwayEmuLib:
         lines = [ln.split("\t", 1) for ln in buf.value.decode().splitlines()]
         return {name: int(count) for count, name in lines}
 
-    def launch_config(self, rows: int, cols: int, num_sms: int) -> dict[str, int]:
+    def launch_config(self, rows: int, cols: int, num_sms: int, per_thread: int = 4) -> dict[str, int]:
+        """The strided walk's launch shape (per_thread 4), or the aligned walk's (per_thread 16 / element size)."""
         out = (ctypes.c_int64 * 4)()
-        self.lib.emu_highway_launch_config(rows, cols, num_sms, out)
+        self.lib.emu_highway_launch_config(rows, cols, num_sms, per_thread, out)
         return dict(zip(("grid_x", "grid_y", "block_x", "block_y"), out))
 
     def _check(self, rc: int) -> None:
@@ -117,7 +124,9 @@ class Buffers:
     """Operand views of one call in a layout, each a (rows, cols) view with contiguous rows inside a buffer.
 
     dense: every operand its own (rows, cols) tensor. padded: every operand its own buffer with a distinct row
-    stride > cols (the gaps hold SENTINEL and must stay untouched). packed: the parts (transform, gate[,
+    stride > cols (the gaps hold SENTINEL and must stay untouched). padded16: the same with row strides a multiple
+    of 8 elements (16-byte rows for every dtype). offset: every view starts at column 1 of its buffer, whose row
+    stride is a multiple of 8 elements (only the pointers are misaligned). packed: the parts (transform, gate[,
     carry_gate]) are column blocks of one (rows, parts * cols) projection, and so are their gradients; carry,
     grad_out, the output and grad_carry are dense, as in the packed op.
     """
@@ -125,39 +134,44 @@ class Buffers:
     def __init__(self, rows: int, cols: int, layout: str, free_carry: bool, dtype: torch.dtype) -> None:
         self.rows, self.cols, self.layout, self.dtype = rows, cols, layout, dtype
         self.parts = 3 if free_carry else 2
-        self.buffers: list[torch.Tensor] = []
+        self.buffers: list[tuple[torch.Tensor, int, int]] = []  # (buffer, first column used, columns used)
         self._pad = 1
 
     def _own(self) -> torch.Tensor:
-        width = self.cols
+        start, width = 0, self.cols
         if self.layout == "padded":
             width += self._pad
             self._pad += 2
+        elif self.layout == "padded16":
+            width = -(-self.cols // 8) * 8 + 8 * self._pad
+            self._pad += 1
+        elif self.layout == "offset":
+            start, width = 1, -(-(self.cols + 1) // 8) * 8
         buf = torch.full((self.rows, width), SENTINEL, dtype=self.dtype)
-        self.buffers.append(buf)
-        return buf[:, : self.cols]
+        self.buffers.append((buf, start, self.cols))
+        return buf[:, start : start + self.cols]
 
     def part_views(self) -> list[torch.Tensor]:
         """Views for (transform, gate[, carry_gate]) or their gradients."""
         if self.layout != "packed":
             return [self._own() for _ in range(self.parts)]
         buf = torch.full((self.rows, self.parts * self.cols), SENTINEL, dtype=self.dtype)
-        self.buffers.append(buf)
+        self.buffers.append((buf, 0, self.parts * self.cols))
         return [buf[:, k * self.cols : (k + 1) * self.cols] for k in range(self.parts)]
 
     def view(self) -> torch.Tensor:
         """A view for a carry-shaped operand (dense in the packed layout)."""
         if self.layout == "packed":
             buf = torch.full((self.rows, self.cols), SENTINEL, dtype=self.dtype)
-            self.buffers.append(buf)
+            self.buffers.append((buf, 0, self.cols))
             return buf
         return self._own()
 
     def assert_gaps_untouched(self) -> None:
-        """Padding between rows of padded buffers still holds SENTINEL (nothing written outside the views)."""
-        for buf in self.buffers:
-            gap = buf[:, self.cols :] if self.layout == "padded" else buf[:, :0]
-            assert bool((gap == SENTINEL).all()), "a kernel wrote outside its operand's rows"
+        """Columns of every buffer outside its views still hold SENTINEL (nothing written outside the views)."""
+        for buf, start, used in self.buffers:
+            for gap in (buf[:, :start], buf[:, start + used :]):
+                assert bool((gap == SENTINEL).all()), "a kernel wrote outside its operand's rows"
 
 
 def _values(rows: int, cols: int, gen: torch.Generator, scale: float, special: bool) -> torch.Tensor:
@@ -287,7 +301,7 @@ GRAD_MASKS = [
 
 @pytest.mark.parametrize("grads", GRAD_MASKS, ids=lambda m: "".join("hgxc"[i] for i in range(4) if m[i]))
 @pytest.mark.parametrize("free_carry", [False, True], ids=["coupled", "free"])
-@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("layout", ["padded", "packed", "padded16"])
 def test_highway_partial_grads(emu, layout, free_carry, grads):
     """Gradients not requested are not written (and x is not read unless needed); the others stay right."""
     _run(emu, (13, 130, 2), layout, free_carry, "tanh", torch.float32, "rand", grads)
@@ -304,7 +318,7 @@ def test_no_grads_launches_nothing(emu):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("free_carry", [False, True], ids=["coupled", "free"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[5]], ids=[SHAPE_IDS[2], SHAPE_IDS[5]])
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[5], SHAPES[7]], ids=[SHAPE_IDS[2], SHAPE_IDS[5], SHAPE_IDS[7]])
 def test_highway_half(emu, shape, layout, free_carry, dtype):
     """float16 / bfloat16 storage (float accumulation), random thread order."""
     if not emu.has_half:
@@ -419,11 +433,71 @@ def test_shapes_reach_edges(emu):
 
 
 def test_every_highway_kernel_is_emulated(emu):
-    """Each __global__ kernel of highway_kernels.cuh and each launch site of highway_launch.cuh ran."""
+    """Each __global__ kernel of highway_kernels.cuh and each launch site of highway_launch.cuh ran: the packed
+    (37, 3) projection takes the strided walk, the packed (6, 64) one the aligned walk."""
     for dtype in (torch.float32, torch.float64):
         for free_carry in (False, True):
             _run(emu, SHAPES[2], "packed", free_carry, "relu", dtype, "asc")
-    assert_all_launched(emu.launch_log(), "highway_kernels.cuh", min_kernels=2, min_sites=2)
+            _run(emu, SHAPES[7], "packed", free_carry, "relu", dtype, "asc")
+    assert_all_launched(emu.launch_log(), "highway_kernels.cuh", min_kernels=4, min_sites=4)
+
+
+def _walks(emu, *args, **kw) -> set[str]:
+    """Runs _run(emu, *args) and returns the walks its kernel launches took: 'aligned' and / or 'strided'."""
+    before = emu.launch_log()
+    _run(emu, *args, **kw)
+    new = {k for k, v in emu.launch_log().items() if v > before.get(k, 0)}
+    assert new, "no kernel launched"
+    return {"strided" if "strided" in k else "aligned" for k in new}
+
+
+WALK_CASES = [
+    # (shape, layout, dtype, free carry, walk): the launcher's runtime alignment check (highway_aligned)
+    ((6, 64, 1), "dense", torch.float32, False, "aligned"),
+    ((6, 64, 1), "packed", torch.float32, False, "aligned"),  # packed projection, row stride 2 x 64
+    ((6, 64, 1), "packed", torch.float16, True, "aligned"),  # row stride 3 x 64, parts 128 B apart
+    ((6, 64, 1), "packed", torch.bfloat16, False, "aligned"),
+    ((13, 130, 2), "packed", torch.float64, True, "aligned"),  # 130 doubles: whole 16-byte packs
+    ((13, 130, 2), "packed", torch.float32, False, "strided"),  # parts 520 B apart: misaligned
+    ((13, 130, 2), "padded16", torch.float32, True, "aligned"),  # rows of 32 packs + a tail of 2
+    ((1, 9001, 1), "dense", torch.float32, False, "aligned"),  # one row: any stride, a tail of 1
+    ((1, 9001, 1), "dense", torch.float16, False, "aligned"),
+    ((37, 3, 1), "dense", torch.float32, False, "strided"),  # row stride 3
+    ((3000, 3, 1), "padded16", torch.float64, False, "aligned"),  # one pack and a tail of 1 per row
+    ((6, 64, 1), "offset", torch.float32, False, "strided"),  # pointers 4 bytes past a 16-byte boundary
+    ((6, 64, 1), "offset", torch.float16, True, "strided"),
+    ((1, 9001, 1), "offset", torch.float64, False, "strided"),
+    ((6, 64, 1), "padded", torch.float32, False, "strided"),  # odd row strides
+]
+
+
+@pytest.mark.parametrize("case", WALK_CASES, ids=lambda c: f"{c[0][0]}x{c[0][1]}-{c[1]}-{str(c[2])[6:]}-{c[4]}")
+def test_walk_choice(emu, case):
+    """The aligned walk runs exactly where every pointer and row stride allows 16-byte accesses (packed
+    projections included), the strided one otherwise (offset views); both give the reference results."""
+    shape, layout, dtype, free_carry, walk = case
+    if dtype in (torch.float16, torch.bfloat16) and not emu.has_half:
+        pytest.skip("the emulator library was built without cuda_fp16.h / cuda_bf16.h")
+    assert _walks(emu, shape, layout, free_carry, "tanh", dtype, "rand") == {walk}
+
+
+def test_aligned_shapes_reach_edges(emu):
+    """The padded16 runs of test_highway (float32: 4, float64: 2 elements per 16-byte pack) and test_highway_half
+    (8 per pack) take the aligned walk through its edges: a grid stride along a row's packs and over rows, row
+    tails (cols % pack), rows that are only a tail (cols < pack)."""
+    half_shapes = [SHAPES[2], SHAPES[5], SHAPES[7]]
+    for vec, shapes in ((2, SHAPES), (4, SHAPES), (8, half_shapes)):
+        cfg = {s: emu.launch_config(*s, per_thread=vec) for s in shapes}
+        for c in cfg.values():
+            assert c["block_x"] * c["block_y"] == 256 and c["grid_y"] <= 65535
+        assert any(s[1] % vec for s in shapes), f"{vec} per pack: no row tail"
+        assert any(s[1] // vec >= vec for s in shapes), f"{vec} per pack: no row of whole packs"
+        if vec > 2:
+            assert any(s[1] < vec for s in shapes), f"{vec} per pack: no tail-only rows"
+        else:
+            assert any(s[1] // vec > c["grid_x"] * c["block_x"] for s, c in cfg.items()), "no stride along packs"
+        if vec < 8:
+            assert any(math.ceil(s[0] / c["block_y"]) > c["grid_y"] for s, c in cfg.items()), "no row stride"
 
 
 def _ulp(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

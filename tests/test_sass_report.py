@@ -113,16 +113,24 @@ def _tools_missing() -> str | None:
 
 @pytest.mark.skipif(_tools_missing() is not None, reason=str(_tools_missing()))
 def test_highway_kernels_real_sass_and_baseline(capsys):
-    """highway.cu for sm_90: every kernel has a hot loop, its element count is the kernel's unroll factor (the
-    loads are scalar today), and the figures are within the checked-in baseline's margin."""
+    """highway.cu for sm_90: every kernel has a hot loop; the aligned kernels (highway_*_kernel) load 16 bytes per
+    operand and iteration (LDG.E.128 only: 16 / element size elements), the strided ones (strided_highway_*_kernel)
+    one element per load, kHighwayUnroll per iteration; the figures are within the checked-in baseline's margin."""
     args = ["--arch", "sm_90", os.path.join(ROOT, "csrc", "cuda", "highway.cu"), "--json", "--check"]
     assert sr.main(args) == 0, capsys.readouterr().err
     got = json.loads(capsys.readouterr().out)
     with open(os.path.join(ROOT, "csrc", "cuda", "highway_kernels.cuh")) as fh:
         unroll = int(re.search(r"constexpr int kHighwayUnroll = (\d+);", fh.read()).group(1))
-    assert len(got) >= 8  # forward and backward x float, double, half, bfloat16 (more with specialisations)
+    assert len(got) >= 16  # forward and backward x float, double, half, bfloat16 x two walks (more specialised)
+    assert any(n.startswith("highway_") for n in got) and any(n.startswith("strided_highway_") for n in got)
     for name, k in got.items():
-        assert name.startswith("highway_"), name
+        assert name.startswith(("highway_", "strided_highway_")), name
         assert k["loop"] > 0 and k["path"] > 0, name
-        assert k["elements"] == unroll, (name, k)
-        assert k["per_element"] == pytest.approx(k["path"] / unroll, abs=0.01)
+        if name.startswith("strided_"):
+            elements = unroll
+            assert 128 not in k["load_widths"], (name, k)
+        else:
+            elements = 16 // sr.template_types(name)[0]
+            assert k["loads_128"], (name, k)
+        assert k["elements"] == elements, (name, k)
+        assert k["per_element"] == pytest.approx(k["path"] / elements, abs=0.01)

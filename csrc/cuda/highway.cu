@@ -24,15 +24,13 @@ gpu::HighwayOut<scalar_t> kernel_out(const HighwayOutOperand& o) {
   return {static_cast<scalar_t*>(o.data), o.row_stride};
 }
 
-gpu::HighwayLaunch launch_config(const HighwayRows& shape) {
-  return gpu::highway_launch_config(shape.rows, shape.cols,
-                                    at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-}
+int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 void run_forward(const HighwayForwardArgs& args) {
   if (args.shape.numel() == 0) return;
   TORCH_INTERNAL_ASSERT(args.free_carry == (args.carry_gate.data != nullptr));
-  const gpu::HighwayLaunch L = launch_config(args.shape);
+  const gpu::HighwayShape shape{args.shape.rows, args.shape.cols};
+  const int sms = num_sms();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   FUSEDRES_DISPATCH_FLOATING(args.dtype, "highway_forward_cuda", [&] {
     const gpu::HighwayForwardKernelArgs<kscalar_t> a{kernel_in<kscalar_t>(args.transform),
@@ -41,7 +39,7 @@ void run_forward(const HighwayForwardArgs& args) {
                                                      kernel_in<kscalar_t>(args.carry_gate),
                                                      kernel_out<kscalar_t>(args.out),
                                                      args.act};
-    gpu::highway_forward_launch<kscalar_t, acc_t>(L, a, stream);
+    gpu::highway_forward_launch<kscalar_t, acc_t>(shape, sms, a, stream);
   });
 }
 
@@ -49,7 +47,8 @@ void run_backward(const HighwayBackwardArgs& args) {
   if (args.shape.numel() == 0) return;
   TORCH_INTERNAL_ASSERT(args.free_carry == (args.carry_gate.data != nullptr));
   TORCH_INTERNAL_ASSERT(args.free_carry || args.grad_carry_gate.data == nullptr);
-  const gpu::HighwayLaunch L = launch_config(args.shape);
+  const gpu::HighwayShape shape{args.shape.rows, args.shape.cols};
+  const int sms = num_sms();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   FUSEDRES_DISPATCH_FLOATING(args.dtype, "highway_backward_cuda", [&] {
     const gpu::HighwayBackwardKernelArgs<kscalar_t> a{kernel_in<kscalar_t>(args.grad_out),
@@ -62,7 +61,7 @@ void run_backward(const HighwayBackwardArgs& args) {
                                                       kernel_out<kscalar_t>(args.grad_carry),
                                                       kernel_out<kscalar_t>(args.grad_carry_gate),
                                                       args.act};
-    gpu::highway_backward_launch<kscalar_t, acc_t>(L, a, stream);
+    gpu::highway_backward_launch<kscalar_t, acc_t>(shape, sms, a, stream);
   });
 }
 

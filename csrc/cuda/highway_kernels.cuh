@@ -11,9 +11,11 @@
 // Kernels, launched with the shape of highway_launch_config(), one instantiation per activation and carry form:
 //   highway_forward_kernel   y = act(h) * sigmoid(g) + x * (1 - sigmoid(g))   (free carry: + x * sigmoid(c))
 //   highway_backward_kernel  dh, dg, dx (and dc), each optional, in one pass over dy, h, g, x (and c)
-// Both use the same 2-D walk: threadIdx.x / blockIdx.x along a row's columns (kHighwayUnroll elements per thread,
-// kHighwayUnroll * blockDim.x consecutive columns per block tile, lane-strided so that a warp's loads coalesce),
-// threadIdx.y / blockIdx.y over rows; both grid dimensions stride, so any (rows, cols) is covered by a bounded grid.
+// each in two walks (see "Kernels" below): the aligned one (16-byte accesses, 32-bit indices inside a row, no
+// per-element bounds check) where every operand's pointer and row stride allow it (highway_aligned()), and the
+// strided one (strided_highway_*_kernel: one element per access, 64-bit indices) otherwise. Both walk columns along
+// threadIdx.x / blockIdx.x and rows along threadIdx.y / blockIdx.y; both grid dimensions stride, so any
+// (rows, cols) is covered by a bounded grid.
 //
 // Scalars: float, double, __half and __nv_bfloat16; acc_t is double for double and float otherwise.
 #pragma once
@@ -37,6 +39,11 @@ constexpr int kHighwayBlocksPerSm = 8;   // 8 x 256 threads fill an SM; the grid
 // Register cap through __launch_bounds__: at least 3 resident blocks (<= 85 registers). Uncapped, the unrolled
 // float64 backward took ~108 registers (2 blocks per SM); a cap of 4 blocks (64 registers) makes it spill.
 constexpr int kHighwayMinBlocksPerSm = 3;
+// The aligned float64 backward (five 16-byte packs in flight plus nine row pointers) spills 20 B under the cap of
+// 3 blocks on sm_90 (free carry): it gets the cap of 2 blocks (128 registers); it then takes 68-80 registers, so 3
+// blocks still fit. The other kernels keep the cap of 3.
+template <typename scalar_t>
+constexpr int kHighwayBackwardMinBlocksPerSm = sizeof(scalar_t) == 8 ? 2 : kHighwayMinBlocksPerSm;
 
 struct HighwayShape {
   int64_t rows, cols;
@@ -47,19 +54,21 @@ struct HighwayLaunch {
   dim3 grid, block;
 };
 
-// Launch shape for a (rows, cols) problem on a device with `num_sms` multiprocessors. The block is 256 threads:
-// blockDim.x is the smallest power of two with blockDim.x * kHighwayUnroll >= cols (at most 256), so short rows
-// (a packed projection of small width) give a block several rows instead of idle threads; blockDim.y takes the
-// rest. Valid for rows * cols == 0 as well (every extent at least 1), though the launcher returns before
-// launching anything then.
-FUSEDRES_HOST_DEVICE_INLINE HighwayLaunch highway_launch_config(int64_t rows, int64_t cols, int num_sms) {
+// Launch shape for a (rows, cols) problem on a device with `num_sms` multiprocessors, each thread taking
+// `per_thread` consecutive-in-the-tile columns per step (kHighwayUnroll for the strided walk, one 16-byte pack,
+// kHighwayVec<scalar_t>, for the aligned one). The block is 256 threads: blockDim.x is the smallest power of two
+// with blockDim.x * per_thread >= cols (at most 256), so short rows (a packed projection of small width) give a
+// block several rows instead of idle threads; blockDim.y takes the rest. Valid for rows * cols == 0 as well
+// (every extent at least 1), though the launcher returns before launching anything then.
+FUSEDRES_HOST_DEVICE_INLINE HighwayLaunch highway_launch_config(int64_t rows, int64_t cols, int num_sms,
+                                                                int per_thread = kHighwayUnroll) {
   HighwayLaunch L;
   L.shape.rows = rows;
   L.shape.cols = cols;
   int64_t tx = 1;
-  while (tx < kHighwayThreads && tx * kHighwayUnroll < cols) tx *= 2;
+  while (tx < kHighwayThreads && tx * per_thread < cols) tx *= 2;
   const int64_t ty = kHighwayThreads / tx;
-  const int64_t col_tiles = max_i64(ceil_div(cols, tx * kHighwayUnroll), 1);
+  const int64_t col_tiles = max_i64(ceil_div(cols, tx * per_thread), 1);
   const int64_t row_tiles = max_i64(ceil_div(rows, ty), 1);
   const int64_t target = max_i64(num_sms, 1) * kHighwayBlocksPerSm;
   const int64_t gx = min_i64(col_tiles, target);
@@ -85,6 +94,22 @@ struct HighwayOut {
   scalar_t* data;  // nullptr: not requested
   int64_t row_stride;
 };
+
+// The aligned walk's condition for one operand (absent operands pass): its (0, 0) element on a 16-byte boundary
+// and, when there is more than one row, a row stride that keeps every row's start there.
+template <typename scalar_t, typename Operand>
+FUSEDRES_HOST_DEVICE_INLINE bool highway_operand_aligned(const Operand& o, int64_t rows) {
+  constexpr int64_t kVec = 16 / static_cast<int64_t>(sizeof(scalar_t));
+  if (o.data == nullptr) return true;
+  return reinterpret_cast<uintptr_t>(o.data) % 16 == 0 && (rows <= 1 || o.row_stride % kVec == 0);
+}
+
+// Shapes whose row index and index inside a row fit in 32 bits with their grid strides added: a row stride is at
+// most kMaxGridY * 256 < 2^24, a pack stride num_sms * kHighwayBlocksPerSm * 256 (< 2^30 for any real device), so
+// an index below 2^30 plus either stays below 2^31.
+FUSEDRES_HOST_DEVICE_INLINE bool highway_fits_int32(int64_t rows, int64_t cols) {
+  return rows < (int64_t(1) << 30) && cols < (int64_t(1) << 30);
+}
 
 template <typename scalar_t>
 struct HighwayForwardKernelArgs {
@@ -183,15 +208,222 @@ FUSEDRES_DEVICE_INLINE acc_t hw_act(acc_t h) {
   return h;
 }
 
+// Per-element forward and backward: the formulas of math::highway_forward / math::highway_backward, shared by
+// both walks below so that the aligned and the strided kernels compute exactly the same values.
+template <int kAct, bool kFast, bool kFreeCarry, typename acc_t>
+FUSEDRES_DEVICE_INLINE acc_t hw_forward_elem(acc_t h, acc_t g, acc_t x, acc_t c) {
+  const acc_t H = hw_act<kAct, kFast>(h);
+  const acc_t T = hw_sigmoid<kFast>(g);
+  if constexpr (kFreeCarry) {
+    return H * T + x * hw_sigmoid<kFast>(c);
+  } else {
+    (void)c;
+    return H * T + x * (acc_t(1) - T);
+  }
+}
+
+template <typename acc_t>
+struct HighwayGrads {
+  acc_t dh, dg, dx, dc;
+};
+
+// One pass: the formulas of math::highway_backward (dh = act_backward(dy*T) below):
+//   coupled:    dh = dy*T*act'(h); dg = dy*(H - x)*T*(1 - T); dx = dy*(1 - T)
+//   free carry: dh = dy*T*act'(h); dg = dy*H*T*(1 - T); dx = dy*S; dc = dy*x*S*(1 - S), S = sigmoid(c)
+template <int kAct, bool kFast, bool kFreeCarry, typename acc_t>
+FUSEDRES_DEVICE_INLINE HighwayGrads<acc_t> hw_backward_elem(acc_t d, acc_t h, acc_t g, acc_t x, acc_t c) {
+  const acc_t H = hw_act<kAct, kFast>(h);
+  const acc_t T = hw_sigmoid<kFast>(g);
+  HighwayGrads<acc_t> r;
+  r.dh = math::highway_act_backward(d * T, h, H, kAct);  // kAct constant: folded
+  if constexpr (kFreeCarry) {
+    const acc_t S = hw_sigmoid<kFast>(c);
+    r.dg = d * H * T * (acc_t(1) - T);
+    r.dx = d * S;
+    r.dc = d * x * S * (acc_t(1) - S);
+  } else {
+    (void)c;
+    r.dg = d * (H - x) * T * (acc_t(1) - T);
+    r.dx = d * (acc_t(1) - T);
+    r.dc = acc_t(0);
+  }
+  return r;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Kernels: one instantiation per storage type, activation (math::HighwayAct) and carry form, chosen by the
 // launcher (highway_launch.cuh), so the loop holds one activation's code and loads only the operands its form
-// reads.
+// reads. Two walks, chosen at run time by the launcher (highway_aligned()):
+//   highway_{forward,backward}_kernel          aligned: every operand's (0, 0) element 16-byte aligned, every
+//       row stride a multiple of kHighwayVec elements, rows and cols below 2^30. One 16-byte access (a
+//       HighwayPack: 4 float, 8 half / bfloat16, 2 double) per operand and iteration, 32-bit indices inside a
+//       row (64-bit row offsets, once per row), no per-element bounds check; the cols % kHighwayVec elements at
+//       the end of each row are done one at a time by the first block column.
+//   strided_highway_{forward,backward}_kernel  any pointers and strides: kHighwayUnroll elements per thread,
+//       one load each, 64-bit indices, a bounds check per element.
 // ---------------------------------------------------------------------------------------------------------
+
+// Elements per 16-byte access.
+template <typename scalar_t>
+constexpr int kHighwayVec = 16 / static_cast<int>(sizeof(scalar_t));
+
+// 16 bytes of one operand: a load or store of a HighwayPack through a reinterpret_cast pointer is one 128-bit
+// instruction (LDG.E.128 / STG.E.128) on the device and a struct copy under the emulator.
+template <typename scalar_t>
+struct alignas(16) HighwayPack {
+  scalar_t v[kHighwayVec<scalar_t>];
+};
+
+// The aligned walk: for every row this thread visits, row_fn(row) gives the row's pack function (its operand
+// row pointers computed once per row, outside the pack loop), called for every 16-byte pack this thread owns;
+// tail(row, col) takes the cols % V elements at the end of the row. Indices inside a row are 32-bit (rows, cols
+// < 2^30 are the launcher's condition, so neither an index nor its grid stride overflows); a row's offset is
+// 64-bit.
+template <typename scalar_t, typename RowFn, typename TailFn>
+FUSEDRES_DEVICE_INLINE void highway_for_each_pack(const HighwayShape sh, RowFn&& row_fn, TailFn&& tail) {
+  constexpr int V = kHighwayVec<scalar_t>;
+  const int rows = static_cast<int>(sh.rows);
+  const int cols = static_cast<int>(sh.cols);
+  const int packs = cols / V;
+  const int tail_start = packs * V;
+  const int pack_start = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  const int pack_step = static_cast<int>(gridDim.x * blockDim.x);
+  const int row_step = static_cast<int>(gridDim.y * blockDim.y);
+  for (int row = static_cast<int>(blockIdx.y * blockDim.y + threadIdx.y); row < rows; row += row_step) {
+    auto f = row_fn(row);
+    for (int p = pack_start; p < packs; p += pack_step) f(p);
+    if (blockIdx.x == 0) {
+      // Not unrolled: fewer than V iterations in all, and an unrolled copy would outweigh the pack loop in code.
+#pragma unroll 1
+      for (int col = tail_start + static_cast<int>(threadIdx.x); col < cols; col += static_cast<int>(blockDim.x)) {
+        tail(row, col);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+FUSEDRES_DEVICE_INLINE const HighwayPack<scalar_t>* hw_row_packs(const HighwayIn<scalar_t>& o, int row) {
+  return reinterpret_cast<const HighwayPack<scalar_t>*>(o.data + int64_t(row) * o.row_stride);
+}
+
+template <typename scalar_t>
+FUSEDRES_DEVICE_INLINE HighwayPack<scalar_t>* hw_row_packs(const HighwayOut<scalar_t>& o, int row) {
+  return reinterpret_cast<HighwayPack<scalar_t>*>(o.data + int64_t(row) * o.row_stride);
+}
+
+template <typename T>
+FUSEDRES_DEVICE_INLINE const T& hw_at(const HighwayIn<T>& o, int row, int col) {
+  return o.data[int64_t(row) * o.row_stride + col];
+}
+
+template <typename T>
+FUSEDRES_DEVICE_INLINE T& hw_at(const HighwayOut<T>& o, int row, int col) {
+  return o.data[int64_t(row) * o.row_stride + col];
+}
 
 template <typename scalar_t, typename acc_t, int kAct, bool kFreeCarry>
 __global__ void __launch_bounds__(kHighwayThreads, kHighwayMinBlocksPerSm)
     highway_forward_kernel(const HighwayForwardKernelArgs<scalar_t> a, const HighwayShape sh) {
+  constexpr bool kFast = kHighwayFastMath<scalar_t, acc_t>;
+  constexpr int V = kHighwayVec<scalar_t>;
+  using Pack = HighwayPack<scalar_t>;
+  highway_for_each_pack<scalar_t>(
+      sh,
+      [&](int row) {
+        const Pack* h = hw_row_packs(a.transform, row);
+        const Pack* g = hw_row_packs(a.gate, row);
+        const Pack* x = hw_row_packs(a.carry, row);
+        const Pack* c = kFreeCarry ? hw_row_packs(a.carry_gate, row) : nullptr;
+        Pack* y = hw_row_packs(a.out, row);
+        return [=](int p) {
+          const Pack hp = h[p], gp = g[p], xp = x[p];
+          Pack cp = hp;
+          if constexpr (kFreeCarry) cp = c[p];
+          Pack yp;
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            yp.v[j] = from_acc<scalar_t>(hw_forward_elem<kAct, kFast, kFreeCarry>(
+                to_acc(hp.v[j]), to_acc(gp.v[j]), to_acc(xp.v[j]), to_acc(cp.v[j])));
+          }
+          y[p] = yp;
+        };
+      },
+      [&](int row, int col) {
+        const acc_t c = kFreeCarry ? to_acc(hw_at(a.carry_gate, row, col)) : acc_t(0);
+        hw_at(a.out, row, col) = from_acc<scalar_t>(hw_forward_elem<kAct, kFast, kFreeCarry>(
+            to_acc(hw_at(a.transform, row, col)), to_acc(hw_at(a.gate, row, col)), to_acc(hw_at(a.carry, row, col)),
+            c));
+      });
+}
+
+// Reads dy, h, g (always), x (when a gradient that needs it is requested: grad_gate of the coupled form,
+// grad_carry_gate of the free form) and c (free form); writes the requested gradients.
+template <typename scalar_t, typename acc_t, int kAct, bool kFreeCarry>
+__global__ void __launch_bounds__(kHighwayThreads, kHighwayBackwardMinBlocksPerSm<scalar_t>)
+    highway_backward_kernel(const HighwayBackwardKernelArgs<scalar_t> a, const HighwayShape sh) {
+  constexpr bool kFast = kHighwayFastMath<scalar_t, acc_t>;
+  constexpr int V = kHighwayVec<scalar_t>;
+  using Pack = HighwayPack<scalar_t>;
+  const bool need_x = kFreeCarry ? a.grad_carry_gate.data != nullptr : a.grad_gate.data != nullptr;
+  // Which gradients are stored: tested as these flags (kernel-wide) rather than as the row pointers (registers of
+  // 64-bit compares in every iteration).
+  const bool want_dh = a.grad_transform.data != nullptr, want_dg = a.grad_gate.data != nullptr;
+  const bool want_dx = a.grad_carry.data != nullptr, want_dc = kFreeCarry && a.grad_carry_gate.data != nullptr;
+  highway_for_each_pack<scalar_t>(
+      sh,
+      [&](int row) {
+        const Pack* dy = hw_row_packs(a.grad_out, row);
+        const Pack* h = hw_row_packs(a.transform, row);
+        const Pack* g = hw_row_packs(a.gate, row);
+        const Pack* x = need_x ? hw_row_packs(a.carry, row) : nullptr;
+        const Pack* c = kFreeCarry ? hw_row_packs(a.carry_gate, row) : nullptr;
+        Pack* dh = want_dh ? hw_row_packs(a.grad_transform, row) : nullptr;
+        Pack* dg = want_dg ? hw_row_packs(a.grad_gate, row) : nullptr;
+        Pack* dx = want_dx ? hw_row_packs(a.grad_carry, row) : nullptr;
+        Pack* dc = want_dc ? hw_row_packs(a.grad_carry_gate, row) : nullptr;
+        return [=](int p) {
+          const Pack dyp = dy[p], hp = h[p], gp = g[p];
+          // x unread: the gradients that use it are not stored, so any stand-in (h) serves.
+          Pack xp = hp, cp = hp;
+          if (need_x) xp = x[p];
+          if constexpr (kFreeCarry) cp = c[p];
+          Pack dhp, dgp, dxp, dcp;
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            const HighwayGrads<acc_t> r = hw_backward_elem<kAct, kFast, kFreeCarry>(
+                to_acc(dyp.v[j]), to_acc(hp.v[j]), to_acc(gp.v[j]), to_acc(xp.v[j]), to_acc(cp.v[j]));
+            dhp.v[j] = from_acc<scalar_t>(r.dh);
+            dgp.v[j] = from_acc<scalar_t>(r.dg);
+            dxp.v[j] = from_acc<scalar_t>(r.dx);
+            dcp.v[j] = from_acc<scalar_t>(r.dc);
+          }
+          if (want_dh) dh[p] = dhp;
+          if (want_dg) dg[p] = dgp;
+          if (want_dx) dx[p] = dxp;
+          if (want_dc) dc[p] = dcp;
+        };
+      },
+      [&](int row, int col) {
+        const acc_t x = need_x ? to_acc(hw_at(a.carry, row, col)) : acc_t(0);
+        const acc_t c = kFreeCarry ? to_acc(hw_at(a.carry_gate, row, col)) : acc_t(0);
+        const HighwayGrads<acc_t> r = hw_backward_elem<kAct, kFast, kFreeCarry>(
+            to_acc(hw_at(a.grad_out, row, col)), to_acc(hw_at(a.transform, row, col)),
+            to_acc(hw_at(a.gate, row, col)), x, c);
+        if (a.grad_transform.data != nullptr) hw_at(a.grad_transform, row, col) = from_acc<scalar_t>(r.dh);
+        if (a.grad_gate.data != nullptr) hw_at(a.grad_gate, row, col) = from_acc<scalar_t>(r.dg);
+        if (a.grad_carry.data != nullptr) hw_at(a.grad_carry, row, col) = from_acc<scalar_t>(r.dx);
+        if (kFreeCarry && a.grad_carry_gate.data != nullptr) {
+          hw_at(a.grad_carry_gate, row, col) = from_acc<scalar_t>(r.dc);
+        }
+      });
+}
+
+// The strided walk (any pointer alignment and row stride, 64-bit indices): kHighwayUnroll elements per thread per
+// tile, lane-strided so that a warp's loads coalesce, loads of a tile issued together.
+template <typename scalar_t, typename acc_t, int kAct, bool kFreeCarry>
+__global__ void __launch_bounds__(kHighwayThreads, kHighwayMinBlocksPerSm)
+    strided_highway_forward_kernel(const HighwayForwardKernelArgs<scalar_t> a, const HighwayShape sh) {
   constexpr bool kFast = kHighwayFastMath<scalar_t, acc_t>;
   const int64_t lane_step = blockDim.x;
   highway_for_each_tile(sh, [&](int64_t row, int64_t col0) {
@@ -216,28 +448,15 @@ __global__ void __launch_bounds__(kHighwayThreads, kHighwayMinBlocksPerSm)
     for (int j = 0; j < kHighwayUnroll; ++j) {
       const int64_t col = col0 + j * lane_step;
       if (col < sh.cols) {
-        const acc_t H = hw_act<kAct, kFast>(hv[j]);
-        const acc_t T = hw_sigmoid<kFast>(gv[j]);
-        acc_t out;
-        if constexpr (kFreeCarry) {
-          out = H * T + xv[j] * hw_sigmoid<kFast>(cv[j]);
-        } else {
-          out = H * T + xv[j] * (acc_t(1) - T);
-        }
-        y[col] = from_acc<scalar_t>(out);
+        y[col] = from_acc<scalar_t>(hw_forward_elem<kAct, kFast, kFreeCarry>(hv[j], gv[j], xv[j], cv[j]));
       }
     }
   });
 }
 
-// One pass: reads dy, h, g (always), x (when a gradient that needs it is requested: grad_gate of the coupled form,
-// grad_carry_gate of the free form) and c (free form); writes the requested gradients. The formulas of
-// math::highway_backward (dh = act_backward(dy*T) below):
-//   coupled:    dh = dy*T*act'(h); dg = dy*(H - x)*T*(1 - T); dx = dy*(1 - T)
-//   free carry: dh = dy*T*act'(h); dg = dy*H*T*(1 - T); dx = dy*S; dc = dy*x*S*(1 - S), S = sigmoid(c)
 template <typename scalar_t, typename acc_t, int kAct, bool kFreeCarry>
 __global__ void __launch_bounds__(kHighwayThreads, kHighwayMinBlocksPerSm)
-    highway_backward_kernel(const HighwayBackwardKernelArgs<scalar_t> a, const HighwayShape sh) {
+    strided_highway_backward_kernel(const HighwayBackwardKernelArgs<scalar_t> a, const HighwayShape sh) {
   constexpr bool kFast = kHighwayFastMath<scalar_t, acc_t>;
   const bool need_x = kFreeCarry ? a.grad_carry_gate.data != nullptr : a.grad_gate.data != nullptr;
   const int64_t lane_step = blockDim.x;
@@ -264,29 +483,16 @@ __global__ void __launch_bounds__(kHighwayThreads, kHighwayMinBlocksPerSm)
     for (int j = 0; j < kHighwayUnroll; ++j) {
       const int64_t col = col0 + j * lane_step;
       if (col >= sh.cols) continue;
-      const acc_t d = dyv[j];
-      const acc_t H = hw_act<kAct, kFast>(hv[j]);
-      const acc_t T = hw_sigmoid<kFast>(gv[j]);
-      const acc_t dh = math::highway_act_backward(d * T, hv[j], H, kAct);  // kAct constant: folded
-      acc_t dg, dx, dc = acc_t(0);
-      if constexpr (kFreeCarry) {
-        const acc_t S = hw_sigmoid<kFast>(cv[j]);
-        dg = d * H * T * (acc_t(1) - T);
-        dx = d * S;
-        dc = d * xv[j] * S * (acc_t(1) - S);
-      } else {
-        dg = d * (H - xv[j]) * T * (acc_t(1) - T);
-        dx = d * (acc_t(1) - T);
-      }
+      const HighwayGrads<acc_t> r = hw_backward_elem<kAct, kFast, kFreeCarry>(dyv[j], hv[j], gv[j], xv[j], cv[j]);
       if (a.grad_transform.data != nullptr) {
-        a.grad_transform.data[row * a.grad_transform.row_stride + col] = from_acc<scalar_t>(dh);
+        a.grad_transform.data[row * a.grad_transform.row_stride + col] = from_acc<scalar_t>(r.dh);
       }
-      if (a.grad_gate.data != nullptr) a.grad_gate.data[row * a.grad_gate.row_stride + col] = from_acc<scalar_t>(dg);
+      if (a.grad_gate.data != nullptr) a.grad_gate.data[row * a.grad_gate.row_stride + col] = from_acc<scalar_t>(r.dg);
       if (a.grad_carry.data != nullptr) {
-        a.grad_carry.data[row * a.grad_carry.row_stride + col] = from_acc<scalar_t>(dx);
+        a.grad_carry.data[row * a.grad_carry.row_stride + col] = from_acc<scalar_t>(r.dx);
       }
       if (kFreeCarry && a.grad_carry_gate.data != nullptr) {
-        a.grad_carry_gate.data[row * a.grad_carry_gate.row_stride + col] = from_acc<scalar_t>(dc);
+        a.grad_carry_gate.data[row * a.grad_carry_gate.row_stride + col] = from_acc<scalar_t>(r.dc);
       }
     }
   });

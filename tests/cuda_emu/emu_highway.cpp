@@ -81,9 +81,10 @@ int64_t emu_launch_log(char* buf, int64_t len) {
   return static_cast<int64_t>(s.size());
 }
 
-// Launch shape as the launcher computes it, into out[0..3]: grid x, grid y, block x, block y.
-void emu_highway_launch_config(int64_t rows, int64_t cols, int num_sms, int64_t* o) {
-  const gpu::HighwayLaunch L = gpu::highway_launch_config(rows, cols, num_sms);
+// Launch shape as the launcher computes it for the strided walk (per_thread = 4) or the aligned one (per_thread =
+// 16 / element size), into out[0..3]: grid x, grid y, block x, block y.
+void emu_highway_launch_config(int64_t rows, int64_t cols, int num_sms, int per_thread, int64_t* o) {
+  const gpu::HighwayLaunch L = gpu::highway_launch_config(rows, cols, num_sms, per_thread);
   o[0] = L.grid.x;
   o[1] = L.grid.y;
   o[2] = L.block.x;
@@ -94,12 +95,11 @@ void emu_highway_launch_config(int64_t rows, int64_t cols, int num_sms, int64_t*
 int emu_highway_forward(int dtype, int64_t rows, int64_t cols, int num_sms, int act, const void* h, int64_t hs,
                         const void* g, int64_t gs, const void* x, int64_t xs, const void* c, int64_t cs, void* y,
                         int64_t ys) {
-  const gpu::HighwayLaunch L = gpu::highway_launch_config(rows, cols, num_sms);
   return dispatch(dtype, [&](auto s, auto a) {
     using T = decltype(s);
     const gpu::HighwayForwardKernelArgs<T> args{in<T>(h, hs), in<T>(g, gs), in<T>(x, xs), in<T>(c, cs),
                                                 out<T>(y, ys), act};
-    gpu::highway_forward_launch<T, decltype(a)>(L, args, nullptr);
+    gpu::highway_forward_launch<T, decltype(a)>({rows, cols}, num_sms, args, nullptr);
   });
 }
 
@@ -108,14 +108,13 @@ int emu_highway_backward(int dtype, int64_t rows, int64_t cols, int num_sms, int
                          const void* h, int64_t hs, const void* g, int64_t gs, const void* x, int64_t xs,
                          const void* c, int64_t cs, void* dh, int64_t dhs, void* dg, int64_t dgs, void* dx,
                          int64_t dxs, void* dc, int64_t dcs) {
-  const gpu::HighwayLaunch L = gpu::highway_launch_config(rows, cols, num_sms);
   return dispatch(dtype, [&](auto s, auto a) {
     using T = decltype(s);
     const gpu::HighwayBackwardKernelArgs<T> args{in<T>(dy, dys),  in<T>(h, hs),    in<T>(g, gs),
                                                  in<T>(x, xs),    in<T>(c, cs),    out<T>(dh, dhs),
                                                  out<T>(dg, dgs), out<T>(dx, dxs), out<T>(dc, dcs),
                                                  act};
-    gpu::highway_backward_launch<T, decltype(a)>(L, args, nullptr);
+    gpu::highway_backward_launch<T, decltype(a)>({rows, cols}, num_sms, args, nullptr);
   });
 }
 
