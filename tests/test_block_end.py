@@ -17,7 +17,7 @@ from fusedres import batch_norm_act
 from fusedres.nn import BatchNormAct2d
 from fusedres.ops.block_end import DOUBLE_BACKWARD_ERROR
 from fusedres.reference import batch_norm_act as reference
-from tests._numerics import assert_2x, fold_allowance, max_abs
+from _numerics import assert_2x, fold_allowance, max_abs
 
 native = pytest.mark.needs_native
 EPS = 1e-5
