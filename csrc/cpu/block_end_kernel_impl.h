@@ -104,9 +104,8 @@ void block_end_forward_typed(const BlockEndForwardArgs& a) {
   };
 
   if (!a.channels_last) {
-    auto plane = [&](int64_t n, int64_t c, const FwdCoef<acc_t>& k, T* buf) {
+    auto plane = [&](int64_t n, int64_t c, const FwdCoef<acc_t>& k, T* buf, BitWriter& bw) {
       const int64_t off = (n * C + c) * S;
-      BitWriter bw(a.mask, off, off + S);
       const T* r = c < Cr ? res.plane(n, c, buf) : nullptr;
       if (scale.dropped(n)) {
         if (r != nullptr) {
@@ -123,15 +122,21 @@ void block_end_forward_typed(const BlockEndForwardArgs& a) {
         forward_run<T, ACT, false, false>(x + off, nullptr, y + off, S, &k.center, &ks, &kb, slope, &bw);
       }
     };
-    // One thread per channel from statistics to output, as bn_act: the channel's planes stay in L2.
+    // Every channel's statistics, then the planes in memory order, one mask writer per task (atomics only at its
+    // ends), as bn_act's forward for cache-resident tensors.
+    std::vector<FwdCoef<acc_t>> k(C);
     at::parallel_for(0, C, channel_grain(M), [&](int64_t c0, int64_t c1) {
-      std::vector<T> buf(res.planes_dense ? 0 : S);
       for (int64_t c = c0; c < c1; ++c) {
         double mu = 0, v = 0;
         if (a.training) stats_nchw_channel(x, N, C, S, c, mu, v);
-        const FwdCoef<acc_t> k = coef(c, mu, v);
-        for (int64_t n = 0; n < N; ++n) plane(n, c, k, buf.data());
+        k[c] = coef(c, mu, v);
       }
+    });
+    const int64_t grain = std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(1, S));
+    at::parallel_for(0, N * C, grain, [&](int64_t p0, int64_t p1) {
+      std::vector<T> buf(res.planes_dense ? 0 : S);
+      BitWriter bw(a.mask, p0 * S, p1 * S);
+      for (int64_t p = p0; p < p1; ++p) plane(p / C, p % C, k[p % C], buf.data(), bw);
     });
     return;
   }
