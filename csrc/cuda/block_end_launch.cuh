@@ -64,12 +64,7 @@ void block_end_forward_launch(const BlockEndLaunch& L, const BlockEndForwardBuff
                                                      b.running_var, b.momentum};
     bn_act_forward_launch(L.bn, stats, true, eps, math::kIdentity, acc_t(0), stream);
   }
-  const bool from_running = !training && b.running_mean.present();
-  const BnActNormStats<acc_t> norm =
-      from_running ? BnActNormStats<acc_t>{nullptr, nullptr, b.running_mean, b.running_var, eps, b.save_mean,
-                                           b.save_invstd}
-                   : BnActNormStats<acc_t>{b.save_mean, b.save_invstd, StatVector{nullptr, kStatFloat},
-                                           StatVector{nullptr, kStatFloat}, eps, nullptr, nullptr};
+  const BnActNormStats<acc_t> norm = bn_act_norm_stats(training, b, eps);
   const BlockEndForwardArgs<scalar_t, acc_t> args{b.x,    b.residual, b.scale, norm,    b.weight,      b.bias,
                                                   b.y,    b.mask,     act,     negative_slope, L.index};
   if (L.bn.channels_last) {

@@ -92,6 +92,19 @@ FUSEDRES_HOST_DEVICE_INLINE BnActRunningUpdate<acc_t> bn_act_running_update(
 // with y == nullptr only the statistics (mean, invstd, var; weight and bias are not read). Eval: the elementwise
 // pass alone, normalising with the running statistics (save_mean / save_invstd written) or, without them, with the
 // given save_mean / save_invstd. Requires L.shape.numel > 0.
+// The statistics an elementwise forward normalises with: in eval with running statistics, those (it also writes
+// save_mean / save_invstd from them: no launch of its own); otherwise the given save_mean / save_invstd (the batch
+// statistics in training, computed by the finalize kernel before it). B: any buffers struct with running_mean,
+// running_var (StatVector), save_mean and save_invstd (acc_t*): bn_act's and the block end's.
+template <typename acc_t, typename B>
+FUSEDRES_HOST_DEVICE_INLINE BnActNormStats<acc_t> bn_act_norm_stats(bool training, const B& b, acc_t eps) {
+  if (!training && b.running_mean.present()) {
+    return {nullptr, nullptr, b.running_mean, b.running_var, eps, b.save_mean, b.save_invstd};
+  }
+  return {b.save_mean, b.save_invstd, StatVector{nullptr, kStatFloat}, StatVector{nullptr, kStatFloat}, eps, nullptr,
+          nullptr};
+}
+
 template <typename scalar_t, typename acc_t>
 void bn_act_forward_launch(const BnActLaunch& L, const BnActForwardBuffers<scalar_t, acc_t>& b, bool training,
                            acc_t eps, int act, acc_t negative_slope, cudaStream_t stream) {
@@ -118,12 +131,7 @@ void bn_act_forward_launch(const BnActLaunch& L, const BnActForwardBuffers<scala
     if (stats_only) return;
   }
 
-  const bool from_running = !training && b.running_mean.present();
-  const BnActNormStats<acc_t> norm =
-      from_running ? BnActNormStats<acc_t>{nullptr, nullptr, b.running_mean, b.running_var, eps, b.save_mean,
-                                           b.save_invstd}
-                   : BnActNormStats<acc_t>{b.save_mean, b.save_invstd, StatVector{nullptr, kStatFloat},
-                                           StatVector{nullptr, kStatFloat}, eps, nullptr, nullptr};
+  const BnActNormStats<acc_t> norm = bn_act_norm_stats(training, b, eps);
   const LeadingDim y_ld = make_leading_dim(C, L.shape.S, L.channels_last, b.y_ld);
   const BnActForwardArgs<scalar_t, acc_t> args{b.x,    b.residual, norm,   b.weight, b.bias,
                                                 b.y,    y_ld,       b.mask, act,      negative_slope};
